@@ -1,0 +1,36 @@
+"""MobileMoE: train small on-device Mixture-of-Experts LMs and compile them with Apache TVM."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch==2.13.0",  # CPU build on local disk; a looser pin pulls a multi-GB CUDA build
+    "apache-tvm[popen-pool,rpc]==0.27.0.post1",  # never the [torch] extra (CUDA torch)
+    "apache-tvm-ffi==0.1.14.post1",  # 0.1.15.post2 segfaults in tvm.ir.save_json (MetaSchedule)
+    "xgboost-cpu",  # MetaSchedule cost model ([meta-schedule] extra pulls the larger xgboost)
+    "numpy",
+    "safetensors>=0.4",
+    "tokenizers>=0.19",
+    "tqdm",
+    "tornado",
+    "cloudpickle",
+    "psutil",
+    "matplotlib",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest",
+        "pytest-timeout",
+        "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints
+    ],
+}
+
+setup(
+    name="mobilemoe",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["mobilemoe*", "compiler*", "passes*", "targets*", "train*"]),
+    package_data={"mobilemoe": ["assets/*", "assets/**/*"], "targets": ["*.json", "*.sh"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
