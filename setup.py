@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "cloudpickle",
     "psutil",
     "matplotlib",
+    "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
 ]
 
 EXTRAS = {

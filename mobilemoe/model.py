@@ -1,0 +1,270 @@
+"""The MobileMoE model: a decoder-only transformer with fine-grained routed experts + a shared expert.
+
+One readable file in the spirit of gpt-fast / nanoGPT. Shapes use:
+  B batch, S new tokens, P cached tokens, T = P + S keys, H hidden, nh/nkv query/KV heads, D head dim,
+  E routed experts, k experts per token, I routed expert width, V vocab, L layers.
+
+KV cache layout (one tensor, so it crosses torch.export / TVM / RPC boundaries as a single value):
+  kv [L, 2, B, nkv, P, D]   kv[l, 0] = keys after RoPE, kv[l, 1] = values, positions 0..P-1.
+`forward(tokens, positions, kv)` appends the S new tokens and returns kv [L, 2, B, nkv, P+S, D].
+
+Routing (identical to HF GraniteMoeShared): logits = router(x) in float32, top-k on the logits
+(sorted), softmax over the k selected logits; the shared expert is always on:
+  y = sum_j w_j * expert_{i_j}(x) + shared(x).
+Experts are stored stacked: w1 (gate) [E, I, H], w3 (up) [E, I, H], w2 (down) [E, H, I].
+
+The MoE layer has three numerically equivalent implementations (`MoE.impl`):
+  "grouped": tokens sorted by expert, one GEMM per non-empty expert (torch._grouped_mm on CUDA bf16):
+             training and eager prefill;
+  "gather":  gathers the k selected experts' weights per token: eager decode (reads only k experts);
+  "dense":   every expert on every token, combined with a [T, E] routing matrix: the export form
+             the compiler's expert-fusion / sparse-dispatch passes recognise. Uses only ops that
+             torch.export and TVM's importer handle (no scatter_add/index_add/nonzero/bincount).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MobileMoEConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, D] in the rotate-half convention (as HF Llama)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.int64).float(), inv_freq)  # [max_len, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, n, S, D]; cos/sin [B, 1, S, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MobileMoEConfig):
+        super().__init__()
+        self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, self.nh * self.d, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
+        self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
+        self.wo = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        # x [B, S, H]; mask [B, 1, S, T] bool; past_k/v [B, nkv, P, D]
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.nh, self.d).transpose(1, 2)  # [B, nh, S, D]
+        k = self.wk(x).view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, D]
+        v = self.wv(x).view(B, S, self.nkv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = torch.cat([past_k, k], dim=2)  # [B, nkv, T, D]
+        v_all = torch.cat([past_v, v], dim=2)
+        rep = self.nh // self.nkv
+        T = k_all.shape[2]
+        kr = k_all[:, :, None].expand(B, self.nkv, rep, T, self.d).reshape(B, self.nh, T, self.d)
+        vr = v_all[:, :, None].expand(B, self.nkv, rep, T, self.d).reshape(B, self.nh, T, self.d)
+        y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [B, nh, S, D]
+        y = y.transpose(1, 2).reshape(B, S, self.nh * self.d)
+        return self.wo(y), k_all, v_all
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: the dense FFN and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MobileMoEConfig):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.expert_hidden
+        self.num_experts, self.top_k = E, cfg.top_k
+        self.router = nn.Linear(H, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, I, H))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, I, H))  # up
+        self.w2 = nn.Parameter(torch.empty(E, H, I))  # down
+        self.shared = FeedForward(H, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        self.impl = "auto"
+
+    def route(self, x):
+        # x [N, H] -> logits [N, E] (fp32), weights [N, k], ids [N, k]
+        logits = self.router(x).float()
+        top_logits, ids = torch.topk(logits, self.top_k, dim=-1)
+        return logits, torch.softmax(top_logits, dim=-1).to(x.dtype), ids
+
+    def forward(self, x):
+        # x [B, S, H] -> y [B, S, H], router logits [B*S, E], expert ids [B*S, k]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, w, ids = self.route(x)
+        impl = self.impl
+        if impl == "auto":
+            impl = "gather" if (not self.training and x.shape[0] <= 4) else "grouped"
+        y = {"dense": self._dense, "gather": self._gather, "grouped": self._grouped}[impl](x, w, ids)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape), logits, ids
+
+    def _dense(self, x, w, ids):
+        combine = (F.one_hot(ids, self.num_experts).to(x.dtype) * w[..., None]).sum(1)  # [N, E]
+        g = torch.einsum("nh,eih->nei", x, self.w1)
+        u = torch.einsum("nh,eih->nei", x, self.w3)
+        y = torch.einsum("nei,ehi->neh", F.silu(g) * u, self.w2)  # [N, E, H]
+        return torch.einsum("neh,ne->nh", y, combine)
+
+    def _gather(self, x, w, ids):
+        g = torch.einsum("nh,nkih->nki", x, self.w1[ids])  # w1[ids]: [N, k, I, H]
+        u = torch.einsum("nh,nkih->nki", x, self.w3[ids])
+        y = torch.einsum("nki,nkhi->nkh", F.silu(g) * u, self.w2[ids])
+        return torch.einsum("nkh,nk->nh", y, w)
+
+    def _grouped(self, x, w, ids):
+        k = self.top_k
+        flat = ids.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        xs = x[token]  # [N*k, H], grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            g = torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)
+            u = torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(1, 2), offs=offs)
+        else:
+            outs = []
+            for e, xe in enumerate(torch.split(xs, counts.tolist())):
+                if xe.shape[0]:
+                    outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+        ys = ys * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MobileMoEConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.moe = MoE(cfg) if cfg.is_moe else None
+        self.ffn = None if cfg.is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        h = self.ffn_norm(x)
+        if self.moe is None:
+            return x + self.ffn(h), k, v, None
+        y, logits, ids = self.moe(h)
+        return x + y, k, v, (logits, ids)
+
+
+class MobileMoE(nn.Module):
+    def __init__(self, cfg: MobileMoEConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02):
+        out_std = std / math.sqrt(2 * self.config.num_layers)  # residual projections (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "moe.w2")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def set_moe_impl(self, impl: str) -> None:
+        if impl not in ("auto", "dense", "gather", "grouped"):
+            raise ValueError(f"MoE impl must be auto|dense|gather|grouped, got {impl!r}")
+        for layer in self.layers:
+            if layer.moe is not None:
+                layer.moe.impl = impl
+
+    def empty_kv(self, batch: int = 1, dtype=None, device=None) -> torch.Tensor:
+        c = self.config
+        return torch.zeros(c.num_layers, 2, batch, c.num_kv_heads, 0, c.head_dim,
+                           dtype=dtype or self.embed.weight.dtype, device=device or self.embed.weight.device)
+
+    def forward(self, tokens, positions=None, kv=None, *, return_aux: bool = False, last_only: bool = False):
+        """tokens [B, S] int64; positions [B, S] int64 (default P..P+S-1); kv [L, 2, B, nkv, P, D].
+
+        Returns (logits [B, S, V], kv [L, 2, B, nkv, P+S, D]) and, with return_aux, a dict with
+        the load-balancing loss, router z-loss and per-expert token share [L, E].
+        last_only: logits of the last position only ([B, 1, V]): what generation needs.
+        """
+        B, S = tokens.shape
+        if kv is None:
+            kv = self.empty_kv(B)
+        P = kv.shape[4]
+        if positions is None:
+            positions = torch.arange(P, P + S, device=tokens.device).expand(B, S)
+        x = self.embed(tokens)  # [B, S, H]
+        D = self.config.head_dim
+        cos = torch.index_select(self.rope_cos, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
+        sin = torch.index_select(self.rope_sin, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
+        key_pos = torch.arange(P + S, device=tokens.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, T]
+        new_kv, routing = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v, r = layer(x, cos, sin, mask, kv[i, 0], kv[i, 1])
+            new_kv.append(torch.stack([k, v]))
+            routing.append(r)
+        if last_only:
+            x = x.narrow(1, S - 1, 1)  # (x[:, -1] imports into TVM as a negative take index)
+        logits = self.lm_head(self.norm(x))
+        kv_out = torch.stack(new_kv)
+        if not return_aux:
+            return logits, kv_out
+        return logits, kv_out, self.router_losses(routing)
+
+    def router_losses(self, routing) -> dict:
+        """Switch-style load balancing (E * sum_e f_e P_e) and z-loss (mean logsumexp^2), per layer mean."""
+        if not self.config.is_moe:
+            zero = self.embed.weight.new_zeros(())
+            return {"load_balance": zero, "z_loss": zero, "expert_share": None}
+        E, k = self.config.num_experts, self.config.top_k
+        lb, z, share = [], [], []
+        for logits, ids in routing:
+            frac = F.one_hot(ids, E).sum(1).float().mean(0) / k  # [E] share of assignments
+            prob = torch.softmax(logits, dim=-1).mean(0)  # [E]
+            lb.append(E * (frac * prob).sum())
+            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+            share.append(frac.detach())
+        return {"load_balance": torch.stack(lb).mean(), "z_loss": torch.stack(z).mean(),
+                "expert_share": torch.stack(share)}
