@@ -54,9 +54,9 @@ class MobileMoEConfig:
     router_aux_loss_coef: float = 0.01  # load balancing (Switch-style)
     router_z_loss_coef: float = 0.001
     # special token ids (see mobilemoe/tokenizer.py)
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 2
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):

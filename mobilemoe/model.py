@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
-        # x [B, S, H]; mask [B, 1, S, T] bool; past_k/v [B, nkv, P, D]
+        # x [B, S, H]; mask [B, 1, S, T] additive (0 / -max); past_k/v [B, nkv, P, D]
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.nh, self.d).transpose(1, 2)  # [B, nh, S, D]
         k = self.wk(x).view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, D]
@@ -239,7 +239,9 @@ class MobileMoE(nn.Module):
         cos = torch.index_select(self.rope_cos, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
         sin = torch.index_select(self.rope_sin, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
         key_pos = torch.arange(P + S, device=tokens.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, T]
+        visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, T]
+        # additive mask [B, 1, S, T]: 0 where visible, -finfo.max where not (TVM imports float masks)
+        mask = ((visible.to(x.dtype) - 1) * torch.finfo(x.dtype).max)[:, None]
         new_kv, routing = [], []
         for i, layer in enumerate(self.layers):
             x, k, v, r = layer(x, cos, sin, mask, kv[i, 0], kv[i, 1])

@@ -1,0 +1,90 @@
+"""Import a MobileMoE model into one TVM Relax IRModule with two entry functions.
+
+    prefill(tokens [1, S] i64, positions [1, S] i64, kv [L, 2, 1, nkv, P, D] f32, *params)
+        -> (logits [1, V], kv [L, 2, 1, nkv, P+S, D])
+    decode (token  [1, 1] i64, position  [1, 1] i64, kv [L, 2, 1, nkv, P, D] f32, *params)
+        -> (logits [1, V], kv [L, 2, 1, nkv, P+1, D])
+
+Both functions take the same parameters, in the same order, under the same names (the attribute
+"num_input" = 3 separates user inputs from parameters). The torch.export graphs go through
+PyTorch's default decompositions except einsum, so the MoE layers reach Relax as `R.einsum` calls
+on the stacked expert weights: the form passes/ recognise.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from mobilemoe.export import export_entry
+from mobilemoe.model import MobileMoE
+
+ENTRY_POINTS = ("prefill", "decode")
+NUM_INPUTS = 3
+
+
+class ImportError_(RuntimeError):
+    """The checkpoint could not be imported; the message names the op and the layer."""
+
+
+def _layer_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else "?"
+    return re.sub(r"^L\['self'\]\.?", "", str(path)) or "model"
+
+
+def _decompose(ep):
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.einsum.default, None)  # keep einsum: the MoE pattern passes match
+    return ep.run_decompositions(table)
+
+
+def _check_supported(ep, entry: str) -> None:
+    """Name the first op TVM's importer lacks, with the module (layer) it came from."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    known = set(ExportedProgramImporter().create_convert_map())
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name not in known and not name.startswith(("getitem", "_assert", "sym_")):
+            raise ImportError_(f"{entry}: op '{name}' (from layer '{_layer_of(node)}') is not supported by "
+                               f"TVM's PyTorch importer; rewrite that layer with supported ops")
+
+
+def import_model(model: MobileMoE):
+    """-> (IRModule with `prefill` and `decode`, ordered param names, {name: np.ndarray})."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    model = model.eval()
+    funcs, names, values = {}, None, None
+    for entry in ENTRY_POINTS:
+        ep = _decompose(export_entry(model, entry))
+        _check_supported(ep, entry)
+        try:
+            mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                        run_ep_decomposition=False)
+        except Exception as e:  # the importer raises bare AssertionErrors: add context
+            raise ImportError_(f"{entry}: TVM import failed: {e}") from e
+        mod, params = relax.frontend.detach_params(mod)
+        func = mod["main"]
+        p_names = [v.name for v in func.params[NUM_INPUTS:]]
+        if names is None:
+            names, values = p_names, {n: p.numpy() for n, p in zip(p_names, params["main"])}
+        elif p_names != names:
+            raise ImportError_(f"{entry}: parameter list differs from {ENTRY_POINTS[0]}'s")
+        funcs[entry] = func.with_attr("global_symbol", entry)
+    import tvm
+    out = tvm.IRModule({tvm.ir.GlobalVar(k): v for k, v in funcs.items()})
+    return out, names, values
+
+
+def example_feed(model: MobileMoE, entry: str, tokens: list[int], past: int):
+    """Numpy inputs for an entry point (used by tests and benchmarks)."""
+    c = model.config
+    seq = len(tokens)
+    return (np.asarray([tokens], dtype="int64"),
+            np.arange(past, past + seq, dtype="int64")[None],
+            np.zeros((c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim), dtype="float32"))

@@ -1,0 +1,98 @@
+"""Shared pieces of our Relax passes: binding lookup, parameter rewrites, parameter transforms.
+
+Parameter transforms. Passes that change how weights are stored (fuse two weights, quantize one) do
+not compute anything at compile time: they replace function parameters and record, as the function
+attribute PARAM_TRANSFORMS (a JSON list), how each new parameter is made from the old ones:
+    {"out": "p_..._w13", "op": "concat", "inputs": ["p_..._w1", "p_..._w3"], "axis": 1}
+    {"out": "p_..._wq_weight__q4", "op": "int4_codes", "inputs": ["p_..._wq_weight"]}
+    {"out": "p_..._wq_weight__s", "op": "int4_scales", "inputs": ["p_..._wq_weight"]}
+compiler/params.py replays the list on the checkpoint's tensors (with mobilemoe.quant, the one INT4
+implementation), so the packed weights are exactly those QAT simulated.
+"""
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+
+PARAM_TRANSFORMS = "mobilemoe.param_transforms"
+NUM_INPUT = "num_input"
+
+
+def is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def einsum_parts(expr) -> tuple[str, list] | None:
+    """(subscripts, operands) of an R.einsum call, else None."""
+    if not is_op(expr, "relax.einsum"):
+        return None
+    return str(expr.attrs.subscripts), list(expr.args[0].fields)
+
+
+def bindings(func: relax.Function) -> dict:
+    """var -> bound value, over every binding of the function body."""
+    out = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                out[b.var] = b.value
+    return out
+
+
+def users(func: relax.Function) -> dict:
+    """var -> list of vars whose bound value uses it directly."""
+    out: dict = {}
+
+    def collect(value, var):
+        relax.analysis.post_order_visit(value, lambda e: out.setdefault(e, []).append(var)
+                                        if isinstance(e, relax.Var) else None)
+    for var, value in bindings(func).items():
+        collect(value, var)
+    return out
+
+
+def weight_params(func: relax.Function) -> list:
+    n = int(func.attrs[NUM_INPUT]) if func.attrs and NUM_INPUT in func.attrs else 0
+    return list(func.params[n:])
+
+
+def get_transforms(func: relax.Function) -> list[dict]:
+    if func.attrs is None or PARAM_TRANSFORMS not in func.attrs:
+        return []
+    return json.loads(str(func.attrs[PARAM_TRANSFORMS]))
+
+
+def rebuild(func: relax.Function, body_func: relax.Function, replace: dict, new_transforms: list[dict]):
+    """New function with body from `body_func` and parameters rewritten: `replace` maps an old param
+    to a list of new params (empty list: dropped). Records `new_transforms`."""
+    params = []
+    for p in func.params:
+        params.extend(replace.get(p, [p]))
+    out = relax.Function(params, body_func.body, body_func.ret_ty, body_func.is_pure, body_func.attrs)
+    out = out.with_attr(PARAM_TRANSFORMS, json.dumps(get_transforms(func) + new_transforms))
+    return out
+
+
+def tensor_shape(expr) -> list[int] | None:
+    """Static int shape of a Relax tensor expression, or None if any dim is symbolic."""
+    ty = expr.ty if hasattr(expr, "ty") else None
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(d) for d in shape.values]
+    except (TypeError, ValueError):
+        return None
+
+
+def static_dim(expr, axis: int) -> int | None:
+    """One static dimension of a Relax tensor expression (None when symbolic)."""
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if shape is None:
+        return None
+    try:
+        return int(shape.values[axis])
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,23 @@
+"""Compilation targets. One module per target holds every device fact (TVM target JSON, cross
+toolchain, schedule defaults); nothing outside targets/ matches on target names.
+
+    from targets import get_target, TARGETS
+    spec = get_target("android-arm64")
+    spec.tvm_target()          # tvm.target.Target built from the JSON dict
+    spec.export(executable, path)   # links the shared object with the target's toolchain
+"""
+from __future__ import annotations
+
+from .base import TargetError, TargetSpec, Toolchain
+from . import android_arm64, host, linux_arm64
+
+TARGETS: dict[str, TargetSpec] = {s.name: s for s in (android_arm64.SPEC, linux_arm64.SPEC, host.SPEC)}
+
+
+def get_target(name: str) -> TargetSpec:
+    if name not in TARGETS:
+        raise TargetError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+__all__ = ["TARGETS", "TargetError", "TargetSpec", "Toolchain", "get_target"]

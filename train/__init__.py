@@ -1,0 +1,1 @@
+"""Training-side code for MobileMoE: corpus building, data loading, training loops."""
