@@ -203,10 +203,15 @@ PRESETS: dict[str, MobileMoEConfig] = {
     "mobilellm-pro": _moe("mobilellm-pro", vocab_size=_PAPER_VOCAB, hidden_size=1280, num_layers=30,
                           num_heads=20, num_kv_heads=4, head_dim=64, num_experts=0, top_k=0,
                           expert_hidden=0, shared_expert_hidden=0, ffn_hidden=6144, max_seq_len=4096),
-    # The bundled default model (trained by train.pipeline on the project corpus, vocab 8192).
+    # The bundled default model (trained by train.pipeline on the project corpus, vocab 8192): ~8.4M
+    # params, 16 fine-grained experts of 96 (top-2) + a shared expert of 256; bf16 on disk ~17 MB.
     "mobilemoe-tiny": _moe("mobilemoe-tiny", vocab_size=8192, hidden_size=256, num_layers=4,
-                           num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8, top_k=2,
-                           expert_hidden=256, shared_expert_hidden=256, max_seq_len=1024),
+                           num_heads=4, num_kv_heads=2, head_dim=64, num_experts=16, top_k=2,
+                           expert_hidden=96, shared_expert_hidden=256, max_seq_len=1024),
+    # Dense twin of mobilemoe-tiny with the same active parameters per token (FFN 256 + 2 x 96).
+    "mobilemoe-tiny-dense": _moe("mobilemoe-tiny-dense", vocab_size=8192, hidden_size=256, num_layers=4,
+                                 num_heads=4, num_kv_heads=2, head_dim=64, num_experts=0, top_k=0,
+                                 expert_hidden=0, shared_expert_hidden=0, ffn_hidden=448, max_seq_len=1024),
     # Test presets: seconds to build and run.
     "test-moe": _moe("test-moe", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, num_experts=8, top_k=2, expert_hidden=32,

@@ -56,37 +56,59 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
-def generate(model: MobileMoE, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
-             on_token=None) -> tuple[list[int], GenerationStats]:
-    """Prefill `prompt`, then decode one token at a time with the KV cache. Returns new token ids."""
+def generate_with(step, prompt: list[int], max_new_tokens: int, max_seq_len: int, temperature: float = 0.0,
+                  top_p: float = 1.0, eos_id=None, seed: int | None = None,
+                  on_token=None) -> tuple[list[int], GenerationStats]:
+    """The generation loop over any backend. step(token_ids, kv) -> (last-position logits [V], kv);
+    kv=None on the first (prefill) call. eos_id: an id or a collection of ids that stop generation."""
     if not prompt:
         raise ValueError("generate: the prompt must hold at least one token")
-    limit = model.config.max_seq_len
-    if len(prompt) + max_new_tokens > limit:
+    if len(prompt) + max_new_tokens > max_seq_len:
         raise ValueError(f"generate: prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's max_seq_len ({limit})")
+                         f"the model's max_seq_len ({max_seq_len})")
+    stop = set() if eos_id is None else ({eos_id} if isinstance(eos_id, int) else set(eos_id))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = model.embed.weight.device
     t0 = time.perf_counter()
-    logits, kv = model(torch.tensor([prompt], device=device), last_only=True)
-    out = [sample(logits[0, -1], temperature, top_p, gen)]
+    logits, kv = step(prompt, None)
+    out = [sample(torch.as_tensor(logits), temperature, top_p, gen)]
     t1 = time.perf_counter()
     if on_token:
         on_token(out[-1])
-    while len(out) < max_new_tokens and out[-1] != eos_id:
-        logits, kv = model(torch.tensor([[out[-1]]], device=device), kv=kv)
-        out.append(sample(logits[0, -1], temperature, top_p, gen))
+    while len(out) < max_new_tokens and out[-1] not in stop:
+        logits, kv = step([out[-1]], kv)
+        out.append(sample(torch.as_tensor(logits), temperature, top_p, gen))
         if on_token:
             on_token(out[-1])
     t2 = time.perf_counter()
     return out, GenerationStats(len(prompt), len(out), t1 - t0, t2 - t1)
 
 
+@torch.no_grad()
+def generate(model: MobileMoE, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id=None, seed: int | None = None,
+             on_token=None) -> tuple[list[int], GenerationStats]:
+    """Prefill `prompt`, then decode one token at a time with the KV cache. Returns new token ids."""
+    device = model.embed.weight.device
+
+    def step(ids, kv):
+        logits, kv = model(torch.tensor([ids], device=device), kv=kv, last_only=True)
+        return logits[0, -1], kv
+
+    return generate_with(step, prompt, max_new_tokens, model.config.max_seq_len, temperature, top_p,
+                         eos_id, seed, on_token)
+
+
+def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int) -> list[int]:
+    """Token ids for a prompt: BOS + text, or the chat template with a generation prompt."""
+    from .tokenizer import chat_template
+    if chat:
+        return tokenizer.encode(chat_template([{"role": "user", "content": text}], add_generation_prompt=True)).ids
+    return [bos_id] + tokenizer.encode(text).ids
+
+
 def main(argv=None):
     from .checkpoint import CheckpointError, load_checkpoint
-    from .tokenizer import chat_template, load_tokenizer
+    from .tokenizer import STOP_TOKEN_IDS, load_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m mobilemoe.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint dir (default: bundled model)")
@@ -105,12 +127,9 @@ def main(argv=None):
         tok = load_tokenizer(a.checkpoint / "tokenizer.json")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    text = chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) if a.chat else a.prompt
-    ids = tok.encode(text).ids
-    if not a.chat:
-        ids = [model.config.bos_token_id] + ids
+    ids = prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id)
     new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p,
-                          eos_id=model.config.eos_token_id, seed=a.seed)
+                          eos_id=STOP_TOKEN_IDS, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{stats}]", file=sys.stderr)
 

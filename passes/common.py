@@ -96,3 +96,10 @@ def static_dim(expr, axis: int) -> int | None:
         return int(shape.values[axis])
     except (TypeError, ValueError):
         return None
+
+
+def emit_like(bb: relax.BlockBuilder, expr, var: relax.Var):
+    """Emit `expr` as the replacement of binding `var`: a dataflow output stays an output."""
+    if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
+        return bb.emit(expr, var.name)
+    return bb.emit_output(expr, var.name)

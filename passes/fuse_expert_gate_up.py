@@ -15,7 +15,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .common import bindings, einsum_parts, is_op, rebuild, tensor_shape, weight_params
+from .common import bindings, einsum_parts, emit_like, is_op, rebuild, tensor_shape, weight_params
 
 EXPERT_IN = "nh,eih->nei"
 
@@ -70,7 +70,7 @@ class _Rewriter(relax.PyExprMutator):
             gate_var = var if var in self.gate else self.up[var]
             gu, I = self._gu(gate_var)
             lo, hi = (0, I) if var in self.gate else (I, 2 * I)
-            new = self.builder_.emit(relax.op.strided_slice(gu, axes=[2], begin=[lo], end=[hi]), var.name)
+            new = emit_like(self.builder_, relax.op.strided_slice(gu, axes=[2], begin=[lo], end=[hi]), var)
             self.set_var_remap(var, new)
             return
         super().visit_var_binding_(binding)

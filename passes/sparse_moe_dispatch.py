@@ -20,7 +20,7 @@ from tvm import relax
 
 from compiler.kernels import moe_float
 
-from .common import bindings, einsum_parts, is_op, static_dim, weight_params
+from .common import bindings, einsum_parts, emit_like, is_op, static_dim, weight_params
 
 
 def _strip_casts(b, e):
@@ -102,8 +102,8 @@ class _Rewriter(relax.PyExprMutator):
         g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[I]))
         u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[I], end=[2 * I]))
         a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
-        out = bb.emit(bb.call_te(moe_float.moe_down_combine, a, ids, w, m["w2"],
-                                 primfunc_name_hint="moe_down_combine"), binding.var.name)
+        out = emit_like(bb, bb.call_te(moe_float.moe_down_combine, a, ids, w, m["w2"],
+                                       primfunc_name_hint="moe_down_combine"), binding.var)
         self.set_var_remap(binding.var, out)
 
 

@@ -1,0 +1,154 @@
+"""`python -m compiler.build --target android-arm64`: checkpoint -> verified artifact.
+
+    python -m compiler.build --target {android-arm64,linux-arm64,host}
+        [--checkpoint DIR]        default: the bundled default model
+        [--out DIR]               default: dist/<model>-<target>/
+        [--quant int4|none]       default: int4 (group-32 symmetric, mobilemoe.quant)
+        [--dump-ir DIR]           IR after every pass (TVM's DumpIR instrument) + pass timings
+        [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
+
+Steps: load checkpoint -> torch.export + Relax import (compiler/importer.py) -> graph phases
+(passes/) -> lowering phases with the target's schedules -> link with the target's toolchain ->
+replay parameter transforms (INT4 packing) -> write the artifact atomically (compiler/artifact.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mobilemoe.checkpoint import CheckpointError, load_checkpoint
+from mobilemoe.generate import DEFAULT_MODEL_DIR
+from targets import TARGETS, TargetError, get_target
+
+from .artifact import write_artifact
+from .importer import ENTRY_POINTS, NUM_INPUTS, ImportError_, import_model
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _entry_signature(func) -> dict:
+    def desc(ty):
+        shape = [str(d) if not str(d).isdigit() else int(str(d)) for d in ty.shape.values]
+        return {"shape": shape, "dtype": str(ty.dtype)}
+    inputs = [{"name": p.name, **desc(p.ty)} for p in func.params[:NUM_INPUTS]]
+    outputs = [desc(t) for t in func.ret_ty.fields]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | None = None,
+                  tuning_db: str | None = None, progress=None):
+    """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases).
+
+    The executable is a tvm Executable; params are the packed parameters every entry point takes.
+    """
+    import tvm
+    from tvm import relax
+
+    from passes.common import get_transforms, weight_params
+
+    from .params import materialize
+    from .pipeline import PipelineOptions, build_pipeline, graph_phases, phase_names
+
+    spec = get_target(target_name)
+    spec.check_toolchain()
+    target = spec.tvm_target()
+    opts = PipelineOptions(quant=quant, tuning_db=tuning_db)
+    step = progress or (lambda name: None)
+
+    step("import")
+    mod, _, source = import_model(model)
+    instruments = []
+    if dump_ir is not None:
+        instruments = [tvm.ir.instrument.DumpIR(Path(dump_ir), refresh=True), tvm.ir.instrument.PassTimingInstrument()]
+    with tvm.transform.PassContext(opt_level=3, instruments=instruments):
+        step("graph passes")
+        mod = graph_phases(opts)(mod)
+        names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
+        transforms = {e: get_transforms(mod[e]) for e in ENTRY_POINTS}
+        entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
+        step("lower + codegen")
+        executable = tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, opts))
+        if dump_ir is not None:
+            timing = tvm.ir.instrument.PassTimingInstrument.render()
+            Path(dump_ir, "pass_timing.txt").write_text(timing)
+    step("pack params")
+    params = {}
+    for e in ENTRY_POINTS:
+        params.update(materialize(names[e], transforms[e], source))
+    return executable, params, entry_points, phase_names(opts), target
+
+
+def build(checkpoint: Path, target_name: str, out: Path | None = None, quant: str = "int4",
+          dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True) -> Path:
+    import tvm
+
+    import mobilemoe
+
+    from mobilemoe.quant import GROUP_SIZE, INT4_LAYOUT
+
+    spec = get_target(target_name)  # unknown target: fail before any work
+    spec.check_toolchain()
+    bar = tqdm(total=6, desc=f"build {target_name}", disable=not verbose, unit="step")
+    timings = {}
+    last = [time.perf_counter(), None]
+
+    def step(name):
+        now = time.perf_counter()
+        if last[1] is not None:
+            timings[last[1]] = round(now - last[0], 2)
+            bar.update(1)
+        last[:] = [now, name]
+        bar.set_postfix_str(name)
+
+    step("load checkpoint")
+    model = load_checkpoint(checkpoint)
+    cfg = model.config
+    executable, params, entries, pipeline, target = compile_model(model, target_name, quant, dump_ir, tuning_db, step)
+    out = Path(out) if out else Path("dist") / f"{cfg.name}-{target_name}"
+    step("write artifact")
+    manifest = {
+        "backend": "tvm",
+        "model": cfg.name,
+        "target": {"name": target_name, "tvm": spec.json()},
+        "runs_on_host": spec.runs_on_host,
+        "versions": {"tvm": tvm.__version__, "mobilemoe": getattr(mobilemoe, "__version__", "0.1.0")},
+        "pipeline": pipeline,
+        "quantization": ({"format": INT4_LAYOUT, "bits": 4, "group_size": GROUP_SIZE, "symmetric": True,
+                          "scale_dtype": "float16", "float_weights": ["router", "norms"]}
+                         if quant == "int4" else None),
+        "entry_points": entries,
+        "config": cfg.to_dict(),
+    }
+    path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
+                          manifest=manifest, checkpoint_dir=Path(checkpoint))
+    step(None)
+    bar.close()
+    if verbose:
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        print(f"wrote {path} ({size:.1f} MB); step seconds: {timings}", file=sys.stderr)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m compiler.build", description=__doc__.split("\n")[0])
+    p.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quant", choices=["int4", "none"], default="int4")
+    p.add_argument("--dump-ir", type=Path, default=None)
+    p.add_argument("--tuning-db", type=str, default=None)
+    a = p.parse_args(argv)
+    try:
+        build(a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db)
+    except (TargetError, CheckpointError, ImportError_, BuildError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The INT4 weight format: one definition shared by QAT (torchao), the TVM kernels and ONNX Runtime.
+
+Layout ``INT4_LAYOUT = "g32_sym_u32k8"`` for a weight ``W [..., N, K]`` (torch Linear layout, out x in;
+stacked experts ``[E, N, K]`` and any other leading dims broadcast):
+
+- groups: ``GROUP_SIZE = 32`` consecutive elements along K (the input dim); K % 32 == 0.
+- scale (symmetric, torchao's rule): ``scale = fp16(clamp(amax(|w_group|) / 7.5, min=SCALE_EPS))``,
+  computed in fp32 then rounded to float16. Stored as float16 ``[..., N, K // 32]``.
+- codes: ``q = clamp(round_half_even(w * fp32(fp16(1 / scale))), -8, 7)``, int8 ``[..., N, K]``.
+  All 16 levels are used: the group's amax lands on +-7.5, which rounds to -8 (or 8, clamped to 7).
+  The reciprocal of the fp16 scale is itself rounded to fp16 because that is what torchao's fake
+  quantizer computes (``input * (1.0 / scale)`` with an fp16 ``scale``); it differs from ``w / scale``
+  by one code on ~0.5% of gaussian weights, and matching it makes QAT and export agree bit for bit.
+- packed codes: ``u = q + 8`` in [0, 15]; uint32 word ``j`` of row ``n`` holds ``k = 8j .. 8j+7``,
+  nibble ``i`` (bits ``4i .. 4i+3``) holds ``u[n, 8j + i]``. Packed shape ``[..., N, K // 8]``.
+- dequant: ``w[n, k] = (((word[n, k // 8] >> 4 * (k % 8)) & 15) - 8) * scale[n, k // 32]``, in fp32,
+  and it is exact: a 4-bit integer times an fp16 scale is representable in fp32.
+
+``torchao_qat_weight_config()`` is the torchao 0.18 QAT weight config whose fake-quantized weight
+equals ``dequantize_int4(*quantize_int4(w))`` bit for bit, for float32 weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+INT4_LAYOUT = "g32_sym_u32k8"
+GROUP_SIZE = 32  # elements of K sharing one scale
+QMIN, QMAX = -8, 7  # signed code range; all 16 levels used
+ZERO_CODE = -QMIN  # u = q + 8 is what a nibble stores
+NIBBLES_PER_WORD = 8  # uint32 word j holds k = 8j .. 8j+7, nibble i at bits 4i .. 4i+3
+BITS = 4
+SCALE_DTYPE = torch.float16
+PACKED_DTYPE = torch.uint32
+# Smallest normal fp16. Clamping here (in fp32, before the fp16 cast) keeps every stored scale a
+# normal fp16 and its fp16 reciprocal finite (<= 16384); an all-zero group dequantizes to zeros.
+SCALE_EPS = 2.0**-14
+
+
+def _check_weight(w: torch.Tensor, name: str | None) -> None:
+    what = f"weight {name!r}" if name else "weight"
+    if w.dim() < 2:
+        raise ValueError(f"{what}: expected [..., N, K], got shape {tuple(w.shape)}")
+    if w.shape[-1] % GROUP_SIZE != 0:
+        raise ValueError(
+            f"{what}: K = {w.shape[-1]} (last dim of shape {tuple(w.shape)}) must be a multiple "
+            f"of the INT4 group size {GROUP_SIZE} ({INT4_LAYOUT})"
+        )
+    if not w.is_floating_point():
+        raise TypeError(f"{what}: expected a floating point tensor, got {w.dtype}")
+
+
+def quantize_int4(w: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., N, K] float -> (codes int8 [..., N, K] in [-8, 7], scales float16 [..., N, K // 32])."""
+    _check_weight(w, name)
+    *lead, n, k = w.shape
+    with torch.no_grad():
+        wg = w.detach().to(torch.float32).reshape(*lead, n, k // GROUP_SIZE, GROUP_SIZE)
+        amax = wg.abs().amax(dim=-1)  # [..., N, K/32]
+        scales = torch.clamp(amax / ((QMAX - QMIN) / 2), min=SCALE_EPS).to(SCALE_DTYPE)
+        inv = (1.0 / scales).to(torch.float32)  # fp16 reciprocal, as torchao computes it
+        codes = torch.clamp(torch.round(wg * inv.unsqueeze(-1)), QMIN, QMAX)
+    return codes.to(torch.int8).reshape(*lead, n, k), scales
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(codes [..., N, K], scales fp16 [..., N, K // 32]) -> float32 W [..., N, K]."""
+    *lead, n, k = codes.shape
+    if tuple(scales.shape) != (*lead, n, k // GROUP_SIZE) or k % GROUP_SIZE:
+        raise ValueError(
+            f"scales: expected shape {(*lead, n, k // GROUP_SIZE)} for codes {tuple(codes.shape)}, "
+            f"got {tuple(scales.shape)}"
+        )
+    qg = codes.to(torch.float32).reshape(*lead, n, k // GROUP_SIZE, GROUP_SIZE)
+    return (qg * scales.to(torch.float32).unsqueeze(-1)).reshape(*lead, n, k)
+
+
+class _FakeQuantizeInt4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, name: str | None) -> torch.Tensor:
+        return dequantize_int4(*quantize_int4(w, name)).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None  # straight-through estimator
+
+
+def fake_quantize_int4(w: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """dequantize_int4(quantize_int4(w)) in w's dtype, with an identity (straight-through) gradient.
+
+    For float32 w the forward values equal torchao's fake quantizer under
+    torchao_qat_weight_config(); torchao's gradient is fp16(1/s) * s (~1, 0 where +7.5 clamps to 7).
+    """
+    return _FakeQuantizeInt4.apply(w, name)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes int [..., N, K] in [-8, 7] -> uint32 [..., N, K // 8] (layout g32_sym_u32k8)."""
+    *lead, n, k = codes.shape
+    if k % NIBBLES_PER_WORD:
+        raise ValueError(f"codes: K = {k} must be a multiple of {NIBBLES_PER_WORD} to pack")
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < QMIN or c.max() > QMAX):
+        raise ValueError(f"codes: values must lie in [{QMIN}, {QMAX}], got [{c.min()}, {c.max()}]")
+    u = (c + ZERO_CODE).reshape(*lead, n, k // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
+    shifts = torch.arange(NIBBLES_PER_WORD, dtype=torch.int64) * BITS
+    words = (u << shifts).sum(dim=-1)  # nibbles do not overlap, so sum == bitwise or
+    return words.to(PACKED_DTYPE)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint32 [..., N, K // 8] -> codes int8 [..., N, K] in [-8, 7]."""
+    if packed.dtype != PACKED_DTYPE:
+        raise TypeError(f"packed: expected {PACKED_DTYPE}, got {packed.dtype}")
+    *lead, n, kw = packed.shape
+    words = packed.to(torch.int64).unsqueeze(-1)  # uint32 has no shift ops in torch
+    shifts = torch.arange(NIBBLES_PER_WORD, dtype=torch.int64) * BITS
+    u = (words >> shifts) & (2**BITS - 1)
+    return (u - ZERO_CODE).to(torch.int8).reshape(*lead, n, kw * NIBBLES_PER_WORD)
+
+
+def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 20 * log10(||ref|| / ||ref - approx||) in dB."""
+    ref64, approx64 = ref.detach().to(torch.float64), approx.detach().to(torch.float64)
+    noise = torch.linalg.vector_norm(ref64 - approx64).item()
+    signal = torch.linalg.vector_norm(ref64).item()
+    return math.inf if noise == 0 else 20 * math.log10(signal / noise)
+
+
+def torchao_qat_weight_config():
+    """torchao QAT weight config that simulates this format exactly (float32 weights).
+
+    Use as ``quantize_(model, QATConfig(weight_config=torchao_qat_weight_config(), step="prepare"))``.
+    torchao's IntxFakeQuantizer takes 2-D weights only: fake-quantize stacked experts [E, N, K] as
+    [E * N, K] (groups run along K, so the result is the same).
+    """
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    return IntxFakeQuantizeConfig(
+        torch.int4,
+        group_size=GROUP_SIZE,
+        is_symmetric=True,
+        scale_precision=SCALE_DTYPE,
+        eps=SCALE_EPS,
+    )

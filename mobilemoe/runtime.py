@@ -1,0 +1,90 @@
+"""Run a compiled artifact on this machine: load (after verifying every hash), prefill, decode, generate.
+
+    rt = load_artifact("dist/mobilemoe-tiny-host")
+    logits, kv = rt.prefill([0, 17, 42])      # logits np [V] of the last position, kv stays on device
+    logits, kv = rt.decode(99, kv)
+    ids, stats = rt.generate(prompt_ids, max_new_tokens=32)
+
+The KV cache lives as a TVM tensor between calls ([L, 2, 1, nkv, P, D], see mobilemoe/model.py);
+each step is one Relax VM call. Artifacts built for another CPU (android-arm64, linux-arm64) are
+refused here: run them on the device through `python -m compiler.bench --rpc-tracker ...`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import MobileMoEConfig
+from .generate import GenerationStats, generate_with
+
+
+class TVMRuntime:
+    backend = "tvm"
+
+    def __init__(self, artifact_dir, num_threads: int | None = None):
+        from compiler.artifact import LIB_NAME, PARAMS_NAME, ArtifactError, verify
+
+        self.dir = Path(artifact_dir)
+        self.manifest = verify(self.dir)
+        if self.manifest.get("backend") != "tvm":
+            raise ArtifactError(f"{self.dir}: backend {self.manifest.get('backend')!r}, expected 'tvm'")
+        if not self.manifest.get("runs_on_host"):
+            raise ArtifactError(f"{self.dir}: built for target '{self.manifest['target']['name']}', which does not "
+                                f"run on this machine; benchmark it on the device with compiler.bench --rpc-tracker")
+        if num_threads:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        self.config = MobileMoEConfig.from_dict(self.manifest["config"], source=f"{self.dir}/manifest.json:config")
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.dir / LIB_NAME)), self.device)
+        raw = load_file(str(self.dir / PARAMS_NAME))
+        tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
+        self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
+        self._fn = {e: self.vm[e] for e in self.params}
+        c = self.config
+        self._empty_kv = tvm.runtime.tensor(
+            np.zeros((c.num_layers, 2, 1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
+
+    def _call(self, entry: str, ids: list[int], past: int, kv):
+        import tvm
+        tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
+        positions = tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], self.device)
+        out = self._fn[entry](tokens, positions, kv, *self.params[entry])
+        return out[0].numpy()[0], out[1]
+
+    def prefill(self, ids: list[int], kv=None):
+        """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
+        kv = self._empty_kv if kv is None else kv
+        past = int(kv.shape[4])
+        if len(ids) == 1:
+            return self._call("decode", ids, past, kv)
+        return self._call("prefill", ids, past, kv)
+
+    def decode(self, token: int, kv):
+        return self._call("decode", [token], int(kv.shape[4]), kv)
+
+    def step(self, ids: list[int], kv):
+        return self.prefill(ids, kv)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_id=None, seed: int | None = None, on_token=None) -> tuple[list[int], GenerationStats]:
+        return generate_with(self.step, prompt, max_new_tokens, self.config.max_seq_len, temperature, top_p,
+                             eos_id, seed, on_token)
+
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(self.dir / "tokenizer.json")
+
+
+def load_artifact(artifact_dir, num_threads: int | None = None):
+    """Open an artifact with the runtime its manifest names."""
+    from compiler.artifact import ArtifactError, read_manifest
+    backend = read_manifest(artifact_dir).get("backend")
+    if backend == "tvm":
+        return TVMRuntime(artifact_dir, num_threads)
+    raise ArtifactError(f"{artifact_dir}: no runtime for backend {backend!r}")

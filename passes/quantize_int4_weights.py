@@ -1,0 +1,135 @@
+"""QuantizeInt4Weights: matmul weights become group-32 INT4 with dequantization fused in the kernels.
+
+Each weight parameter W [N, K] (or stacked [E, N, K]) that a rewritten op reads is replaced by two
+parameters, recorded as transforms (replayed with mobilemoe.quant, see passes/common.py):
+    W__q4  uint32 [.., N, K // 8]   packed codes (layout mobilemoe.quant.INT4_LAYOUT)
+    W__s   float16 [.., N, K // 32] scales
+Rewrites (x: activations, float32):
+    R.matmul(x, R.permute_dims(W))          -> reshape . call_tir(int4_matmul, (x2d, W__q4, W__s))
+    call_tir(moe_gate_up, (x, ids, W13))    -> call_tir(moe_gemv, (x, ids, W13__q4, W13__s))
+    call_tir(moe_down_combine, (a, ids, w, W2))
+                                            -> call_tir(moe_gemv_weighted_sum, (a, ids, w, W2__q4, W2__s))
+    R.take(W, ids, axis=0)   (embedding)    -> call_tir(embedding_int4, (ids, W__q4, W__s))
+Router weights (name contains "router") and norms stay float. A weight whose K is not a multiple of
+32 stays float. The fp32 weight is never materialised: the kernels dequantize in the reduction.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from compiler.kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
+from compiler.kernels.embedding import embedding_int4
+from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
+
+from .common import bindings, is_op, rebuild, tensor_shape, weight_params
+
+FLOAT_ONLY = ("router",)
+
+
+def quantizable(param: relax.Var) -> bool:
+    shape = tensor_shape(param)
+    return (shape is not None and len(shape) in (2, 3) and shape[-1] % GROUP_SIZE == 0
+            and not any(tag in param.name for tag in FLOAT_ONLY))
+
+
+def _callee_name(call) -> str | None:
+    if is_op(call, "relax.call_tir") and isinstance(call.args[0], tvm.ir.GlobalVar):
+        return call.args[0].name_hint
+    return None
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.func_bindings: dict = {}
+        self.params: set = set()
+        self.quant: dict = {}  # float param -> (codes var, scales var)
+
+    def _q(self, w: relax.Var):
+        if w not in self.quant:
+            *lead, n, k = tensor_shape(w)
+            self.quant[w] = (relax.Var(w.name + "__q4", relax.TensorType([*lead, n, k // NIBBLES_PER_WORD], "uint32")),
+                             relax.Var(w.name + "__s", relax.TensorType([*lead, n, k // GROUP_SIZE], "float16")))
+        return self.quant[w]
+
+    def _param(self, e):
+        return e if isinstance(e, relax.Var) and e in self.params and quantizable(e) else None
+
+    def _tir(self, prim, name, args, out_ty):
+        gv = self.builder_.add_func(prim, name)
+        return relax.call_tir(gv, args, out_ty)
+
+    def visit_call_(self, call):
+        b = self.func_bindings
+        if is_op(call, "relax.matmul"):
+            pd = b.get(call.args[1])
+            w = self._param(pd.args[0]) if is_op(pd, "relax.permute_dims") else None
+            if w is not None and len(tensor_shape(w)) == 2:
+                return self._matmul(self.visit_expr(call.args[0]), w)
+        if is_op(call, "relax.take") and int(call.attrs.axis) == 0:
+            w = self._param(call.args[0])
+            if w is not None and len(tensor_shape(w)) == 2:
+                return self._embedding(self.visit_expr(call.args[1]), w)
+        name = _callee_name(call)
+        if name and name.startswith(("moe_gate_up", "moe_down_combine")):
+            args = [self.visit_expr(a) for a in call.args[1].fields]
+            w = self._param(call.args[1].fields[-1])
+            if w is not None:
+                E, N, K = tensor_shape(w)
+                k = int(args[1].ty.shape.values[1])
+                idx = args[1].ty.dtype
+                q, s = self._q(w)
+                if name.startswith("moe_gate_up"):
+                    prim, kname = moe_gemv(E, N, K, k, index_dtype=idx), "moe_gemv_int4"
+                else:
+                    prim, kname = moe_gemv_weighted_sum(E, N, K, k, index_dtype=idx), "moe_gemv_weighted_sum_int4"
+                return self._tir(prim, kname, [*args[:-1], q, s], call.ty_args[0])
+        return super().visit_call_(call)
+
+    def _matmul(self, x, w):
+        N, K = tensor_shape(w)
+        q, s = self._q(w)
+        shape = list(x.ty.shape.values)
+        x2 = self.builder_.emit(relax.op.reshape(x, [-1, K])) if len(shape) != 2 else x
+        call = self._tir(int4_matmul(N, K), "int4_matmul", [x2, q, s],
+                         relax.TensorType([x2.ty.shape.values[0], N], "float32"))
+        if len(shape) == 2:
+            return call
+        return relax.op.reshape(self.builder_.emit(call), [*shape[:-1], N])
+
+    def _embedding(self, ids, w):
+        q, s = self._q(w)
+        shape = list(ids.ty.shape.values)
+        flat = self.builder_.emit(relax.op.reshape(ids, [-1])) if len(shape) != 1 else ids
+        y = self.builder_.emit(self.builder_.call_te(embedding_int4, flat, q, s, primfunc_name_hint="embedding_int4"))
+        H = tensor_shape(w)[1]
+        return relax.op.reshape(y, [*shape, H]) if len(shape) != 1 else y
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeInt4Weights")
+class QuantizeInt4Weights:
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        rw = _Rewriter(mod)
+        updates = []
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            rw.func_bindings, rw.params, rw.quant = bindings(func), set(weight_params(func)), {}
+            body = rw.visit_expr(func)
+            replace, transforms = {}, []
+            for w, (q, s) in rw.quant.items():
+                replace[w] = [q, s]
+                transforms += [{"out": q.name, "op": "int4_codes", "inputs": [w.name]},
+                               {"out": s.name, "op": "int4_scales", "inputs": [w.name]}]
+            updates.append((gv, func, body, replace, transforms))
+        out = rw.builder_.get()
+        for gv, func, body, replace, transforms in updates:
+            # a float param still used elsewhere (e.g. not every use was rewritten) keeps both forms
+            used = set(relax.analysis.free_vars(relax.analysis.remove_all_unused(body.body)))
+            for w in list(replace):
+                if w in used:
+                    replace[w] = [w, *replace[w]]
+            out[gv] = rebuild(func, body, replace, transforms)
+        return relax.transform.CanonicalizeBindings()(relax.transform.DeadCodeElimination()(out))
