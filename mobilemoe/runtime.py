@@ -21,27 +21,49 @@ from .generate import GenerationStats, generate_with
 
 
 class TVMRuntime:
+    """A TVM artifact on this machine's CPU. Subclasses change where it runs (compiler/remote.py)."""
+
     backend = "tvm"
 
     def __init__(self, artifact_dir, num_threads: int | None = None):
-        from compiler.artifact import LIB_NAME, PARAMS_NAME, ArtifactError, verify
+        from compiler.artifact import ArtifactError, verify
 
         self.dir = Path(artifact_dir)
         self.manifest = verify(self.dir)
         if self.manifest.get("backend") != "tvm":
             raise ArtifactError(f"{self.dir}: backend {self.manifest.get('backend')!r}, expected 'tvm'")
+        self._check_runnable()
+        if num_threads:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        self.config = MobileMoEConfig.from_dict(self.manifest["config"], source=f"{self.dir}/manifest.json:config")
+        self._open()
+
+    # -- where it runs: overridden for RPC devices
+    def _check_runnable(self):
+        from compiler.artifact import ArtifactError
         if not self.manifest.get("runs_on_host"):
             raise ArtifactError(f"{self.dir}: built for target '{self.manifest['target']['name']}', which does not "
                                 f"run on this machine; benchmark it on the device with compiler.bench --rpc-tracker")
-        if num_threads:
-            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+
+    def _device_and_module(self):
+        import tvm
+        from compiler.artifact import LIB_NAME
+        return tvm.cpu(), tvm.runtime.load_module(str(self.dir / LIB_NAME))
+
+    def _invoke(self, entry: str, args):
+        out = self._fn[entry](*args)
+        return out[0], out[1]
+
+    # -- common
+    def _open(self):
         import tvm
         from safetensors.numpy import load_file
         from tvm import relax
 
-        self.config = MobileMoEConfig.from_dict(self.manifest["config"], source=f"{self.dir}/manifest.json:config")
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.dir / LIB_NAME)), self.device)
+        from compiler.artifact import PARAMS_NAME
+
+        self.device, module = self._device_and_module()
+        self.vm = relax.VirtualMachine(module, self.device)
         raw = load_file(str(self.dir / PARAMS_NAME))
         tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
@@ -54,16 +76,14 @@ class TVMRuntime:
         import tvm
         tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
         positions = tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], self.device)
-        out = self._fn[entry](tokens, positions, kv, *self.params[entry])
-        return out[0].numpy()[0], out[1]
+        logits, kv = self._invoke(entry, [tokens, positions, kv, *self.params[entry]])
+        return logits.numpy()[0], kv
 
     def prefill(self, ids: list[int], kv=None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
         past = int(kv.shape[4])
-        if len(ids) == 1:
-            return self._call("decode", ids, past, kv)
-        return self._call("prefill", ids, past, kv)
+        return self._call("decode" if len(ids) == 1 else "prefill", ids, past, kv)
 
     def decode(self, token: int, kv):
         return self._call("decode", [token], int(kv.shape[4]), kv)

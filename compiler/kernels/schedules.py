@@ -34,8 +34,7 @@ KERNEL_BLOCKS = {
     "moe_gemv_per_slot": [("moe_gemv", 2, False)],
     "moe_gemv_weighted_sum": [("moe_gemv", 1, False)],
 }
-DEFAULT_ROWS = 4  # output rows per register block (GEMV)
-TILED_ROWS = 2  # with an M tile of 4: 2 x 4 accumulators (measured best of 1-4 x 1-8 on AVX-512)
+DEFAULT_ROWS = 4  # output rows per register block (also with int4_matmul's M tile of 4)
 DEFAULT_LANES = 8
 
 
@@ -62,9 +61,11 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _schedule_block(sch, block, n_pos: int, m_tiled: bool, rows: int, lanes: int) -> None:
+def _schedule_block(sch, block, n_pos: int, m_tiled: bool, rows: int, lanes: int):
+    """Tile one reduction block; returns its row-block loop (to parallelise) and a finishing step."""
     loops = sch.get_loops(block)
-    batch, n_loop, reduce_outer, k_loop = loops[:n_pos], loops[n_pos], loops[n_pos + 1 : -1], loops[-1]
+    batch, n_loop, k_loop = loops[:n_pos], loops[n_pos], loops[-1]
+    reduce_outer = loops[n_pos + 1 : -1]  # moe_gemv_weighted_sum's top-k slots
     while _extent(sch, n_loop) % rows:  # a ragged block would need a guard: no registers then
         rows //= 2
     m_tile = [batch.pop()] if m_tiled else []
@@ -80,19 +81,18 @@ def _schedule_block(sch, block, n_pos: int, m_tiled: bool, rows: int, lanes: int
     # rfactor gives the partial-sum block a fresh copy of the loop nest, in the order set above.
     loops = sch.get_loops(partial)
     inner = loops[len(loops) - 4 - len(m_tile) :]  # k_block, k_nibble, n_inner, (tile,) k_lane
-    n_outer, batch, reduce_outer = loops[0], loops[1 : len(batch) + 1], loops[len(batch) + 1 : -len(inner)]
+    n_outer, batch = loops[0], loops[1 : len(batch) + 1]
+    reduce_outer = loops[len(batch) + 1 : -len(inner)]
     k_block, k_nibble, n_inner, k_lane = inner[0], inner[1], inner[2], inner[-1]
     sch.reverse_compute_at(block, batch[-1] if batch else n_outer)
     sch.set_scope(partial, 0, "local")
-    # The row block's scales for one word block ([rows, lanes / 4] fp16) in a local array.
-    s_index = [r.source.name for r in sch.get(partial).reads].index("s")
-    s_cache = sch.cache_read(partial, s_index, "local", consumer_blocks=[partial])
-    sch.compute_at(s_cache, k_block)
-    sch.parallel(n_outer)
     for loop in (k_nibble, n_inner, *inner[3:-1]):
         sch.unroll(loop)
     sch.vectorize(k_lane)
-    sch.decompose_reduction(partial, reduce_outer[0] if reduce_outer else k_block)
+    # Zero the partial sums before their reduction loop, after sch.parallel (which checks the
+    # undecomposed reduction).
+    init_loop = reduce_outer[0] if reduce_outer else k_block
+    return n_outer, lambda: sch.decompose_reduction(partial, init_loop)
 
 
 def schedule_row_reduction(
@@ -114,9 +114,18 @@ def schedule_row_reduction(
     x_ndim = len(sch.get(x_copy).writes[0].region)
     sch.transform_layout(x_copy, ("write", 0), _word_lane_layout(x_ndim, lanes))
 
-    for name, n_pos, m_tiled in blocks:
-        block_rows = min(rows, TILED_ROWS) if m_tiled else rows
-        _schedule_block(sch, sch.get_sblock(name), n_pos, m_tiled, block_rows, lanes)
+    row_loops, finish = zip(
+        *(
+            _schedule_block(sch, sch.get_sblock(name), n_pos, m_tiled, rows, lanes)
+            for name, n_pos, m_tiled in blocks
+        )
+    )
+    # One parallel loop over row blocks for all blocks (int4_matmul's tiles and tail): one thread
+    # launch, and TIR's CSE then keeps the lanes' scale-index vector a constant inside the parallel
+    # body; hoisted out of it, LLVM no longer sees a constant and loads scales lane by lane.
+    sch.parallel(sch.merge(*row_loops) if len(row_loops) > 1 else row_loops[0])
+    for step in finish:
+        step()
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -1,0 +1,35 @@
+"""Run an artifact on a remote device through TVM RPC (a phone, or the emulated arm64 device).
+
+    session = targets.rpc_device.request_session(host, port, key)
+    rt = RemoteRuntime(session, "dist/mobilemoe-tiny-linux-arm64")
+    logits, kv = rt.prefill(ids); logits, kv = rt.decode(tok, kv)
+
+Same API as mobilemoe.runtime.TVMRuntime. The library is uploaded (the device links nothing) and
+the VM is driven with set_input / invoke_stateful / get_outputs, since a tuple return value cannot
+cross RPC. The KV cache and parameters stay in the device's memory between calls.
+"""
+from __future__ import annotations
+
+from compiler.artifact import LIB_NAME
+from mobilemoe.runtime import TVMRuntime
+from targets.rpc_device import remote_errors, upload_and_load
+
+
+class RemoteRuntime(TVMRuntime):
+    def __init__(self, session, artifact_dir):
+        self.session = session
+        super().__init__(artifact_dir)
+
+    def _check_runnable(self):
+        pass  # any target: the device decides
+
+    def _device_and_module(self):
+        module = upload_and_load(self.session, self.dir / LIB_NAME)
+        return self.session.cpu(0), module
+
+    def _invoke(self, entry: str, args):
+        with remote_errors(self.session, f"{entry} on the artifact {self.dir.name}"):
+            self.vm.set_input(entry, *args)
+            self.vm.invoke_stateful(entry)
+            out = self.vm.get_outputs(entry)
+        return out[0], out[1]

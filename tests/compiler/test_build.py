@@ -1,0 +1,161 @@
+"""compiler.build end to end on the test model: numerics vs PyTorch, artifact contents, bad input."""
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.artifact import ArtifactError, verify
+from compiler.build import build
+from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.model import MobileMoE
+from mobilemoe.quant import dequantize_int4, quantize_int4
+from mobilemoe.runtime import load_artifact
+from mobilemoe.tokenizer import load_tokenizer
+from targets import TargetError, get_target
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "heldout_sample.txt"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("build")
+    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), root / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def host_int4(ckpt):
+    return build(ckpt, "host", ckpt.parent / "host-int4", dump_ir=ckpt.parent / "ir", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def host_float(ckpt):
+    return build(ckpt, "host", ckpt.parent / "host-float", quant="none", verbose=False)
+
+
+def real_text_ids(vocab: int, n: int = 160) -> list[int]:
+    ids = load_tokenizer().encode(SAMPLE.read_text()).ids
+    return [0] + [i % vocab for i in ids[: n - 1]]
+
+
+def teacher_forced_logits(step, ids, chunk=24):
+    """Logits predicting ids[i+1] for every i: one prefill of `chunk` tokens, then decode steps."""
+    logits, kv = step(ids[:chunk], None)
+    out = [np.asarray(logits)]
+    for t in ids[chunk:]:
+        logits, kv = step([t], kv)
+        out.append(np.asarray(logits))
+    return np.stack(out)
+
+
+def torch_step(model):
+    def step(ids, kv):
+        with torch.no_grad():
+            logits, kv = model(torch.tensor([ids]), kv=kv, last_only=True)
+        return logits[0, -1].numpy(), kv
+    return step
+
+
+def test_float_artifact_matches_pytorch(ckpt, host_float):
+    model = load_checkpoint(ckpt)
+    rt = load_artifact(host_float)
+    ids = real_text_ids(model.config.vocab_size, 64)
+    got = teacher_forced_logits(rt.step, ids)
+    ref = teacher_forced_logits(torch_step(model), ids)
+    err = np.abs(got - ref).max()
+    print(f"float artifact vs PyTorch: max logit error {err:.2e}")
+    assert err <= 1e-3
+
+
+def test_int4_artifact_top1_agreement_on_real_text(ckpt, host_int4):
+    model = load_checkpoint(ckpt)
+    with torch.no_grad():  # PyTorch running the same INT4 weights
+        for name, p in model.named_parameters():
+            if "router" not in name and p.dim() >= 2:
+                p.copy_(dequantize_int4(*quantize_int4(p)))
+    rt = load_artifact(host_int4)
+    ids = real_text_ids(model.config.vocab_size)
+    got = teacher_forced_logits(rt.step, ids)
+    ref = teacher_forced_logits(torch_step(model), ids)
+    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"INT4 artifact vs PyTorch INT4: top-1 agreement {agree:.4f} over {len(got)} positions, "
+          f"max logit error {np.abs(got - ref).max():.2e}")
+    assert agree >= 0.98
+
+
+def test_manifest_and_dump_ir(host_int4):
+    manifest = verify(host_int4)
+    assert manifest["backend"] == "tvm" and manifest["target"]["name"] == "host"
+    assert [p["phase"] for p in manifest["pipeline"]] == ["moe", "quantize", "cleanup", "legalize", "schedule", "lower"]
+    assert manifest["quantization"]["format"] == "g32_sym_u32k8"
+    dec = manifest["entry_points"]["decode"]
+    assert [i["name"] for i in dec["inputs"]] == ["tokens", "positions", "kv"]
+    assert any(n.endswith("__q4") for n in dec["params"]) and not any(n.endswith("moe_w1") for n in dec["params"])
+    assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
+    dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())
+    for name in ("FuseExpertGateUp", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps", "ScheduleInt4Kernels"):
+        assert any(name in d for d in dumps), name
+    assert "pass_timing.txt" in dumps
+
+
+def test_tampered_artifact_is_refused(host_int4, tmp_path):
+    import shutil
+    copy = Path(shutil.copytree(host_int4, tmp_path / "copy"))
+    data = bytearray((copy / "params.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "params.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="params.safetensors: sha256 .* does not match"):
+        load_artifact(copy)
+
+
+def test_android_arm64_shared_object(ckpt):
+    out = build(ckpt, "android-arm64", ckpt.parent / "android", verbose=False)
+    lib = out / "lib.so"
+    r = subprocess.run(["readelf", "-h", "-d", "-S", str(lib)], capture_output=True, text=True, check=True)
+    assert r.stderr == "", r.stderr  # readelf clean: no warnings
+    assert "AArch64" in r.stdout and "DYN (Shared object file)" in r.stdout
+    for lib_name in ("libc.so", "libm.so", "libtvm_ffi.so"):
+        assert f"Shared library: [{lib_name}]" in r.stdout
+    with pytest.raises(ArtifactError, match="built for target 'android-arm64'"):
+        load_artifact(out)
+
+
+def test_unknown_target_lists_known(ckpt, tmp_path):
+    with pytest.raises(TargetError, match="unknown target 'iphone'; known targets: android-arm64, linux-arm64, host"):
+        build(ckpt, "iphone", tmp_path / "x", verbose=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_toolchain_names_package(monkeypatch, ckpt, tmp_path):
+    import dataclasses
+    import targets
+    spec = get_target("android-arm64")
+    broken = dataclasses.replace(spec, toolchain=dataclasses.replace(spec.toolchain, cc="no-such-clang-14"))
+    monkeypatch.setitem(targets.TARGETS, "android-arm64", broken)
+    with pytest.raises(TargetError, match="'no-such-clang-14' not found.*apt-get install clang lld"):
+        build(ckpt, "android-arm64", tmp_path / "x", verbose=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_link_leaves_no_partial_artifact(monkeypatch, ckpt, tmp_path):
+    import dataclasses
+    import targets
+    spec = get_target("linux-arm64")
+    broken = dataclasses.replace(spec, toolchain=dataclasses.replace(spec.toolchain, flags=("-shared", "-Wl,--no-such-flag")))
+    monkeypatch.setitem(targets.TARGETS, "linux-arm64", broken)
+    with pytest.raises(TargetError, match="linking .* failed"):
+        build(ckpt, "linux-arm64", tmp_path / "out", verbose=False)
+    assert list(tmp_path.iterdir()) == []  # neither the artifact nor a temp dir is left
+
+
+def test_unsupported_op_names_op_and_layer(ckpt):
+    from compiler.importer import ImportError_, import_model
+    model = load_checkpoint(ckpt)
+    norm = model.layers[1].attn_norm
+    norm.forward = lambda x: torch.lgamma(x.abs() + 1)
+    with pytest.raises(ImportError_, match="op 'lgamma.default' \\(from layer 'model.layers.1.attn_norm'\\)"):
+        import_model(model)
