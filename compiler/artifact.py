@@ -52,6 +52,9 @@ def write_artifact(out_dir, *, write_lib, params: dict[str, np.ndarray], manifes
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
             if checkpoint_dir is not None and (Path(checkpoint_dir) / name).is_file():
                 shutil.copyfile(Path(checkpoint_dir) / name, tmp / name)
+        if not (tmp / "tokenizer.json").is_file():  # shape-only builds: the bundled tokenizer
+            from mobilemoe.tokenizer import default_tokenizer_path
+            shutil.copyfile(default_tokenizer_path(), tmp / "tokenizer.json")
         for name, src in (extra_files or {}).items():
             if Path(src).is_dir():
                 shutil.copytree(src, tmp / name)

@@ -6,6 +6,8 @@
         [--quant int4|none]       default: int4 (group-32 symmetric, mobilemoe.quant)
         [--dump-ir DIR]           IR after every pass (TVM's DumpIR instrument) + pass timings
         [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
+        [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
+                                  (for speed measurements of paper-scale models)
 
 Steps: load checkpoint -> torch.export + Relax import (compiler/importer.py) -> graph phases
 (passes/) -> lowering phases with the target's schedules -> link with the target's toolchain ->
@@ -42,7 +44,7 @@ def _entry_signature(func) -> dict:
 
 
 def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | None = None,
-                  tuning_db: str | None = None, progress=None):
+                  tuning_db: str | None = None, progress=None, random_weights: bool = False):
     """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases).
 
     The executable is a tvm Executable; params are the packed parameters every entry point takes.
@@ -62,7 +64,11 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     step = progress or (lambda name: None)
 
     step("import")
-    mod, _, source = import_model(model)
+    mod, _, source = import_model(model, with_weights=not random_weights)
+    if random_weights:
+        from .params import RandomWeights
+        source = RandomWeights({p.name: tuple(int(d) for d in p.ty.shape.values)
+                                for p in weight_params(mod[ENTRY_POINTS[0]])})
     instruments = []
     if dump_ir is not None:
         instruments = [tvm.ir.instrument.DumpIR(Path(dump_ir), refresh=True), tvm.ir.instrument.PassTimingInstrument()]
@@ -84,8 +90,28 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     return executable, params, entry_points, phase_names(opts), target
 
 
-def build(checkpoint: Path, target_name: str, out: Path | None = None, quant: str = "int4",
-          dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True) -> Path:
+def shape_only_model(preset: str):
+    """A model of a preset's shapes whose weights are never initialised (pages untouched): for
+    --random-weights builds of paper-scale presets."""
+    import torch
+
+    from mobilemoe.config import MobileMoEConfig
+    from mobilemoe.model import MobileMoE, rope_table
+
+    cfg = MobileMoEConfig.from_name(preset)
+    with torch.device("meta"):
+        model = MobileMoE(cfg)
+    model = model.to_empty(device="cpu")
+    model.rope_cos, model.rope_sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def build(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
+          dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
+          preset: str | None = None) -> Path:
+    """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights."""
     import tvm
 
     import mobilemoe
@@ -107,9 +133,10 @@ def build(checkpoint: Path, target_name: str, out: Path | None = None, quant: st
         bar.set_postfix_str(name)
 
     step("load checkpoint")
-    model = load_checkpoint(checkpoint)
+    model = shape_only_model(preset) if preset else load_checkpoint(checkpoint)
     cfg = model.config
-    executable, params, entries, pipeline, target = compile_model(model, target_name, quant, dump_ir, tuning_db, step)
+    executable, params, entries, pipeline, target = compile_model(model, target_name, quant, dump_ir, tuning_db,
+                                                                  step, random_weights=preset is not None)
     out = Path(out) if out else Path("dist") / f"{cfg.name}-{target_name}"
     step("write artifact")
     manifest = {
@@ -124,9 +151,10 @@ def build(checkpoint: Path, target_name: str, out: Path | None = None, quant: st
                          if quant == "int4" else None),
         "entry_points": entries,
         "config": cfg.to_dict(),
+        "weights": "random (shape-only build)" if preset else "checkpoint",
     }
     path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
-                          manifest=manifest, checkpoint_dir=Path(checkpoint))
+                          manifest=manifest, checkpoint_dir=Path(checkpoint) if checkpoint else None)
     step(None)
     bar.close()
     if verbose:
@@ -139,13 +167,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m compiler.build", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--preset", default=None, help="build a preset's shapes with random weights (speed only)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quant", choices=["int4", "none"], default="int4")
     p.add_argument("--dump-ir", type=Path, default=None)
     p.add_argument("--tuning-db", type=str, default=None)
     a = p.parse_args(argv)
     try:
-        build(a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db)
+        build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset)
     except (TargetError, CheckpointError, ImportError_, BuildError) as e:
         sys.exit(f"error: {e}")
 

@@ -53,26 +53,46 @@ def _check_supported(ep, entry: str) -> None:
                                f"TVM's PyTorch importer; rewrite that layer with supported ops")
 
 
-def import_model(model: MobileMoE):
-    """-> (IRModule with `prefill` and `decode`, ordered param names, {name: np.ndarray})."""
+def _importer(with_weights: bool):
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    class Importer(ExportedProgramImporter):
+        """Without weights, parameters become 1-element placeholders: only their types matter."""
+        params: set = set()
+
+        def _convert_pytorch_tensor_to_tvm(self, tensor):
+            if not with_weights and id(tensor) in self.params:
+                tensor = torch.zeros(1, dtype=tensor.dtype)
+            return super()._convert_pytorch_tensor_to_tvm(tensor)
+    return Importer()
+
+
+def import_model(model: MobileMoE, with_weights: bool = True):
+    """-> (IRModule with `prefill` and `decode`, ordered param names, {name: np.ndarray}).
+
+    with_weights=False imports the graph only (the values dict is empty): for shape-only builds with
+    generated weights (compiler.build --random-weights), without copying gigabytes of parameters.
+    """
     from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
 
     model = model.eval()
     funcs, names, values = {}, None, None
     for entry in ENTRY_POINTS:
         ep = _decompose(export_entry(model, entry))
         _check_supported(ep, entry)
+        importer = _importer(with_weights)
+        importer.params = {id(p) for p in ep.parameters()}
         try:
-            mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                        run_ep_decomposition=False)
+            mod = importer.from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                                 no_bind_return_tuple=False, custom_convert_map=None)
         except Exception as e:  # the importer raises bare AssertionErrors: add context
             raise ImportError_(f"{entry}: TVM import failed: {e}") from e
         mod, params = relax.frontend.detach_params(mod)
         func = mod["main"]
         p_names = [v.name for v in func.params[NUM_INPUTS:]]
         if names is None:
-            names, values = p_names, {n: p.numpy() for n, p in zip(p_names, params["main"])}
+            names = p_names
+            values = {n: p.numpy() for n, p in zip(p_names, params["main"])} if with_weights else {}
         elif p_names != names:
             raise ImportError_(f"{entry}: parameter list differs from {ENTRY_POINTS[0]}'s")
         funcs[entry] = func.with_attr("global_symbol", entry)

@@ -5,7 +5,7 @@
 
 INT4 ops use mobilemoe.quant (quantize_int4 + pack_int4): the one implementation shared with QAT
 and the ONNX fallback. A quantized weight is quantized once even when both codes and scales of it
-are requested.
+are requested; source tensors are read when needed and not kept.
 """
 from __future__ import annotations
 
@@ -19,25 +19,40 @@ class ParamError(RuntimeError):
     pass
 
 
-def materialize(names: list[str], transforms: list[dict], source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+class RandomWeights(dict):
+    """A lazy source of random float32 weights by name (norm weights are ones), for shape-only
+    builds: each tensor is generated when asked for and not kept, so a multi-GB model never sits in
+    memory in float. Deterministic: the seed mixes `seed` and the name."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int = 0, std: float = 0.02):
+        super().__init__()
+        self.shapes, self.seed, self.std = shapes, seed, std
+
+    def __contains__(self, name) -> bool:
+        return name in self.shapes
+
+    def __getitem__(self, name) -> np.ndarray:
+        shape = self.shapes[name]
+        if "norm" in name:
+            return np.ones(shape, "float32")
+        rng = np.random.default_rng([self.seed, *name.encode()])
+        return (rng.standard_normal(shape, dtype=np.float32) * self.std).astype("float32")
+
+
+def materialize(names: list[str], transforms: list[dict], source) -> dict[str, np.ndarray]:
+    """{name: array} for exactly `names`, from `source` (a dict or RandomWeights) and `transforms`."""
     rules = {t["out"]: t for t in transforms}
-    cache: dict[str, np.ndarray] = {}
     quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(name: str) -> np.ndarray:
-        if name in cache:
-            return cache[name]
         if name in rules:
-            value = apply(rules[name])
-        elif name in source:
-            value = source[name]
-        else:
-            raise ParamError(f"parameter '{name}' is neither a checkpoint tensor nor produced by a transform")
-        cache[name] = value
-        return value
+            return apply(rules[name])
+        if name in source:
+            return source[name]
+        raise ParamError(f"parameter '{name}' is neither a checkpoint tensor nor produced by a transform")
 
     def int4(name: str):
-        if name not in quantized:
+        if name not in quantized:  # quantize once, for both the codes and the scales
             codes, scales = quantize_int4(torch.from_numpy(np.ascontiguousarray(get(name))), name=name)
             quantized[name] = (pack_int4(codes).numpy(), scales.numpy())
         return quantized[name]

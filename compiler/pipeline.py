@@ -2,7 +2,7 @@
 
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4")
-    cleanup    PruneUnusedParams, DeadCodeElimination
+    cleanup    StripAssertions, PruneUnusedParams, DeadCodeElimination
     legalize   DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule   ScheduleInt4Kernels (compiler/kernels/schedules.py), MetaScheduleApplyDatabase
                (with a tuning database), dlight CPU rules for the remaining GEMV/reductions
@@ -24,6 +24,7 @@ from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.prune_unused_params import PruneUnusedParams
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
+from passes.strip_assertions import StripAssertions
 
 QUANT_MODES = ("int4", "none")
 
@@ -61,7 +62,7 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     return [
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch()]),
         ("quantize", [QuantizeInt4Weights()] if opts.quant == "int4" else []),
-        ("cleanup", [PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
+        ("cleanup", [StripAssertions(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
         ("legalize", cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)),
         ("schedule", schedule),
         ("lower", cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)),

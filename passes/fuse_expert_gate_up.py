@@ -79,7 +79,7 @@ class _Rewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="FuseExpertGateUp")
 class FuseExpertGateUp:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        out = mod
+        out = tvm.IRModule(dict(mod.functions_items()), mod.attrs)  # never mutate the input module
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
@@ -92,12 +92,5 @@ class FuseExpertGateUp:
             for w1, (w13, w3) in rw.new_params.items():
                 replace[w1], replace[w3] = [w13], []
                 transforms.append({"out": w13.name, "op": "concat", "inputs": [w1.name, w3.name], "axis": 1})
-            out = out.with_function(gv, rebuild(func, body, replace, transforms)) if hasattr(out, "with_function") \
-                else _update(out, gv, rebuild(func, body, replace, transforms))
+            out[gv] = rebuild(func, body, replace, transforms)
         return out
-
-
-def _update(mod, gv, func):
-    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
-    mod[gv] = func
-    return mod

@@ -16,7 +16,7 @@ from .common import weight_params
 @tvm.transform.module_pass(opt_level=0, name="PruneUnusedParams")
 class PruneUnusedParams:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()))
+        out = tvm.IRModule(dict(mod.functions_items()), mod.attrs)
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
