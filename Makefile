@@ -16,8 +16,12 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+PROMPT ?= The asyncio event loop
 demo: venv
-	$(PY) -m mobilemoe.generate --prompt "The Python interpreter" --max-new-tokens 48
+	$(PY) -m compiler.build --target android-arm64
+	readelf -h dist/mobilemoe-tiny-android-arm64/lib.so | grep -E 'Machine|Type'
+	$(PY) -m compiler.build --target host
+	$(PY) -m compiler.run --artifact dist/mobilemoe-tiny-host --prompt "$(PROMPT)" --max-new-tokens 48
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -86,7 +86,8 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     step("pack params")
     params = {}
     for e in ENTRY_POINTS:
-        params.update(materialize(names[e], transforms[e], source))
+        todo = [n for n in names[e] if n not in params]
+        params.update(materialize(todo, transforms[e], source, progress=progress is not None))
     return executable, params, entry_points, phase_names(opts), target
 
 

@@ -39,7 +39,7 @@ class RandomWeights(dict):
         return (rng.standard_normal(shape, dtype=np.float32) * self.std).astype("float32")
 
 
-def materialize(names: list[str], transforms: list[dict], source) -> dict[str, np.ndarray]:
+def materialize(names: list[str], transforms: list[dict], source, progress: bool = False) -> dict[str, np.ndarray]:
     """{name: array} for exactly `names`, from `source` (a dict or RandomWeights) and `transforms`."""
     rules = {t["out"]: t for t in transforms}
     quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -67,4 +67,6 @@ def materialize(names: list[str], transforms: list[dict], source) -> dict[str, n
             return int4(inputs[0])[1]
         raise ParamError(f"unknown parameter transform op '{op}' for '{rule['out']}'")
 
-    return {n: np.ascontiguousarray(get(n)) for n in names}
+    from tqdm import tqdm
+    return {n: np.ascontiguousarray(get(n)) for n in tqdm(names, desc="pack params", unit="tensor",
+                                                          disable=not progress, leave=False)}

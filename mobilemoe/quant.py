@@ -15,6 +15,10 @@ stacked experts ``[E, N, K]`` and any other leading dims broadcast):
   nibble ``i`` (bits ``4i .. 4i+3``) holds ``u[n, 8j + i]``. Packed shape ``[..., N, K // 8]``.
 - dequant: ``w[n, k] = (((word[n, k // 8] >> 4 * (k % 8)) & 15) - 8) * scale[n, k // 32]``, in fp32,
   and it is exact: a 4-bit integer times an fp16 scale is representable in fp32.
+- ONNX Runtime bytes ``ORT_INT4_LAYOUT = "g32_u8k2_zp8"`` (MatMulNBits, QMoE, GatherBlockQuantized):
+  uint8 ``[..., N, K // 2]``, byte ``j`` holds ``u[n, 2j]`` in its low and ``u[n, 2j + 1]`` in its high
+  nibble; ORT's default 4-bit zero point 8 turns ``u`` back into ``q``. These are the little-endian
+  bytes of the packed words above (``int4_bytes``): the very same codes, only regrouped.
 
 ``torchao_qat_weight_config()`` is the torchao 0.18 QAT weight config whose fake-quantized weight
 equals ``dequantize_int4(*quantize_int4(w))`` bit for bit, for float32 weights.
@@ -27,6 +31,7 @@ import math
 import torch
 
 INT4_LAYOUT = "g32_sym_u32k8"
+ORT_INT4_LAYOUT = "g32_u8k2_zp8"  # ONNX Runtime's 4-bit byte layout (see the docstring)
 GROUP_SIZE = 32  # elements of K sharing one scale
 QMIN, QMAX = -8, 7  # signed code range; all 16 levels used
 ZERO_CODE = -QMIN  # u = q + 8 is what a nibble stores
@@ -101,13 +106,13 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     *lead, n, k = codes.shape
     if k % NIBBLES_PER_WORD:
         raise ValueError(f"codes: K = {k} must be a multiple of {NIBBLES_PER_WORD} to pack")
-    c = codes.to(torch.int64)
-    if c.numel() and (c.min() < QMIN or c.max() > QMAX):
-        raise ValueError(f"codes: values must lie in [{QMIN}, {QMAX}], got [{c.min()}, {c.max()}]")
-    u = (c + ZERO_CODE).reshape(*lead, n, k // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
-    shifts = torch.arange(NIBBLES_PER_WORD, dtype=torch.int64) * BITS
-    words = (u << shifts).sum(dim=-1)  # nibbles do not overlap, so sum == bitwise or
-    return words.to(PACKED_DTYPE)
+    if codes.numel() and (codes.min() < QMIN or codes.max() > QMAX):
+        raise ValueError(f"codes: values must lie in [{QMIN}, {QMAX}], got [{codes.min()}, {codes.max()}]")
+    u = (codes.to(torch.int32) + ZERO_CODE).reshape(*lead, n, k // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
+    words = u[..., 0].clone()
+    for i in range(1, NIBBLES_PER_WORD):  # int32 bit pattern; nibble 7 lands in the sign bit
+        words |= u[..., i] << (BITS * i)
+    return words.view(PACKED_DTYPE)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -119,6 +124,24 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(NIBBLES_PER_WORD, dtype=torch.int64) * BITS
     u = (words >> shifts) & (2**BITS - 1)
     return (u - ZERO_CODE).to(torch.int8).reshape(*lead, n, kw * NIBBLES_PER_WORD)
+
+
+def int4_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """uint32 words [..., N, K // 8] -> uint8 [..., N, K // 2] (layout g32_u8k2_zp8): the words' bytes,
+    least significant first, whatever the host's byte order."""
+    if packed.dtype != PACKED_DTYPE:
+        raise TypeError(f"packed: expected {PACKED_DTYPE}, got {packed.dtype}")
+    words = packed.to(torch.int64).unsqueeze(-1)
+    b = (words >> (torch.arange(4, dtype=torch.int64) * 8)) & 0xFF
+    return b.to(torch.uint8).flatten(-2)
+
+
+def unpack_int4_bytes(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., N, K // 2] (layout g32_u8k2_zp8) -> codes int8 [..., N, K] in [-8, 7]."""
+    if data.dtype != torch.uint8:
+        raise TypeError(f"data: expected torch.uint8, got {data.dtype}")
+    u = torch.stack([data & 15, data >> BITS], dim=-1).flatten(-2)  # low nibble first
+    return (u.to(torch.int16) - ZERO_CODE).to(torch.int8)
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

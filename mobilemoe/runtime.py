@@ -74,6 +74,11 @@ class TVMRuntime:
 
     def _call(self, entry: str, ids: list[int], past: int, kv):
         import tvm
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:  # the compiled embedding lookup does not bounds-check (it would read out of bounds)
+            raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {self.config.vocab_size})")
+        if past + len(ids) > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + len(ids)} tokens exceeds max_seq_len {self.config.max_seq_len}")
         tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
         positions = tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], self.device)
         logits, kv = self._invoke(entry, [tokens, positions, kv, *self.params[entry]])

@@ -159,3 +159,16 @@ def test_unsupported_op_names_op_and_layer(ckpt):
     norm.forward = lambda x: torch.lgamma(x.abs() + 1)
     with pytest.raises(ImportError_, match="op 'lgamma.default' \\(from layer 'model.layers.1.attn_norm'\\)"):
         import_model(model)
+
+
+def test_runtime_rejects_out_of_vocab_ids(host_int4):
+    rt = load_artifact(host_int4)
+    with pytest.raises(ValueError, match=r"token ids \[512\] are outside the model's vocabulary \[0, 512\)"):
+        rt.prefill([1, 512])
+
+
+def test_run_cli_generates(host_int4, capsys):
+    from compiler.run import main
+    main(["--artifact", str(host_int4), "--prompt", "a", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("a") and "decode" in captured.err and "tok/s" in captured.err
