@@ -138,9 +138,11 @@ def atomic_dir(target: Path, write) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
         write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o644 | (f.stat().st_mode & 0o111))
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
