@@ -91,11 +91,11 @@ def from_hf_state_dict(cfg: MobileMoEConfig, hf: dict[str, torch.Tensor]) -> dic
             continue
         sd[q + "moe.router.weight"] = hf[p + "block_sparse_moe.router.layer.weight"]
         gate_up = hf[p + "block_sparse_moe.input_linear.weight"]
-        sd[q + "moe.w1"], sd[q + "moe.w3"] = gate_up[:, :I], gate_up[:, I:]
+        sd[q + "moe.w1"], sd[q + "moe.w3"] = gate_up[:, :I].clone(), gate_up[:, I:].clone()
         sd[q + "moe.w2"] = hf[p + "block_sparse_moe.output_linear.weight"]
         if S:
             gu = hf[p + "shared_mlp.input_linear.weight"]
-            sd[q + "moe.shared.w1.weight"], sd[q + "moe.shared.w3.weight"] = gu[:S], gu[S:]
+            sd[q + "moe.shared.w1.weight"], sd[q + "moe.shared.w3.weight"] = gu[:S].clone(), gu[S:].clone()
             sd[q + "moe.shared.w2.weight"] = hf[p + "shared_mlp.output_linear.weight"]
     return sd
 
