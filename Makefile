@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -m "not slow"
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,eval,mlir]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "psutil",
     "matplotlib",
     "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
+    "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/onnx_graph.py)
+    "onnxruntime==1.32.0",  # CPU contrib ops QMoE (router_weights input), MatMulNBits, GQA verified on 1.32
 ]
 
 EXTRAS = {
@@ -23,6 +25,11 @@ EXTRAS = {
         "pytest-timeout",
         "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints
     ],
+    # mobilemoe.lm_eval_adapter; lm-eval itself needs no torch (its [hf] extra would pull one)
+    "eval": ["lm-eval>=0.4.13,<0.5"],
+    # --target mlir (compiler/mlir_export.py) and its IREE runtime; no torch dependency of their own
+    # (torch-mlir 20261001 works with torch 2.13). Wheels: ~80 + ~84 + ~15 MB, ~690 MB installed.
+    "mlir": ["torch-mlir==20261001", "iree-base-compiler==3.13.0", "iree-base-runtime==3.13.0"],
 }
 
 setup(
@@ -34,4 +41,5 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mobilemoe-lm-eval = mobilemoe.lm_eval_adapter:main"]},
 )

@@ -4,6 +4,9 @@
       lib.so               the compiled Relax VM executable, linked for the target
       params.safetensors   packed parameters under their Relax names (uint32 INT4 codes, fp16
                            scales, float32 router/norm weights)
+   or, for the ONNX Runtime backend (compiler/onnx_export.py):
+      model.onnx           graph + weights (ORT contrib ops; INT4 repacked from the same codes)
+      model.onnx.data      the weights as ONNX external data, for large models
       config.json          the model config (our "mobilemoe" block + the HF fields)
       tokenizer.json       the tokenizer (when the checkpoint has one)
       manifest.json        format, target, versions, pass pipeline, quantization, entry points with
@@ -27,6 +30,8 @@ FORMAT = "mobilemoe-artifact/1"
 LIB_NAME = "lib.so"
 PARAMS_NAME = "params.safetensors"
 MANIFEST_NAME = "manifest.json"
+ONNX_NAME = "model.onnx"
+REQUIRED_FILES = {"tvm": (LIB_NAME, PARAMS_NAME), "onnx": (ONNX_NAME,)}
 
 
 class ArtifactError(RuntimeError):
@@ -46,9 +51,19 @@ def write_artifact(out_dir, *, write_lib, params: dict[str, np.ndarray], manifes
     """write_lib(path) writes lib.so; manifest gets "files" (sha256) added. Atomic."""
     from safetensors.numpy import save_file
 
-    def write(tmp: Path):
+    def write_files(tmp: Path):
         write_lib(tmp / LIB_NAME)
         save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp / PARAMS_NAME))
+
+    return write_artifact_files(out_dir, write_files, manifest, checkpoint_dir, extra_files)
+
+
+def write_artifact_files(out_dir, write_files, manifest: dict, checkpoint_dir: Path | None,
+                         extra_files: dict[str, Path] | None = None) -> Path:
+    """write_files(tmp_dir) writes the backend's files; then the checkpoint's config and tokenizer,
+    extra_files, and manifest.json with the sha256 of every file. Atomic."""
+    def write(tmp: Path):
+        write_files(tmp)
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
             if checkpoint_dir is not None and (Path(checkpoint_dir) / name).is_file():
                 shutil.copyfile(Path(checkpoint_dir) / name, tmp / name)
@@ -96,8 +111,7 @@ def verify(artifact_dir) -> dict:
         if actual != digest:
             raise ArtifactError(f"{p}: sha256 {actual[:16]}... does not match the manifest's {digest[:16]}...; "
                                 f"the file was modified after the build, refusing to load")
-    if manifest.get("backend") == "tvm":
-        for required in (LIB_NAME, PARAMS_NAME):
-            if required not in files:
-                raise ArtifactError(f"{d}: {MANIFEST_NAME} lists no {required}")
+    for required in REQUIRED_FILES.get(manifest.get("backend"), ()):
+        if required not in files:
+            raise ArtifactError(f"{d}: {MANIFEST_NAME} lists no {required}")
     return manifest

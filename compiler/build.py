@@ -1,6 +1,6 @@
 """`python -m compiler.build --target android-arm64`: checkpoint -> verified artifact.
 
-    python -m compiler.build --target {android-arm64,linux-arm64,host}
+    python -m compiler.build --target {android-arm64,linux-arm64,host,onnx}
         [--checkpoint DIR]        default: the bundled default model
         [--out DIR]               default: dist/<model>-<target>/
         [--quant int4|none]       default: int4 (group-32 symmetric, mobilemoe.quant)
@@ -8,6 +8,11 @@
         [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
                                   (for speed measurements of paper-scale models)
+        [--fallback onnx]         if the TVM build fails, write an ONNX Runtime artifact instead
+        [--ort-accuracy-level N]  ONNX only: 0 float32 compute (default), 4 int8 activations (faster)
+
+`--target onnx` builds the ONNX Runtime artifact (compiler/onnx_export.py) instead of a TVM one.
+`--target mlir` writes MLIR (linalg + StableHLO, float32) with IREE modules (compiler/mlir_export.py).
 
 Steps: load checkpoint -> torch.export + Relax import (compiler/importer.py) -> graph phases
 (passes/) -> lowering phases with the target's schedules -> link with the target's toolchain ->
@@ -26,8 +31,12 @@ from mobilemoe.checkpoint import CheckpointError, load_checkpoint
 from mobilemoe.generate import DEFAULT_MODEL_DIR
 from targets import TARGETS, TargetError, get_target
 
-from .artifact import write_artifact
+from .artifact import ArtifactError, write_artifact
 from .importer import ENTRY_POINTS, NUM_INPUTS, ImportError_, import_model
+from .onnx_export import TARGET_NAME as ONNX_TARGET
+from .onnx_export import OnnxExportError, build_onnx
+from .mlir_export import TARGET_NAME as MLIR_TARGET  # --target mlir: compiler/mlir_export.py (IREE-verified)
+from .mlir_export import MlirExportError, build_mlir
 
 
 class BuildError(RuntimeError):
@@ -44,10 +53,13 @@ def _entry_signature(func) -> dict:
 
 
 def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | None = None,
-                  tuning_db: str | None = None, progress=None, random_weights: bool = False):
+                  tuning_db: str | None = None, progress=None, random_weights: bool = False,
+                  report: dict | None = None):
     """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases).
 
     The executable is a tvm Executable; params are the packed parameters every entry point takes.
+    `report` (a dict) receives what the schedule phase did: "tuning" (records applied from
+    tuning_db) and "kernel_calls" (each entry's kernels in call order with their layer part).
     """
     import tvm
     from tvm import relax
@@ -60,7 +72,9 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     spec = get_target(target_name)
     spec.check_toolchain()
     target = spec.tvm_target()
-    opts = PipelineOptions(quant=quant, tuning_db=tuning_db)
+    report = {} if report is None else report
+    opts = PipelineOptions(quant=quant, tuning_db=tuning_db, lowering=spec.lowering, gpu_rules=spec.gpu_rules,
+                           target_name=target_name, report=report)
     step = progress or (lambda name: None)
 
     step("import")
@@ -80,6 +94,8 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
         entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
         step("lower + codegen")
         executable = tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, opts))
+        for e in ENTRY_POINTS:  # for compiler.bench --profile: kernel -> layer part (compiler/profile.py)
+            entry_points[e]["kernel_calls"] = report.get("kernel_calls", {}).get(e)
         if dump_ir is not None:
             timing = tvm.ir.instrument.PassTimingInstrument.render()
             Path(dump_ir, "pass_timing.txt").write_text(timing)
@@ -111,8 +127,39 @@ def shape_only_model(preset: str):
 
 def build(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
           dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
-          preset: str | None = None) -> Path:
-    """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights."""
+          preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None) -> Path:
+    """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights.
+
+    target "onnx": the ONNX Runtime artifact; any other: TVM (build_tvm). fallback="onnx": when the
+    TVM build fails, say why on stderr and write the ONNX artifact where the TVM one would have gone."""
+    if fallback not in (None, ONNX_TARGET):
+        raise BuildError(f"--fallback: only '{ONNX_TARGET}' is supported, got {fallback!r}")
+    if (target_name == ONNX_TARGET or fallback) and quant != "int4":
+        raise BuildError(f"the ONNX artifact is INT4 only: use --quant int4 with --target/--fallback {ONNX_TARGET}")
+    onnx_opts = {} if ort_accuracy_level is None else {"accuracy_level": ort_accuracy_level}
+    if target_name == ONNX_TARGET:
+        return build_onnx(checkpoint, out, preset=preset, verbose=verbose, **onnx_opts)
+    if target_name == MLIR_TARGET:  # float32 MLIR + IREE modules; --quant does not apply
+        return build_mlir(checkpoint, out, preset=preset, verbose=verbose)
+    get_target(target_name)  # an unknown target is a usage error: fail before any work, never fall back
+    if fallback is None:
+        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset)
+    try:
+        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset)
+    except CheckpointError:
+        raise  # the ONNX build would read the same checkpoint
+    except Exception as e:  # toolchain, import, pass, codegen or link failure: anything TVM-side
+        reason = f"{type(e).__name__}: {e}"
+        print(f"warning: the TVM build for target '{target_name}' failed ({reason.strip()}); writing the "
+              f"{ONNX_TARGET} fallback artifact instead", file=sys.stderr)
+        return build_onnx(checkpoint, out, preset=preset, verbose=verbose, default_out_target=target_name,
+                          fallback_from={"target": target_name, "reason": reason[:4000]}, **onnx_opts)
+
+
+def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
+              dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
+              preset: str | None = None) -> Path:
+    """The TVM artifact for `target_name` (see the module docstring for the steps)."""
     import tvm
 
     import mobilemoe
@@ -136,8 +183,10 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     step("load checkpoint")
     model = shape_only_model(preset) if preset else load_checkpoint(checkpoint)
     cfg = model.config
+    report = {}
     executable, params, entries, pipeline, target = compile_model(model, target_name, quant, dump_ir, tuning_db,
-                                                                  step, random_weights=preset is not None)
+                                                                  step, random_weights=preset is not None,
+                                                                  report=report)
     out = Path(out) if out else Path("dist") / f"{cfg.name}-{target_name}"
     step("write artifact")
     manifest = {
@@ -153,6 +202,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         "entry_points": entries,
         "config": cfg.to_dict(),
         "weights": "random (shape-only build)" if preset else "checkpoint",
+        "tuning": report.get("tuning"),  # records applied from --tuning-db (None: untuned)
     }
     path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
                           manifest=manifest, checkpoint_dir=Path(checkpoint) if checkpoint else None)
@@ -166,17 +216,22 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m compiler.build", description=__doc__.split("\n")[0])
-    p.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+    p.add_argument("--target", required=True, help=f"one of: {', '.join([*TARGETS, ONNX_TARGET, MLIR_TARGET])}")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--preset", default=None, help="build a preset's shapes with random weights (speed only)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quant", choices=["int4", "none"], default="int4")
     p.add_argument("--dump-ir", type=Path, default=None)
     p.add_argument("--tuning-db", type=str, default=None)
+    p.add_argument("--fallback", choices=[ONNX_TARGET], default=None,
+                   help="if the TVM build fails, write an ONNX Runtime artifact instead (saying why)")
+    p.add_argument("--ort-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
+                   help="ONNX artifact: MatMulNBits/QMoE compute, 0 = float32 (default), 4 = int8 activations")
     a = p.parse_args(argv)
     try:
-        build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset)
-    except (TargetError, CheckpointError, ImportError_, BuildError) as e:
+        build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset,
+              fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level)
+    except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -100,8 +100,8 @@ class DecoderBuilder:
         """cat(weights [N_i, K]) as MatMulNBits' B [N, K / 32, 16] and scales [N, K / 32] initializers."""
         w = torch.cat([self.w(n) for n in names]) if len(names) > 1 else self.w(names[0])
         n, k = w.shape
-        q, s = int4_ort(w, init_name or names[0])
         base = init_name or names[0]
+        q, s = int4_ort(w, base)
         return (self.g.init(f"{base}.q4", q.reshape(n, k // GROUP_SIZE, BLOB)),
                 self.g.init(f"{base}.scales", s), n, k)
 
@@ -137,10 +137,10 @@ class DecoderBuilder:
         w3, s3 = int4_ort(self.w(f"{p}.w3"), f"{p}.w3")
         w2, s2 = int4_ort(self.w(f"{p}.w2"), f"{p}.w2")  # [E, H, I / 2], [E, H, I / 32]
         g = self.g
-        inputs = [h, logits,
-                  g.init(f"{p}.w13.q4", interleave_rows(w1, w3)), g.init(f"{p}.w13.scales", interleave_rows(s1, s3)), "",
-                  g.init(f"{p}.w2.q4", w2), g.init(f"{p}.w2.scales", s2), "",
-                  "", "", "", "", "", "", router_weights]
+        fc1 = [g.init(f"{p}.w13.q4", interleave_rows(w1, w3)), g.init(f"{p}.w13.scales", interleave_rows(s1, s3))]
+        fc2 = [g.init(f"{p}.w2.q4", w2), g.init(f"{p}.w2.scales", s2)]
+        # inputs: x, router_probs, fc1 (+ bias), fc2 (+ bias), no fc3, no zero points (8), router_weights
+        inputs = [h, logits, *fc1, "", *fc2, "", "", "", "", "", "", "", router_weights]
         y = g.op("QMoE", inputs, p, domain=MS, k=c.top_k, activation_type="swiglu", swiglu_fusion=1,
                  expert_weight_bits=BITS, block_size=GROUP_SIZE, normalize_routing_weights=0,
                  accuracy_level=self.acc)
@@ -160,9 +160,10 @@ class DecoderBuilder:
             present.append(f"present.{i}.{kind}")
             g.inputs.append(helper.make_tensor_value_info(past[-1], TensorProto.FLOAT, kv_shape))
             g.outputs.append(helper.make_tensor_value_info(present[-1], TensorProto.FLOAT, present_shape))
-        a = g.op("GroupQueryAttention", [qkv, "", "", *past, seqlens, total, "rope.cos", "rope.sin"], p,
-                 outputs=[f"{p}/attn_out", *present], domain=MS, num_heads=c.num_heads,
-                 kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(c.head_dim))
+        a, *_ = g.op("GroupQueryAttention", [qkv, "", "", *past, seqlens, total, "rope.cos", "rope.sin"], p,
+                     outputs=[f"{p}/attn_out", *present], domain=MS, num_heads=c.num_heads,
+                     kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                     scale=1.0 / math.sqrt(c.head_dim))  # [1, S, nh D]; packed qkv: no key/value inputs
         a = g.op("Reshape", [a, g.const(f"{p}.flat", [-1, c.num_heads * c.head_dim])], p)
         return self.matmul_int4(a, [f"{p}.wo.weight"], p)
 
@@ -173,7 +174,7 @@ class DecoderBuilder:
         if skip is None:
             return self.g.op("SimplifiedLayerNormalization", [x, gamma], name, axis=-1, epsilon=eps), x
         normed, _, _, total = self.g.op("SkipSimplifiedLayerNormalization", [x, skip, gamma], name,
-                                        outputs=4, domain=MS, epsilon=eps)
+                                        outputs=[f"{name}/normed", "", "", f"{name}/sum"], domain=MS, epsilon=eps)
         return normed, total
 
     def embedding(self, ids: str) -> str:

@@ -3,18 +3,25 @@
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4")
     cleanup    StripAssertions, PruneUnusedParams, DeadCodeElimination
-    legalize   DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-    schedule   ScheduleInt4Kernels (compiler/kernels/schedules.py), MetaScheduleApplyDatabase
-               (with a tuning database), dlight CPU rules for the remaining GEMV/reductions
-    lower      TVM's CPU dataflow lowering + finalisation (memory planning, VM shape lowering)
+    legalize   DispatchSampling, DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+               FuseOps, FuseTIR
+    schedule   CPU: ApplyTuningDatabase (with a tuning database: passes/, MetaSchedule records of
+               compiler.tune), ScheduleInt4Kernels (compiler/kernels/schedules.py) for the INT4
+               kernels left, dlight CPU rules for the remaining GEMV/reductions.
+               GPU: the target's dlight GPU rules, each guarded (GuardedRule: a rule whose schedule
+               raises or fails to build is skipped for that kernel).
+    lower      TVM's CPU or generic-GPU dataflow lowering + finalisation (memory planning, VM shape
+               lowering)
 
-`python -m compiler.build --dump-ir DIR` runs it under TVM's DumpIR instrument (IR after every
-pass, numbered) and PassTimingInstrument. The phases before `legalize` are the graph-level ones a
-parameter transform list comes from (see passes/common.py).
+The target spec picks the variant (TargetSpec.lowering, targets/). `python -m compiler.build
+--dump-ir DIR` runs it under TVM's DumpIR instrument (IR after every pass, numbered) and
+PassTimingInstrument. The phases before `legalize` are the graph-level ones a parameter transform
+list comes from (see passes/common.py). With PipelineOptions.report (a dict), the schedule phase
+records what it did: "tuning" (ApplyTuningDatabase) and "kernel_calls" (compiler/profile.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
@@ -27,6 +34,7 @@ from passes.sparse_moe_dispatch import SparseMoEDispatch
 from passes.strip_assertions import StripAssertions
 
 QUANT_MODES = ("int4", "none")
+LOWERINGS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,10 @@ class PipelineOptions:
     quant: str = "int4"
     tuning_db: str | None = None
     schedule: bool = True  # False: leave kernels unscheduled (reference timings)
+    lowering: str = "cpu"  # "cpu" | "gpu": from the target spec (TargetSpec.lowering)
+    gpu_rules: tuple[str, ...] = ()  # dlight GPU rule names, in order (TargetSpec.gpu_rules)
+    target_name: str | None = None  # checked against the tuning database's target
+    report: dict | None = field(default=None, compare=False)  # filled by the schedule phase
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleInt4Kernels")
@@ -48,24 +60,50 @@ def _dlight_cpu():
     return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())
 
 
+def _dlight_gpu(rule_names: tuple[str, ...]):
+    from tvm.s_tir import dlight as dl
+
+    from .gpu_rules import GuardedRule
+    return dl.ApplyDefaultSchedule(*(GuardedRule(getattr(dl.gpu, name)()) for name in rule_names))
+
+
+def default_schedule(opts: PipelineOptions) -> list:
+    """The schedule passes of an untuned build (compiler.tune times kernels with them)."""
+    if opts.lowering == "gpu":
+        return [_dlight_gpu(opts.gpu_rules)]
+    return [ScheduleInt4Kernels(), _dlight_cpu()]
+
+
 def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, list]]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
 
     if opts.quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {opts.quant!r}")
+    if opts.lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {opts.lowering!r}")
+    backend = gpu if opts.lowering == "gpu" else cpu
     schedule = []
     if opts.schedule:
-        schedule.append(ScheduleInt4Kernels())
         if opts.tuning_db:
-            schedule.append(relax.transform.MetaScheduleApplyDatabase(work_dir=opts.tuning_db))
-        schedule.append(_dlight_cpu())
+            from passes.apply_tuning_database import ApplyTuningDatabase
+            report = opts.report.setdefault("tuning", {}) if opts.report is not None else None
+            schedule.append(ApplyTuningDatabase(opts.tuning_db, opts.target_name, report))
+        schedule += default_schedule(opts)
+    if opts.report is not None:
+        from .profile import RecordKernelCalls
+        schedule.append(RecordKernelCalls(opts.report.setdefault("kernel_calls", {})))
+    # the generic GPU legalize list ends with its own dlight rules: ours come in `schedule`
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     return [
-        ("moe", [FuseExpertGateUp(), SparseMoEDispatch()]),
+        # grouped prefill kernels (compiler/kernels/moe_grouped.py) are CPU-only
+        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=opts.lowering == "cpu")]),
         ("quantize", [QuantizeInt4Weights()] if opts.quant == "int4" else []),
         ("cleanup", [StripAssertions(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
-        ("legalize", cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)),
+        ("legalize", backend.library_dispatch_passes(target) + legalize),
         ("schedule", schedule),
-        ("lower", cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)),
+        ("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)),
     ]
 
 

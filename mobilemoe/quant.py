@@ -27,6 +27,7 @@ equals ``dequantize_int4(*quantize_int4(w))`` bit for bit, for float32 weights.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -131,6 +132,8 @@ def int4_bytes(packed: torch.Tensor) -> torch.Tensor:
     least significant first, whatever the host's byte order."""
     if packed.dtype != PACKED_DTYPE:
         raise TypeError(f"packed: expected {PACKED_DTYPE}, got {packed.dtype}")
+    if sys.byteorder == "little":  # the words' memory already is that byte sequence
+        return packed.contiguous().view(torch.uint8)
     words = packed.to(torch.int64).unsqueeze(-1)
     b = (words >> (torch.arange(4, dtype=torch.int64) * 8)) & 0xFF
     return b.to(torch.uint8).flatten(-2)

@@ -9,6 +9,10 @@ Rewrites (x: activations, float32):
     call_tir(moe_gate_up, (x, ids, W13))    -> call_tir(moe_gemv, (x, ids, W13__q4, W13__s))
     call_tir(moe_down_combine, (a, ids, w, W2))
                                             -> call_tir(moe_gemv_weighted_sum, (a, ids, w, W2__q4, W2__s))
+    call_tir(moe_grouped_gate_up, (x, offsets, order, W13))            (prefill, moe_grouped.py)
+                                            -> call_tir(moe_grouped_gate_up_int4, (.., W13__q4, W13__s))
+    call_tir(moe_grouped_down_combine, (a, offsets, order, w, W2))
+                                            -> call_tir(moe_grouped_down_combine_int4, (.., W2__q4, W2__s))
     R.take(W, ids, axis=0)   (embedding)    -> call_tir(embedding_int4, (ids, W__q4, W__s))
 Router weights (name contains "router") and norms stay float. A weight whose K is not a multiple of
 32 stays float. The fp32 weight is never materialised: the kernels dequantize in the reduction.
@@ -20,6 +24,7 @@ from tvm import relax
 
 from compiler.kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
 from compiler.kernels.embedding import embedding_int4
+from compiler.kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
 from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
 
 from .common import bindings, is_op, rebuild, tensor_shape, weight_params
@@ -33,16 +38,29 @@ def quantizable(param: relax.Var) -> bool:
             and not any(tag in param.name for tag in FLOAT_ONLY))
 
 
+GROUPED_INT4 = {"moe_grouped_gate_up": moe_grouped_gate_up, "moe_grouped_down_combine": moe_grouped_down_combine}
+
+
 def _callee_name(call) -> str | None:
     if is_op(call, "relax.call_tir") and isinstance(call.args[0], tvm.ir.GlobalVar):
         return call.args[0].name_hint
     return None
 
 
+def _grouped_kernel(mod: tvm.IRModule, call) -> str | None:
+    """The float grouped kernel a call_tir calls (its ``mobilemoe.kernel`` attr), else None."""
+    if not (is_op(call, "relax.call_tir") and isinstance(call.args[0], tvm.ir.GlobalVar)):
+        return None
+    attrs = mod[call.args[0]].attrs
+    kernel = str(attrs["mobilemoe.kernel"]) if attrs is not None and "mobilemoe.kernel" in attrs else None
+    return kernel if kernel in GROUPED_INT4 else None
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
+        self.mod = mod
         self.func_bindings: dict = {}
         self.params: set = set()
         self.quant: dict = {}  # float param -> (codes var, scales var)
@@ -86,6 +104,14 @@ class _Rewriter(relax.PyExprMutator):
                 else:
                     prim, kname = moe_gemv_weighted_sum(E, N, K, k, index_dtype=idx), "moe_gemv_weighted_sum_int4"
                 return self._tir(prim, kname, [*args[:-1], q, s], call.ty_args[0])
+        kernel = _grouped_kernel(self.mod, call)
+        if kernel is not None:
+            w = self._param(call.args[1].fields[-1])
+            if w is not None:
+                kargs = {key: int(v) for key, v in self.mod[call.args[0]].attrs[ARGS_ATTR].items()}
+                args = [self.visit_expr(a) for a in call.args[1].fields[:-1]]
+                prim = GROUPED_INT4[kernel](**kargs, weights="int4")
+                return self._tir(prim, kernel + "_int4", [*args, *self._q(w)], call.ty_args[0])
         return super().visit_call_(call)
 
     def _matmul(self, x, w):

@@ -6,12 +6,18 @@ Before (after FuseExpertGateUp; the dense form computes all E experts for every 
     a   = silu(gu[..., :I]) * gu[..., I:]
     y   = R.einsum((a, W2), "nei,ehi->neh")                                            # [N, E, H]
     out = R.einsum((y, combine), "neh,ne->nh")                                         # [N, H]
-After (ids [N, k], w [N, k] from the router's top-k):
+After, static N (decode; ids [N, k], w [N, k] from the router's top-k): per-token GEMVs
     gu  = call_tir(moe_gate_up, (x, ids, W13))                  # [N, k, 2I], gathers experts
     a   = silu(gu[..., :I]) * gu[..., I:]                          # [N, k, I]
     out = call_tir(moe_down_combine, (a, ids, w, W2))           # [N, H], routing weights applied
-The kernels come from compiler/kernels/moe_float.py; QuantizeInt4Weights later swaps them for the
-INT4 kernels. The one-hot chain and dense einsums become dead and are removed by DCE.
+After, symbolic N (prefill): tokens grouped by expert, one GEMM per non-empty expert
+    plan    = call_tir(moe_route_plan, (ids,))                  # (offsets [E + 1], order [N * k])
+    gu  = call_tir(moe_grouped_gate_up, (x, plan[0], plan[1], W13))       # [N * k, 2I], sorted rows
+    a   = silu(gu[:, :I]) * gu[:, I:]                                      # [N * k, I]
+    out = call_tir(moe_grouped_down_combine, (a, plan[0], plan[1], w, W2)) # [N, H], scattered back
+The kernels come from compiler/kernels/moe_float.py (TE) and moe_grouped.py (float32 only: other
+dtypes keep the GEMVs); QuantizeInt4Weights later swaps them for the INT4 kernels. The one-hot chain
+and dense einsums become dead and are removed by DCE.
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ import tvm
 from tvm import relax
 
 from compiler.kernels import moe_float
+from compiler.kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
 
-from .common import bindings, einsum_parts, emit_like, is_op, static_dim, weight_params
+from .common import bindings, einsum_parts, emit_like, is_op, static_dim, tensor_shape, weight_params
 
 
 def _strip_casts(b, e):
@@ -88,9 +95,9 @@ def find_moe_layers(func: relax.Function) -> dict:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, layers):
+    def __init__(self, mod, layers, group_prefill):
         super().__init__(mod)
-        self.layers = layers
+        self.layers, self.group_prefill = layers, group_prefill
 
     def visit_var_binding_(self, binding):
         m = self.layers.get(binding.var)
@@ -98,6 +105,10 @@ class _Rewriter(relax.PyExprMutator):
             return super().visit_var_binding_(binding)
         bb, I = self.builder_, m["I"]
         x, ids, w = (self.visit_expr(m[k]) for k in ("x", "ids", "w"))
+        if (self.group_prefill and static_dim(x, 0) is None
+                and all(v.ty.dtype == "float32" for v in (x, w, m["w13"], m["w2"]))):
+            self.set_var_remap(binding.var, self._grouped(x, ids, w, m["w13"], m["w2"], I, binding.var))
+            return
         gu = bb.emit(bb.call_te(moe_float.moe_gate_up, x, ids, m["w13"], primfunc_name_hint="moe_gate_up"))
         g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[I]))
         u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[I], end=[2 * I]))
@@ -106,11 +117,34 @@ class _Rewriter(relax.PyExprMutator):
                                        primfunc_name_hint="moe_down_combine"), binding.var)
         self.set_var_remap(binding.var, out)
 
+    def _grouped(self, x, ids, w, w13, w2, I, var):
+        """Prefill: sort the (token, slot) rows by expert, grouped GEMMs, scatter back (moe_grouped.py)."""
+        bb = self.builder_
+        (E, N13, H), k, T = tensor_shape(w13), static_dim(ids, 1), x.ty.shape.values[0]
+        plan = bb.add_func(moe_route_plan(E, k, ids.ty.dtype), "moe_route_plan")
+        plan = bb.emit(relax.call_tir(plan, [ids], [relax.TensorType([E + 1], "int32"),
+                                                    relax.TensorType([T * k], "int32")]))
+        offsets, order = bb.emit(relax.TupleGetItem(plan, 0)), bb.emit(relax.TupleGetItem(plan, 1))
+        gate_up = bb.add_func(moe_grouped_gate_up(E, N13, H, k, "float32"), "moe_grouped_gate_up")
+        gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, w13], relax.TensorType([T * k, N13], "float32")))
+        g = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[0], end=[I]))
+        u = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[I], end=[2 * I]))
+        a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
+        down = bb.add_func(moe_grouped_down_combine(E, H, I, k, "float32"), "moe_grouped_down_combine")
+        return emit_like(bb, relax.call_tir(down, [a, offsets, order, w, w2], relax.TensorType([T, H], "float32")),
+                         var)
+
 
 @tvm.transform.module_pass(opt_level=0, name="SparseMoEDispatch")
 class SparseMoEDispatch:
+    """group_prefill=False keeps the per-token GEMVs for symbolic N too: the grouped kernels are
+    CPU (llvm) kernels, scheduled by hand, with no GPU schedule."""
+
+    def __init__(self, group_prefill: bool = True):
+        self.group_prefill = group_prefill
+
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rw = _Rewriter(mod, {})
+        rw = _Rewriter(mod, {}, self.group_prefill)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 layers = find_moe_layers(func)

@@ -9,9 +9,10 @@ toolchain, schedule defaults); nothing outside targets/ matches on target names.
 from __future__ import annotations
 
 from .base import TargetError, TargetSpec, Toolchain
-from . import android_arm64, host, linux_arm64
+from . import adreno, android_arm64, host, linux_arm64, mali
 
-TARGETS: dict[str, TargetSpec] = {s.name: s for s in (android_arm64.SPEC, linux_arm64.SPEC, host.SPEC)}
+TARGETS: dict[str, TargetSpec] = {s.name: s for s in (android_arm64.SPEC, linux_arm64.SPEC, host.SPEC,
+                                                      adreno.SPEC, mali.SPEC)}
 
 
 def get_target(name: str) -> TargetSpec:

@@ -70,16 +70,23 @@ class TargetSpec:
     rpc_key_hint: str = ""
     tuning_defaults: dict = field(default_factory=dict)
     detect: Callable[[], dict] | None = None  # fills target_json at use time (host CPU model)
+    lowering: str = "cpu"  # compiler/pipeline.py variant: "cpu" (llvm) or "gpu" (opencl, ...)
+    host_json: dict | None = None  # the host (CPU) side of a GPU target
+    gpu_rules: tuple[str, ...] = ()  # dlight GPU rules, in order (tvm.s_tir.dlight.gpu names)
 
     def json(self, num_cores: int | None = None) -> dict:
         d = dict(self.detect() if self.detect else self.target_json)
         if num_cores:
             d["num-cores"] = num_cores
+        if self.host_json is not None:
+            d["host"] = dict(self.host_json)
         return d
 
     def tvm_target(self, num_cores: int | None = None):
         import tvm
-        return tvm.target.Target(self.json(num_cores))
+        d = self.json(num_cores)
+        host = d.pop("host", None)
+        return tvm.target.Target(d, host=tvm.target.Target(host)) if host else tvm.target.Target(d)
 
     def check_toolchain(self) -> None:
         if self.toolchain is not None:

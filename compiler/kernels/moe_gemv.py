@@ -13,8 +13,8 @@ and no fp32 weight is stored. T (tokens) is dynamic.
   ``y[t, :] = sum_j rw[t, j] * (x[t, j] @ dequant(W[ids[t, j]])^T)`` -> [T, N]
 
 Each has one reduction block named "moe_gemv" and the func attr ``mobilemoe.kernel`` set to its name,
-which schedules.py dispatches on. They are GEMVs per slot: for long prefills a grouped GEMM that
-sorts tokens by expert reuses weights better.
+which schedules.py dispatches on. They are GEMVs per slot, for decode: prefill uses the grouped
+kernels of moe_grouped.py, which sort the tokens by expert and dequantize each weight once per call.
 """
 
 from tvm import tirx

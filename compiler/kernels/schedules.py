@@ -19,11 +19,16 @@ and one activation copy:
 - int4_matmul's tiled block (rows of X in tiles of M_TILE) also unrolls the tile inside the row loop:
   each dequantized weight vector is used for M_TILE rows of X (prefill), from ``rows x M_TILE x
   lanes`` register accumulators.
+
+The grouped prefill kernels (moe_grouped.py) have data-dependent loop bounds (rows per expert), which
+s_tir schedules cannot take: their scheduled form is written by hand in the same layout and rebuilt
+for the target's lanes (moe_grouped.schedule_grouped).
 """
 
 from tvm import IRModule, s_tir, tirx
 from tvm.target import Target, codegen
 
+from . import moe_grouped
 from .dequant import NIBBLES_PER_WORD
 
 # kernel -> its reduction blocks as (name, index of the N loop, whether the loop before N is an
@@ -130,7 +135,8 @@ def schedule_row_reduction(
 
 
 def schedule_int4_kernels(mod: IRModule, target: Target | None = None) -> IRModule:
-    """Schedule every unscheduled PrimFunc of `mod` that carries a known ``mobilemoe.kernel`` attr.
+    """Schedule every unscheduled PrimFunc of `mod` that carries a known ``mobilemoe.kernel`` attr
+    (KERNEL_BLOCKS, or a grouped kernel of moe_grouped.KERNELS).
 
     The target (an llvm CPU target) sets the vector lanes from its SIMD width (lanes_for); without
     one, 8 lanes. Returns a new IRModule; `mod` is left as it was.
@@ -146,7 +152,10 @@ def schedule_int4_kernels(mod: IRModule, target: Target | None = None) -> IRModu
             and "mobilemoe.kernel" in func.attrs
             and not func.attrs.get("tirx.is_scheduled", False)
         ):
-            scheduled[gv] = schedule_row_reduction(func, lanes=lanes)
+            if str(func.attrs["mobilemoe.kernel"]) in moe_grouped.KERNELS:
+                scheduled[gv] = moe_grouped.schedule_grouped(func, lanes)
+            else:
+                scheduled[gv] = schedule_row_reduction(func, lanes=lanes)
     mod = IRModule(dict(mod.functions), mod.attrs)
     for gv, func in scheduled.items():
         mod[gv] = func

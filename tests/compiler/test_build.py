@@ -9,9 +9,7 @@ import torch
 
 from compiler.artifact import ArtifactError, verify
 from compiler.build import build
-from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
-from mobilemoe.config import MobileMoEConfig
-from mobilemoe.model import MobileMoE
+from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.quant import dequantize_int4, quantize_int4
 from mobilemoe.runtime import load_artifact
 from mobilemoe.tokenizer import load_tokenizer
@@ -20,16 +18,8 @@ from targets import TargetError, get_target
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "heldout_sample.txt"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("build")
-    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), root / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def host_int4(ckpt):
-    return build(ckpt, "host", ckpt.parent / "host-int4", dump_ir=ckpt.parent / "ir", verbose=False)
+# ckpt (the test-moe checkpoint) and host_int4 (its host artifact) come from conftest.py: shared
+# with test_onnx.py, which compares the ONNX Runtime artifact against the same TVM artifact.
 
 
 @pytest.fixture(scope="module")

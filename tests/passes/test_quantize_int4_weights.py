@@ -8,7 +8,7 @@ from tvm import relax, tirx
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from compiler.kernels import int4_matmul
+from compiler.kernels import int4_matmul, moe_grouped
 from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
 from passes.common import PARAM_TRANSFORMS
 from passes.fuse_expert_gate_up import FuseExpertGateUp
@@ -55,6 +55,41 @@ def test_before_expected_router_stays_float():
     tvm.ir.assert_structural_equal(QuantizeInt4Weights()(Before), expected())
 
 
+def test_before_expected_grouped_prefill_kernels():
+    """SparseMoEDispatch's prefill form: the float grouped kernels become their INT4 versions."""
+    from tests.passes.test_sparse_moe_dispatch import Before as MoEBefore
+
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([n, 64], "float32"))
+    ids = relax.Var("ids", relax.TensorType([n, 2], "int64"))
+    w = relax.Var("w", relax.TensorType([n, 2], "float32"))
+    q13 = relax.Var("p_w13__q4", relax.TensorType([8, 64, 8], "uint32"))
+    s13 = relax.Var("p_w13__s", relax.TensorType([8, 64, 2], "float16"))
+    q2 = relax.Var("p_w2__q4", relax.TensorType([8, 64, 4], "uint32"))
+    s2 = relax.Var("p_w2__s", relax.TensorType([8, 64, 1], "float16"))
+    transforms = json.dumps([{"out": f"{p}__{sfx}", "op": f"int4_{op}", "inputs": [p]}
+                             for p in ("p_w13", "p_w2") for sfx, op in (("q4", "codes"), ("s", "scales"))])
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, ids, w, q13, s13, q2, s2], attrs={"num_input": 3, PARAM_TRANSFORMS: transforms}):
+        with bb.dataflow():
+            plan_gv = bb.add_func(moe_grouped.moe_route_plan(8, 2, "int64"), "moe_route_plan")
+            plan = bb.emit(relax.call_tir(plan_gv, [ids], [relax.TensorType([9], "int32"),
+                                                           relax.TensorType([n * 2], "int32")]))
+            offsets, order = bb.emit(relax.TupleGetItem(plan, 0)), bb.emit(relax.TupleGetItem(plan, 1))
+            gate_up = bb.add_func(moe_grouped.moe_grouped_gate_up(8, 64, 64, 2, "int4"), "moe_grouped_gate_up_int4")
+            gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, q13, s13],
+                                        relax.TensorType([n * 2, 64], "float32")))
+            g = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[0], end=[32]))
+            u = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[32], end=[64]))
+            a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
+            down = bb.add_func(moe_grouped.moe_grouped_down_combine(8, 64, 32, 2, "int4"),
+                               "moe_grouped_down_combine_int4")
+            out = bb.emit_output(relax.call_tir(down, [a, offsets, order, w, q2, s2],
+                                                relax.TensorType([n, 64], "float32")))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(QuantizeInt4Weights()(SparseMoEDispatch()(MoEBefore)), bb.get())
+
+
 def test_k_not_multiple_of_group_stays_float():
     @I.ir_module
     class Odd:
@@ -84,7 +119,11 @@ def test_numeric_against_pytorch_int4(imported, entry, tokens, past):
     model, mod, values = imported
     q = QuantizeInt4Weights()(SparseMoEDispatch()(FuseExpertGateUp()(mod)))
     text = q[entry].script()
-    assert "moe_gemv_int4" in text and "moe_gemv_weighted_sum_int4" in text and "embedding_int4" in text
+    if entry == "prefill":  # grouped by expert
+        assert "moe_grouped_gate_up_int4" in text and "moe_grouped_down_combine_int4" in text
+    else:
+        assert "moe_gemv_int4" in text and "moe_gemv_weighted_sum_int4" in text
+    assert "embedding_int4" in text
     assert "router_weight__q4" not in text  # router stays float
     logits, kv, feed = run_entry(q, values, entry, model, tokens, past)
     with torch.no_grad():

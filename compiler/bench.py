@@ -1,0 +1,182 @@
+"""`python -m compiler.bench --artifact DIR`: prefill and decode speed of an artifact, here or on a device.
+
+    python -m compiler.bench --artifact DIR
+        [--rpc-tracker HOST:PORT --rpc-key KEY]   run on the device registered with the tracker
+        [--prompts 16,64,256] [--contexts 16,128,512] [--decode-steps 8]
+        [--warmup 1] [--repeats 5] [--json OUT] [--profile]
+
+Loads the artifact (hash-verified; over RPC the library is uploaded and the weights copied to the
+device), then measures:
+    prefill   for each prompt length: TTFT (one prefill call, logits back on the host), prefill tok/s
+    decode    for each context length: one token's latency after a prompt of that length (the KV
+              cache stays on the device; every step starts from the same cache), decode tok/s
+each as the median over --repeats runs after --warmup runs, with the spread (min..max). Also the
+load time and, when this machine runs the model, the process's peak RSS. --profile adds the
+per-kernel breakdown of one prefill and one decode call grouped by layer part (compiler/profile.py)
+as a table and in the JSON.
+
+With --json, the JSON is rewritten after every measurement: a device that drops mid-run ends the
+run with an error naming it, and the JSON keeps every result measured before ("error" says why,
+"complete" is false).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.artifact import ArtifactError, verify
+from targets.rpc_device import _LOST_SESSION, DeviceError
+
+DEFAULT_PROMPTS = (16, 64, 256)
+DEFAULT_CONTEXTS = (16, 128, 512)
+
+
+def _stats(samples: list[float]) -> dict:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "n": len(samples)}
+
+
+def _timed(fn, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return _stats(samples)
+
+
+class Bench:
+    """The measurements of one run; `save()` writes them (atomically) after each step."""
+
+    def __init__(self, artifact: Path, json_out: Path | None):
+        self.json_out = json_out
+        self.result = {"artifact": str(artifact), "complete": False, "error": None, "prefill": [], "decode": []}
+
+    def save(self) -> None:
+        if self.json_out is None:
+            return
+        tmp = self.json_out.with_suffix(self.json_out.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1) + "\n")
+        os.replace(tmp, self.json_out)
+
+
+def _prompt(vocab: int, n: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(n).integers(1, vocab, size=n)]
+
+
+def _profile(rt, entry: str, ids: list[int], kv, manifest: dict) -> dict:
+    import tvm
+
+    from .profile import group, profile_call
+    past = int(kv.shape[4])
+    args = [tvm.runtime.tensor(np.asarray([ids], dtype="int64"), rt.device),
+            tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], rt.device),
+            kv, *rt.params[entry]]
+    rows, wall = profile_call(rt.vm, rt.lib, rt.device, entry, args)
+    report = group(rows, manifest["entry_points"][entry].get("kernel_calls"))
+    return {"entry": entry, "tokens": len(ids), "context": past, "wall_s": wall, **report}
+
+
+def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, decode_steps: int = 8,
+        warmup: int = 1, repeats: int = 5, json_out=None, profile: bool = False, log=print) -> dict:
+    """Benchmark `artifact` (here, or on the device of rpc=(host, port, key)); -> the results dict."""
+    artifact = Path(artifact)
+    bench = Bench(artifact, Path(json_out) if json_out else None)
+    res = bench.result
+    manifest = verify(artifact)
+    res.update(model=manifest.get("model"), target=manifest["target"]["name"], tuning=bool(manifest.get("tuning")))
+    try:
+        start = time.perf_counter()
+        if rpc is None:
+            from mobilemoe.runtime import load_artifact
+            rt, res["where"] = load_artifact(artifact), "this machine"
+        else:
+            from targets.rpc_device import request_session
+
+            from .remote import RemoteRuntime
+            session = request_session(*rpc, timeout=60)
+            rt, res["where"] = RemoteRuntime(session, artifact), session.device_name
+        res["load_s"] = time.perf_counter() - start
+        log(f"{artifact.name} on {res['where']}: loaded in {res['load_s']:.2f}s")
+        bench.save()
+        cfg = rt.config
+        for n in [p for p in prompts if p <= cfg.max_seq_len]:
+            ids = _prompt(cfg.vocab_size, n)
+            s = _timed(lambda: rt.prefill(ids), warmup, repeats)
+            res["prefill"].append({"tokens": n, "ttft": s, "tok_s": n / s["median_s"]})
+            log(f"  prefill {n:>5} tokens: TTFT {s['median_s'] * 1e3:8.2f} ms "
+                f"({s['min_s'] * 1e3:.2f}..{s['max_s'] * 1e3:.2f})  {n / s['median_s']:9.1f} tok/s")
+            bench.save()
+        for c in [c for c in contexts if c + decode_steps <= cfg.max_seq_len]:
+            _, kv = rt.prefill(_prompt(cfg.vocab_size, c))
+            s = _timed(lambda: rt.decode(7, kv), warmup, repeats * decode_steps)
+            res["decode"].append({"context": c, "token": s, "tok_s": 1.0 / s["median_s"]})
+            log(f"  decode at {c:>5} context: {s['median_s'] * 1e3:8.2f} ms/token "
+                f"({s['min_s'] * 1e3:.2f}..{s['max_s'] * 1e3:.2f})  {1.0 / s['median_s']:9.1f} tok/s")
+            bench.save()
+        if profile:
+            ids = _prompt(cfg.vocab_size, min(prompts[0], cfg.max_seq_len - 1))
+            logits, kv = rt.prefill(ids)
+            empty = rt._empty_kv
+            res["profile"] = [_profile(rt, "prefill", ids, empty, manifest), _profile(rt, "decode", [7], kv, manifest)]
+            from .profile import format_report
+            for p in res["profile"]:
+                log(format_report(f"profile {p['entry']} ({p['tokens']} tokens, context {p['context']})", p))
+            bench.save()
+        if rpc is None:  # ru_maxrss: KiB on Linux; the whole process (Python, TVM, weights, KV cache)
+            res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            log(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
+        res["complete"] = True
+    except Exception as err:  # noqa: BLE001 - keep what was measured, say why it stopped
+        if rpc is not None and not isinstance(err, DeviceError) and any(m in str(err) for m in _LOST_SESSION):
+            last = str(err).strip().splitlines()[-1]
+            err = DeviceError(f"{res.get('where', 'the RPC device')} was lost during the benchmark (server killed, "
+                              f"crashed or session timed out): {last}")
+        res["error"] = f"{type(err).__name__}: {err}"
+        bench.save()
+        raise err
+    finally:
+        bench.save()
+    return res
+
+
+def main(argv=None):
+    from .tune import parse_tracker
+
+    def lengths(value: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in value.split(",") if v)
+
+    p = argparse.ArgumentParser(prog="python -m compiler.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--rpc-tracker", type=parse_tracker, default=None, metavar="HOST:PORT")
+    p.add_argument("--rpc-key", default=None)
+    p.add_argument("--prompts", type=lengths, default=DEFAULT_PROMPTS)
+    p.add_argument("--contexts", type=lengths, default=DEFAULT_CONTEXTS)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args(argv)
+    if (a.rpc_tracker is None) != (a.rpc_key is None):
+        p.error("--rpc-tracker and --rpc-key go together")
+    rpc = (*a.rpc_tracker, a.rpc_key) if a.rpc_tracker else None
+    try:
+        run(a.artifact, rpc, a.prompts, a.contexts, a.decode_steps, a.warmup, a.repeats, a.json, a.profile)
+    except (ArtifactError, DeviceError, FileNotFoundError, ValueError) as e:
+        kept = f"; results so far are in {a.json}" if a.json else ""
+        sys.exit(f"error: {e}{kept}")
+
+
+if __name__ == "__main__":
+    main()

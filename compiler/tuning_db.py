@@ -1,0 +1,158 @@
+"""The tuning database directory that compiler.tune keeps and compiler.build --tuning-db applies.
+
+    DIR/database_workload.json       MetaSchedule JSONDatabase: one workload per line
+                                     [structural hash, module]
+    DIR/database_tuning_record.json  one measured candidate per line, appended as it is measured:
+                                     [workload line index, [trace, run seconds, target, args]]
+    DIR/session.json                 what the session tuned: target, model, shape buckets, and per
+                                     task its name, kernel, entry, bucket, workload hash, calls and
+                                     the untuned latency (the build's own schedule, measured once)
+
+Both database files only grow by whole appended lines, so a session killed at any point (SIGKILL)
+leaves at most one torn last line, which `repair` drops before anything reads the files. Trials
+are counted from the record file itself (records_by_workload), so a resumed session tunes each
+task only for the trials it still lacks, and MetaSchedule does not re-measure the candidates it
+finds in the database. A failed candidate is stored with 1e10 s (MetaSchedule's convention); the
+records of a candidate lost with its device are not stored at all (compiler.tune), so they are
+tried again.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+SESSION = "session.json"
+FAILED = 1e9  # run seconds at or above this: a failed candidate (MetaSchedule stores 1e10)
+
+
+class TuningDBError(RuntimeError):
+    """The database directory is missing, malformed, or was tuned for another target."""
+
+
+def repair(db_dir) -> list[str]:
+    """Drop a torn last line (a writer killed mid-append) from each database file; -> what was fixed."""
+    fixed = []
+    for name in (WORKLOADS, RECORDS):
+        path = Path(db_dir) / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        keep = len(data)
+        lines = data.split(b"\n")
+        tail = lines[-1]
+        if tail.strip():  # no trailing newline: the last append did not finish
+            keep -= len(tail)
+        else:
+            tail = lines[-2] if len(lines) > 1 else b""
+            try:
+                json.loads(tail) if tail.strip() else None
+            except ValueError:  # a whole-looking line that is not JSON
+                keep -= len(tail) + 1
+        if keep != len(data):
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            fixed.append(f"{name}: dropped a torn last line ({len(data) - keep} bytes)")
+    return fixed
+
+
+def open_database(db_dir, create: bool = True):
+    """The MetaSchedule JSONDatabase of DIR (repaired first)."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    db_dir = Path(db_dir)
+    if create:
+        db_dir.mkdir(parents=True, exist_ok=True)
+    elif not (db_dir / WORKLOADS).is_file():
+        raise TuningDBError(f"{db_dir}: no {WORKLOADS}; not a tuning database written by compiler.tune")
+    repair(db_dir)
+    return JSONDatabase(work_dir=str(db_dir), allow_missing=create)
+
+
+def workload_hash(mod) -> str:
+    """The structural hash as the workload file writes it (decimal)."""
+    from tvm.s_tir.meta_schedule.utils import shash2hex
+    return str(int(shash2hex(mod), 16))
+
+
+def records_by_workload(db_dir) -> dict[str, list[float]]:
+    """{workload hash: [mean run seconds of each record, in the order they were measured]}."""
+    db_dir = Path(db_dir)
+    if not (db_dir / WORKLOADS).is_file():
+        return {}
+    hashes = []
+    with open(db_dir / WORKLOADS) as f:
+        for line in f:
+            if line.strip():
+                hashes.append(json.loads(line)[0])
+    out: dict[str, list[float]] = {h: [] for h in hashes}
+    path = db_dir / RECORDS
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                index, record = json.loads(line)
+                secs = record[1] or [1e10]
+                out[hashes[index]].append(sum(secs) / len(secs))
+    return out
+
+
+def best_so_far(seconds: list[float]) -> list[float | None]:
+    """Running minimum over the successful records (None before the first success)."""
+    best, out = None, []
+    for s in seconds:
+        if s < FAILED and (best is None or s < best):
+            best = s
+        out.append(best)
+    return out
+
+
+def read_session(db_dir) -> dict:
+    path = Path(db_dir) / SESSION
+    if not path.is_file():
+        raise TuningDBError(f"{path}: missing; the directory was not written by compiler.tune")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TuningDBError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_session(db_dir, session: dict) -> None:
+    """Atomic: a temp file renamed over session.json."""
+    path = Path(db_dir) / SESSION
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(session, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class TunedKernels:
+    """The records a build applies: for a workload, the best record of the session's task when it
+    beats the untuned schedule by more than `margin` (else None: the build keeps its own)."""
+
+    def __init__(self, db_dir, target_name: str, margin: float = 0.02):
+        self.session = read_session(db_dir)
+        if self.session.get("target") != target_name:
+            raise TuningDBError(f"{db_dir}: tuned for target '{self.session.get('target')}', not "
+                                f"'{target_name}'; tune it with compiler.tune --target {target_name}")
+        self.db = open_database(db_dir, create=False)
+        self.tasks = {t["hash"]: t for t in self.session.get("tasks", [])}
+        self.margin = margin
+
+    def best(self, mod, target):
+        """(TuningRecord, seconds, task dict) or None."""
+        task = self.tasks.get(workload_hash(mod))
+        if task is None:
+            return None
+        record = self.db.query_tuning_record(mod, target, "main")
+        if record is None or not record.run_secs:
+            return None
+        secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+        untuned = task.get("untuned_s")
+        if secs >= FAILED or (untuned is not None and secs > untuned * (1 - self.margin)):
+            return None
+        return record, secs, task

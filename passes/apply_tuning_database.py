@@ -1,0 +1,135 @@
+"""ApplyTuningDatabase: schedule kernels with the MetaSchedule records of a compiler.tune session.
+
+Before (decode: int4_matmul has a symbolic row count m, one token makes it 1):
+    lv = R.call_tir(int4_matmul, (x, w, s), R.Tensor((1, 64), "float32"))
+After:
+    lv = R.call_tir(int4_matmul_tuned, (x, w, s), R.Tensor((1, 64), "float32"))
+    # int4_matmul_tuned: int4_matmul specialized to m = 1 exactly as compiler.tune made the task
+    # (compiler/tasks.py), scheduled by relax.transform.MetaScheduleApplyDatabase from the task's
+    # best record
+A kernel called with free dims (prefill's token count, decode's context length) keeps them and
+gets the best of its shape buckets' records replayed on it: MetaSchedule samples no tile sizes for
+a loop of unknown extent ((-1, 1, ..)), so those loops stay whole and every other decision of the
+record (tiles of the static dims, parallel, vector, unroll) holds. A replay that fails, or whose
+kernel does not compile, leaves the kernel to the default schedules that follow.
+
+Only records faster than the build's own schedule (the untuned latency compiler.tune measured,
+session.json) are used; the database must have been tuned for this build's target. `report` gets
+{"db", "static": [...], "replayed": [...], "skipped": [...]} for the manifest.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+
+
+@relax.expr_functor.mutator
+class _Redirect(relax.PyExprMutator):
+    """Point statically-shaped calls at specialized, tuned copies; collect dynamic candidates."""
+
+    def __init__(self, mod, tuned, target, memory_db, shapes):
+        super().__init__(mod)
+        self.mod_in, self.tuned, self.target, self.memory_db, self.shapes = mod, tuned, target, memory_db, shapes
+        self.entry_dims, self.added, self.dynamic, self.static = {}, {}, {}, []
+
+    def visit_call_(self, call):
+        from compiler.tasks import call_dims, is_buffer, is_call_tir, is_tunable, resolve, specialize, workload
+
+        call = super().visit_call_(call)
+        if not is_call_tir(call):
+            return call
+        callee = call.args[0]
+        prim = self.mod_in[callee]
+        if not isinstance(prim, tirx.PrimFunc) or not is_tunable(prim) or prim.attrs.get("tirx.is_scheduled", False):
+            return call
+        dims = call_dims(prim, call)
+        values = resolve(dims, {}, self.entry_dims)
+        if values is None:  # free dims: the kernel may get a bucket's record replayed
+            for bucket in self.shapes.get(self.entry, []):
+                vals = resolve(dims, bucket, self.entry_dims)
+                hit = vals is not None and self.tuned.best(workload(specialize(prim, vals)), self.target)
+                if hit:
+                    self.dynamic.setdefault(callee, []).append(hit)
+            return call
+        wl = workload(specialize(prim, values))
+        hit = self.tuned.best(wl, self.target)
+        if not hit:
+            return call
+        record, secs, task = hit
+        key = task["hash"]
+        if key not in self.added:
+            wl_db = self.memory_db.commit_workload(wl)
+            from tvm.s_tir.meta_schedule.database import TuningRecord
+            self.memory_db.commit_tuning_record(TuningRecord(record.trace, wl_db, record.run_secs, self.target,
+                                                             record.args_info))
+            func = wl["main"].without_attr("global_symbol")
+            self.added[key] = self.builder_.add_func(func, f"{callee.name_hint}_tuned")
+            self.static.append({"kernel": self.added[key].name_hint, "task": task["name"],
+                                "tuned_us": round(secs * 1e6, 3), "untuned_us": _us(task.get("untuned_s"))})
+        args = [a for p, a in zip(prim.params, call.args[1].fields) if is_buffer(p) or p not in values]
+        return relax.call_tir(self.added[key], args, call.ty_args[0])
+
+
+def _us(seconds):
+    return None if seconds is None else round(seconds * 1e6, 3)
+
+
+def _replay(prim: tirx.PrimFunc, record, target) -> tuple[tirx.PrimFunc | None, str]:
+    from compiler.gpu_rules import builds
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    try:
+        sch = tvm.s_tir.Schedule(_normalize_mod(prim))
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception as err:  # noqa: BLE001 - any schedule error: keep the default schedule
+        return None, f"replay failed: {str(err).strip().splitlines()[-1]}"
+    scheduled = sch.mod["main"]
+    if not (prim.attrs and "global_symbol" in prim.attrs):  # _normalize_mod named it "main"
+        scheduled = scheduled.without_attr("global_symbol")
+    scheduled = scheduled.with_attr("tirx.is_scheduled", True)
+    why = builds(scheduled, target)
+    return (None, f"does not build: {why}") if why else (scheduled, "")
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
+class ApplyTuningDatabase:
+    def __init__(self, db_dir: str, target_name: str | None = None, report: dict | None = None):
+        self.db_dir, self.target_name, self.report = str(db_dir), target_name, report
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        from compiler.tasks import SHAPES, model_dims
+        from compiler.tuning_db import TunedKernels
+        from tvm.s_tir.meta_schedule.database import MemoryDatabase
+
+        target = tvm.target.Target.current(allow_none=False)
+        tuned = TunedKernels(self.db_dir, self.target_name)
+        memory_db = MemoryDatabase()
+        rw = _Redirect(mod, tuned, target, memory_db, tuned.session.get("shapes", SHAPES))
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.entry, rw.entry_dims = gv.name_hint, model_dims(func)
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        mod = rw.builder_.get()
+
+        replayed, skipped = [], []
+        for callee, hits in rw.dynamic.items():  # the bucket whose record gains most
+            record, secs, task = max(hits, key=lambda h: (h[2].get("untuned_s") or h[1]) / h[1])
+            func, why = _replay(mod[callee], record, target)
+            row = {"kernel": callee.name_hint, "task": task["name"], "tuned_us": _us(secs),
+                   "untuned_us": _us(task.get("untuned_s"))}
+            if func is None:
+                skipped.append({**row, "why": why})
+            else:
+                mod[callee] = func
+                replayed.append(row)
+
+        with target, memory_db:  # MetaScheduleApplyDatabase reads the target when it is made
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        for row in rw.static:
+            if not mod[row["kernel"]].attrs.get("tirx.is_scheduled", False):
+                skipped.append({**row, "why": "MetaScheduleApplyDatabase found no record"})
+        mod = relax.transform.DeadCodeElimination()(mod)
+        if self.report is not None:
+            self.report.update({"db": self.db_dir, "static": [r for r in rw.static if r not in skipped],
+                                "replayed": replayed, "skipped": skipped})
+        return mod

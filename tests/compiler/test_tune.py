@@ -1,0 +1,160 @@
+"""compiler.tune on this machine: a tiny session, resume after SIGKILL, and a build that applies the
+database (passes/apply_tuning_database.py) with the same numbers as the untuned build."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler import tuning_db as tdb
+
+REPO = Path(__file__).resolve().parents[2]
+TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode: a 512 x 64 INT4 GEMV
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from mobilemoe.checkpoint import save_checkpoint
+    from mobilemoe.config import MobileMoEConfig
+    from mobilemoe.model import MobileMoE
+    torch.manual_seed(0)
+    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), tmp_path_factory.mktemp("tune") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def session(ckpt):
+    from compiler.tune import tune
+    from mobilemoe.checkpoint import load_checkpoint
+    db = ckpt.parent / "db"
+    return db, tune(load_checkpoint(ckpt), "host", 3, db, only=TASK, per_iter=3, verbose=False)
+
+
+def test_tiny_session_writes_database_table_and_plot(session):
+    from compiler.tune import plot, table
+    db, s = session
+    (task,) = s["tasks"]
+    assert task["name"] == "int4_matmul2[tokens=1]" and task["calls"] >= 1
+    assert task["trials"] == 3 and len(tdb.records_by_workload(db)[task["hash"]]) == 3
+    assert task["untuned_s"] > 0 and 0 < task["best_s"] < tdb.FAILED
+    print(table(s))
+    assert "int4_matmul2[tokens=1]" in table(s).splitlines()[1]
+    png = plot(s, db, db / "tuning.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((db / "session.json").read_text())["target"] == "host"
+
+
+def _tune_cmd(ckpt, db, trials):
+    return [sys.executable, "-m", "compiler.tune", "--target", "host", "--checkpoint", str(ckpt), "--trials",
+            str(trials), "--db", str(db), "--tasks", TASK, "--per-iter", "1"]
+
+
+def test_resume_after_sigkill_keeps_records_and_measures_only_the_rest(ckpt, tmp_path):
+    db = tmp_path / "db"
+    proc = subprocess.Popen(_tune_cmd(ckpt, db, 4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = db / tdb.RECORDS
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.is_file() and len(records.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the session ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records.read_text().splitlines()
+    assert 1 <= len(before) < 4
+    with open(records, "a") as f:  # a write torn by the kill
+        f.write('[0, [[["GetSBlock", [], ["matmul_tail"')
+
+    r = subprocess.run(_tune_cmd(ckpt, db, 4), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped a torn last line" in r.stderr
+    after = records.read_text().splitlines()
+    assert after[:len(before)] == before  # kept, as measured
+    assert len(after) == 4  # only the missing trials were measured
+    traces = [json.dumps(json.loads(line)[1][0]) for line in after]
+    assert len(set(traces)) == 4  # no candidate measured twice
+
+
+def test_tuned_build_applies_database_with_same_numerics(ckpt, session, tmp_path):
+    from compiler.build import build
+    from mobilemoe.runtime import load_artifact
+    db, _ = session
+    s = json.loads((db / "session.json").read_text())
+    s["tasks"][0]["untuned_s"] = 1.0  # make the record a sure winner: this test is about applying it
+    tdb.write_session(db, s)
+
+    tuned = build(ckpt, "host", tmp_path / "tuned", tuning_db=str(db), verbose=False)
+    untuned = build(ckpt, "host", tmp_path / "untuned", verbose=False)
+    manifest = json.loads((tuned / "manifest.json").read_text())
+    applied = manifest["tuning"]["static"]
+    assert [a["task"] for a in applied] == ["int4_matmul2[tokens=1]"] and not manifest["tuning"]["skipped"]
+    kernel = applied[0]["kernel"]
+    decode_calls = [k for k, _, _ in manifest["entry_points"]["decode"]["kernel_calls"]]
+    assert kernel in decode_calls and kernel not in [k for k, _, _ in manifest["entry_points"]["prefill"]["kernel_calls"]]
+    assert json.loads((untuned / "manifest.json").read_text())["tuning"] is None
+
+    a, b = load_artifact(tuned), load_artifact(untuned)
+    assert a.lib.implements_function(kernel) and not b.lib.implements_function(kernel)
+    ids = [3, 14, 15, 92, 65, 35, 89, 79]
+    la, ka = a.prefill(ids)
+    lb, kb = b.prefill(ids)
+    np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+    for t in (2, 71, 82):
+        la, ka = a.decode(t, ka)
+        lb, kb = b.decode(t, kb)
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bucket_record_replays_on_the_dynamic_kernel():
+    """A record tuned at 32 rows schedules the kernel for any row count (the free dim stays whole)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+    from tvm.script import relax as R
+
+    from compiler.measure import without_tensor_intrinsics
+    from compiler.tasks import specialize, workload
+    from passes.apply_tuning_database import _replay
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor(("n", 64), "float32"), w: R.Tensor((64, 48), "float32")):
+            return R.matmul(x, w)
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    mod = relax.transform.LegalizeOps()(Mod)
+    gv = [g for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)][0]
+    prim = mod[gv]
+    n = prim.params[0].shape[0]
+    wl = workload(specialize(prim, {n: 32}))
+    with without_tensor_intrinsics():
+        ctx = ms.TuneContext(mod=wl, target=target, task_name="t", space_generator=ms.space_generator.PostOrderApply(
+            sch_rules=ms.ScheduleRule.create("llvm"), postprocs=ms.Postproc.create("llvm"),
+            mutator_probs=ms.Mutator.create("llvm")))
+    sch = ctx.generate_design_space()[0]
+    assert any(inst.kind.name == "SamplePerfectTile" for inst in sch.trace.insts)
+    record = TuningRecord(sch.trace, Workload(wl), [1e-4], target, None)
+    func, why = _replay(prim, record, target)
+    assert func is not None, why
+    assert func.attrs["tirx.is_scheduled"]
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    x, w = np.random.rand(5, 64).astype("float32"), np.random.rand(64, 48).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((5, 48), "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-5)
+
+
+def test_repair_drops_only_a_torn_last_line(tmp_path):
+    (tmp_path / tdb.WORKLOADS).write_text('["1", "x"]\n')
+    (tmp_path / tdb.RECORDS).write_text('[0, [1]]\n[0, [2]]\n[0, [[')
+    assert tdb.repair(tmp_path) == [f"{tdb.RECORDS}: dropped a torn last line (6 bytes)"]
+    assert (tmp_path / tdb.RECORDS).read_text() == '[0, [1]]\n[0, [2]]\n'
+    assert tdb.repair(tmp_path) == []
