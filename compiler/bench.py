@@ -13,7 +13,8 @@ device), then measures:
 each as the median over --repeats runs after --warmup runs, with the spread (min..max). Also the
 load time and, when this machine runs the model, the process's peak RSS. --profile adds the
 per-kernel breakdown of one prefill and one decode call grouped by layer part (compiler/profile.py)
-as a table and in the JSON.
+as a table and in the JSON (on this machine only: the VM instrument it uses is a Python callback,
+which TVM 0.27's RPC cannot pass to a device).
 
 With --json, the JSON is rewritten after every measurement: a device that drops mid-run ends the
 run with an error naming it, and the JSON keeps every result measured before ("error" says why,
@@ -99,7 +100,7 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
         start = time.perf_counter()
         if rpc is None:
             from mobilemoe.runtime import load_artifact
-            rt, res["where"] = load_artifact(artifact), "this machine"
+            rt, session, res["where"] = load_artifact(artifact), None, "this machine"
         else:
             from targets.rpc_device import request_session
 
@@ -124,7 +125,11 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             log(f"  decode at {c:>5} context: {s['median_s'] * 1e3:8.2f} ms/token "
                 f"({s['min_s'] * 1e3:.2f}..{s['max_s'] * 1e3:.2f})  {1.0 / s['median_s']:9.1f} tok/s")
             bench.save()
-        if profile:
+        if profile and rpc is not None:  # the instrument is a host callback: TVM 0.27 RPC passes none
+            res["profile"] = {"error": "per-kernel profiling needs a VM instrument callback, which TVM 0.27's RPC "
+                                       "cannot pass to the device; profile a host build instead"}
+            log(f"  profile: skipped ({res['profile']['error']})")
+        elif profile:
             ids = _prompt(cfg.vocab_size, min(prompts[0], cfg.max_seq_len - 1))
             logits, kv = rt.prefill(ids)
             empty = rt._empty_kv
@@ -147,6 +152,9 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
         raise err
     finally:
         bench.save()
+        rt = session = None  # noqa: F841 - frees the RPC session: the device is free for the next client
+        import gc
+        gc.collect()
     return res
 
 

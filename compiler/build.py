@@ -33,6 +33,7 @@ from targets import TARGETS, TargetError, get_target
 
 from .artifact import ArtifactError, write_artifact
 from .importer import ENTRY_POINTS, NUM_INPUTS, ImportError_, import_model
+from .tuning_db import TuningDBError
 from .onnx_export import TARGET_NAME as ONNX_TARGET
 from .onnx_export import OnnxExportError, build_onnx
 from .mlir_export import TARGET_NAME as MLIR_TARGET  # --target mlir: compiler/mlir_export.py (IREE-verified)
@@ -231,7 +232,8 @@ def main(argv=None):
     try:
         build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset,
               fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level)
-    except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError) as e:
+    except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError,
+            TuningDBError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -113,9 +113,8 @@ def make_runner(spec, rpc: tuple[str, int, str] | None = None, timeout_sec: floa
     host, port, key = rpc
     rpc_config = RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
                            session_timeout_sec=RPC_SESSION_TIMEOUT)
-    return RPCRunner(rpc_config, evaluator_config=config, max_workers=1,
-                     timeout_sec=timeout_sec or RPC_SESSION_TIMEOUT, f_create_session=create_session,
-                     f_alloc_argument=alloc_remote)
+    return RPCRunner(rpc_config, evaluator_config=config, max_workers=1, f_create_session=create_session,
+                     f_alloc_argument=alloc_remote)  # times out after rpc_config.session_timeout_sec
 
 
 class MeasureError(RuntimeError):

@@ -5,8 +5,8 @@
     python -m mobilemoe.eval compare A B ... [--tasks ...] [--limit N] [--json OUT] [--markdown OUT]
 
 compare scores every model (each a checkpoint or artifact directory; `int4:DIR` scores a checkpoint
-with INT4 weights simulated) on the same tasks and prints one Markdown table with each model's
-delta against the first.
+with INT4 weights simulated; a .json written by --json brings in earlier results without recomputing
+them) on the same tasks and prints one Markdown table with each model's delta against the first.
 
 Tasks (--tasks; default: heldout, when the corpus is built, and every bundled task):
     heldout      perplexity on data/corpus/heldout.jsonl (python -m train.corpus --out data/corpus)
@@ -179,6 +179,18 @@ def open_spec(spec: str, threads: int | None = None) -> Scorer:
     return open_scorer(spec.removeprefix("int4:"), int4=int4, num_threads=threads)
 
 
+def saved_results(path: Path) -> list[dict]:
+    """The results in a file written by --json: one model's, or every model's of a compare."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TaskError(f"{path}: cannot read saved results ({e})") from None
+    results = data.get("results", [data]) if isinstance(data, dict) else None
+    if not results or not all(isinstance(r, dict) and {"model", "kind", "tasks"} <= r.keys() for r in results):
+        raise TaskError(f"{path}: not a result written by python -m mobilemoe.eval --json")
+    return results
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", default=None, help="task names or .jsonl files (default: all)")
     p.add_argument("--limit", type=int, default=0, help="first N documents of each task (0: all)")
@@ -190,7 +202,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="python -m mobilemoe.eval compare", description="one table, many models")
-        p.add_argument("models", nargs="+", help="checkpoint or artifact dirs; int4:DIR simulates INT4")
+        p.add_argument("models", nargs="+", help="checkpoint or artifact dirs, int4:DIR (simulated INT4), "
+                                                 "or saved --json results")
         p.add_argument("--markdown", type=Path, help="also write the Markdown table here")
         _common(p)
         a = p.parse_args(argv[1:])
@@ -211,6 +224,9 @@ def main(argv=None) -> int:
         tasks = [load_task(t) for t in (a.tasks or default_tasks())]
         results = []
         for spec in specs:
+            if spec.endswith(".json"):  # results saved earlier with --json: not recomputed
+                results += saved_results(Path(spec))
+                continue
             results.append(evaluate(open_spec(spec, a.threads), tasks, a.limit, path=spec))
             print(f"{spec}: " + json.dumps(results[-1]["tasks"]), file=sys.stderr)
     except (TaskError, FileNotFoundError, ValueError, RuntimeError) as e:  # Checkpoint-/ArtifactError too

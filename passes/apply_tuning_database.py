@@ -8,10 +8,11 @@ After:
     # (compiler/tasks.py), scheduled by relax.transform.MetaScheduleApplyDatabase from the task's
     # best record
 A kernel called with free dims (prefill's token count, decode's context length) keeps them and
-gets the best of its shape buckets' records replayed on it: MetaSchedule samples no tile sizes for
-a loop of unknown extent ((-1, 1, ..)), so those loops stay whole and every other decision of the
-record (tiles of the static dims, parallel, vector, unroll) holds. A replay that fails, or whose
-kernel does not compile, leaves the kernel to the default schedules that follow.
+gets the best of its shape buckets' records replayed on it (_replay): the record's tile sizes
+become constant split factors with the outermost inferred (a predicate takes the remainder of a
+free dim), then MetaSchedule's postprocessors lower its parallel / vector / unroll decisions. A
+replay that fails (our INT4 matmul's tile/tail blocks differ between static and dynamic row
+counts), or whose kernel does not compile, leaves the kernel to the default schedules.
 
 Only records faster than the build's own schedule (the untuned latency compiler.tune measured,
 session.json) are used; the database must have been tuned for this build's target. `report` gets
@@ -74,13 +75,52 @@ def _us(seconds):
     return None if seconds is None else round(seconds * 1e6, 3)
 
 
+def fixed_tiles(trace):
+    """The trace with every SamplePerfectTile decision written into its Split as constant factors,
+    the outermost one inferred (None): on a loop of unknown extent the split keeps the record's
+    inner tiles and predicates the remainder, instead of failing to replay the sampling."""
+    from tvm.s_tir.schedule import Instruction, Trace
+
+    decisions, subst, insts, kept = dict(trace.decisions), [], [], {}
+
+    def value(x):
+        for rv, v in subst:
+            if isinstance(x, tvm.runtime.Object) and rv.same_as(x):
+                return v
+        return x
+
+    for inst in trace.insts:
+        if inst.kind.name == "SamplePerfectTile":
+            for i, (rv, factor) in enumerate(zip(inst.outputs, decisions[inst])):
+                subst.append((rv, None if i == 0 else tirx.IntImm("int64", int(factor))))
+            continue
+        new = Instruction(inst.kind, [value(x) for x in inst.inputs], inst.attrs, inst.outputs)
+        insts.append(new)
+        if inst in decisions:
+            kept[new] = decisions[inst]
+    return Trace(insts, kept)
+
+
 def _replay(prim: tirx.PrimFunc, record, target) -> tuple[tirx.PrimFunc | None, str]:
+    """`record` (tuned on a static specialization of `prim`) applied to `prim` itself: its trace
+    with fixed tiles, then MetaSchedule's LLVM postprocessors (which lower the parallel / vector /
+    unroll annotations) minus DisallowDynamicLoop."""
     from compiler.gpu_rules import builds
+    from compiler.measure import without_tensor_intrinsics
+    from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
+    mod = _normalize_mod(prim)
     try:
-        sch = tvm.s_tir.Schedule(_normalize_mod(prim))
-        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        sch = tvm.s_tir.Schedule(mod)
+        fixed_tiles(record.trace).apply_to_schedule(sch, remove_postproc=True)
+        with without_tensor_intrinsics():
+            ctx = ms.TuneContext(mod=mod, target=target, task_name="replay",
+                                 space_generator=ms.space_generator.PostOrderApply(
+                                     sch_rules=[], postprocs=ms.Postproc.create("llvm"), mutator_probs={}))
+        for post in ctx.space_generator.postprocs:
+            if type(post).__name__ != "DisallowDynamicLoop" and not post.apply(sch):
+                return None, f"postprocessor {type(post).__name__} rejected the replayed schedule"
     except Exception as err:  # noqa: BLE001 - any schedule error: keep the default schedule
         return None, f"replay failed: {str(err).strip().splitlines()[-1]}"
     scheduled = sch.mod["main"]

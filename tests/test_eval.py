@@ -170,6 +170,12 @@ def test_compare_table_and_cli(ckpt, tmp_path, capsys):
     assert md.startswith("| task | metric | ckpt (checkpoint) | other (checkpoint) | Δ |")
     assert "| ppl | ppl ↓ |" in md and capsys.readouterr().out.strip() == md.strip()
     assert markdown(compare(table["results"][:1])).count("\n") == 5  # header, rule, 4 rows
+    # saved results join a later compare without being recomputed
+    assert main(["compare", str(tmp_path / "c.json"), "--tasks", str(mc), "--json", str(tmp_path / "d.json")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["rows"] == table["rows"]
+    (tmp_path / "bad.json").write_text("[1]")
+    assert main(["compare", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a result written by python -m mobilemoe.eval --json" in capsys.readouterr().err
 
 
 def test_cli_single_model_and_errors(ckpt, tmp_path, capsys):
