@@ -19,16 +19,3 @@ def ckpt(tmp_path_factory):
 def host_int4(ckpt):
     return build(ckpt, "host", ckpt.parent / "host-int4", dump_ir=ckpt.parent / "ir", verbose=False)
 
-
-# Issue 5 (tuning sessions, OpenCL targets) is still open: these tests describe behaviour that does
-# not work yet. They run and report XFAIL until the issue lands; strict=False so a fix shows as XPASS.
-_ISSUE5_OPEN = ("test_opencl_targets.py::test_build_embeds_opencl_source_and_links",
-                "test_tune.py::test_tuned_build_applies_database_with_same_numerics",
-                "test_tune.py::test_a_bucket_record_replays_on_the_dynamic_kernel")
-
-
-def pytest_collection_modifyitems(config, items):
-    import pytest
-    for item in items:
-        if any(key in item.nodeid for key in _ISSUE5_OPEN):
-            item.add_marker(pytest.mark.xfail(reason="issue 5 open: tuned/OpenCL builds not finished", strict=False))
