@@ -63,6 +63,22 @@ def measure(step, vocab: int, prompt_lens: list[int], context: int, decode_token
     return out
 
 
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    """The measurement options every bench script shares (see measure())."""
+    p.add_argument("--prompt-lens", default="32,128")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+
+
+def set_threads(a) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return torch.get_num_threads()
+
+
 def main(argv=None):
     from compiler.build import build, shape_only_model
     from mobilemoe.checkpoint import load_checkpoint
@@ -73,16 +89,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--preset", default=None)
     p.add_argument("--artifact", type=Path, default=None)
-    p.add_argument("--prompt-lens", default="32,128")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None)
+    add_measure_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    threads = torch.get_num_threads()
+    threads = set_threads(a)
 
     if a.preset:
         model = shape_only_model(a.preset)

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import measure  # noqa: E402
+from bench.decode import add_measure_args, measure, set_threads  # noqa: E402
 from bench.ort_vs_tvm import timed_build  # noqa: E402
 
 
@@ -59,16 +59,9 @@ def main(argv=None):
     p.add_argument("--mlir", type=Path, default=None, help="reuse a built MLIR artifact")
     p.add_argument("--tvm", type=Path, default=None, help="reuse a built host TVM artifact (instead of --tvm-quant)")
     p.add_argument("--tvm-quant", default="none,int4", help="TVM host builds to compare against")
-    p.add_argument("--prompt-lens", default="32,128")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None)
+    add_measure_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    threads = torch.get_num_threads()
+    threads = set_threads(a)
 
     checkpoint = a.checkpoint
     if a.preset is None and checkpoint is None:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "heldout_sample.txt"
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import measure  # noqa: E402
+from bench.decode import add_measure_args, measure, set_threads  # noqa: E402
 
 
 def timed_build(label: str, fn) -> Path:
@@ -64,16 +64,9 @@ def main(argv=None):
     p.add_argument("--onnx", type=Path, action="append", default=None, help="reuse built ONNX artifacts (repeatable)")
     p.add_argument("--accuracy-levels", default="0,4",
                    help="ONNX artifacts to build, one per accuracy_level (0 float32: the default build; 4 int8)")
-    p.add_argument("--prompt-lens", default="32,128")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None)
+    add_measure_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    threads = torch.get_num_threads()
+    threads = set_threads(a)
 
     checkpoint = a.checkpoint
     if a.preset is None and checkpoint is None:
