@@ -3,7 +3,8 @@
     python -m compiler.build --target {android-arm64,linux-arm64,host,onnx}
         [--checkpoint DIR]        default: the bundled default model
         [--out DIR]               default: dist/<model>-<target>/
-        [--quant int4|none]       default: int4 (group-32 symmetric, mobilemoe.quant)
+        [--quant int4|int4-f32|none]  default: int4 (group-32 symmetric weights, mobilemoe.quant; int8
+                                  activations where the CPU has a dot instruction)
         [--dump-ir DIR]           IR after every pass (TVM's DumpIR instrument) + pass timings
         [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
@@ -108,15 +109,33 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     return executable, params, entry_points, phase_names(opts), target
 
 
+def activation_format(quant: str, spec, target) -> str:
+    """How the INT4 kernels take activations: int8 through a dot instruction (compiler/kernels/int4_dot.py)
+    or float32."""
+    from .kernels.int4_dot import dot_isa
+    isa = dot_isa(target) if quant == "int4" and spec.lowering == "cpu" else None
+    from mobilemoe.quant import GROUP_SIZE
+    return f"int8 per group of {GROUP_SIZE}, symmetric ({isa.name} dot products)" if isa else "float32"
+
+
+def preset_config(preset: str):
+    """A preset name (`python -m mobilemoe.config list`) or the path of a config JSON file (e.g. one
+    written by `python -m mobilemoe.scaling design`)."""
+    from mobilemoe.config import MobileMoEConfig, load_config
+
+    if preset.endswith(".json") or Path(preset).is_file():
+        return load_config(preset)
+    return MobileMoEConfig.from_name(preset)
+
+
 def shape_only_model(preset: str):
-    """A model of a preset's shapes whose weights are never initialised (pages untouched): for
-    --random-weights builds of paper-scale presets."""
+    """A model of a preset's shapes (a name or a config JSON path) whose weights are never
+    initialised (pages untouched): for random-weight builds of paper-scale presets."""
     import torch
 
-    from mobilemoe.config import MobileMoEConfig
     from mobilemoe.model import MobileMoE, rope_table
 
-    cfg = MobileMoEConfig.from_name(preset)
+    cfg = preset_config(preset)
     with torch.device("meta"):
         model = MobileMoE(cfg)
     model = model.to_empty(device="cpu")
@@ -135,7 +154,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     TVM build fails, say why on stderr and write the ONNX artifact where the TVM one would have gone."""
     if fallback not in (None, ONNX_TARGET):
         raise BuildError(f"--fallback: only '{ONNX_TARGET}' is supported, got {fallback!r}")
-    if (target_name == ONNX_TARGET or fallback) and quant != "int4":
+    if (target_name == ONNX_TARGET or fallback) and not quant.startswith("int4"):
         raise BuildError(f"the ONNX artifact is INT4 only: use --quant int4 with --target/--fallback {ONNX_TARGET}")
     onnx_opts = {} if ort_accuracy_level is None else {"accuracy_level": ort_accuracy_level}
     if target_name == ONNX_TARGET:
@@ -198,8 +217,9 @@ def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None
         "versions": {"tvm": tvm.__version__, "mobilemoe": getattr(mobilemoe, "__version__", "0.1.0")},
         "pipeline": pipeline,
         "quantization": ({"format": INT4_LAYOUT, "bits": 4, "group_size": GROUP_SIZE, "symmetric": True,
-                          "scale_dtype": "float16", "float_weights": ["router", "norms"]}
-                         if quant == "int4" else None),
+                          "scale_dtype": "float16", "float_weights": ["router", "norms"],
+                          "activations": activation_format(quant, spec, target)}
+                         if quant.startswith("int4") else None),
         "entry_points": entries,
         "config": cfg.to_dict(),
         "weights": "random (shape-only build)" if preset else "checkpoint",
@@ -219,9 +239,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m compiler.build", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True, help=f"one of: {', '.join([*TARGETS, ONNX_TARGET, MLIR_TARGET])}")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR)
-    p.add_argument("--preset", default=None, help="build a preset's shapes with random weights (speed only)")
+    p.add_argument("--preset", default=None, help="build a preset's shapes (a name or a config JSON) with random weights (speed only)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--quant", choices=["int4", "none"], default="int4")
+    p.add_argument("--quant", choices=["int4", "int4-f32", "none"], default="int4",
+                   help="int4: INT4 weights, int8 activations in the CPU's dot-product instruction where it has one "
+                        "(AVX512-VNNI, arm64 dotprod), else fp32; int4-f32: INT4 weights, fp32 activations; "
+                        "none: float32")
     p.add_argument("--dump-ir", type=Path, default=None)
     p.add_argument("--tuning-db", type=str, default=None)
     p.add_argument("--fallback", choices=[ONNX_TARGET], default=None,

@@ -5,7 +5,8 @@
     cleanup    StripAssertions, PruneUnusedParams, DeadCodeElimination
     legalize   DispatchSampling, DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
-    schedule   CPU: ApplyTuningDatabase (with a tuning database: passes/, MetaSchedule records of
+    schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
+               kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"), ApplyTuningDatabase (with a tuning database: passes/, MetaSchedule records of
                compiler.tune), ScheduleInt4Kernels (compiler/kernels/schedules.py) for the INT4
                kernels left, dlight CPU rules for the remaining GEMV/reductions.
                GPU: the target's dlight GPU rules, each guarded (GuardedRule: a rule whose schedule
@@ -33,7 +34,9 @@ from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
 from passes.strip_assertions import StripAssertions
 
-QUANT_MODES = ("int4", "none")
+# int4: INT4 weights, int8 activations in the dot-product kernels where the CPU has them (else fp32);
+# int4-f32: INT4 weights, fp32 activations everywhere; none: float32 weights.
+QUANT_MODES = ("int4", "int4-f32", "none")
 LOWERINGS = ("cpu", "gpu")
 
 
@@ -71,7 +74,12 @@ def default_schedule(opts: PipelineOptions) -> list:
     """The schedule passes of an untuned build (compiler.tune times kernels with them)."""
     if opts.lowering == "gpu":
         return [_dlight_gpu(opts.gpu_rules)]
-    return [ScheduleInt4Kernels(), _dlight_cpu()]
+    return _select_dot(opts) + [ScheduleInt4Kernels(), _dlight_cpu()]
+
+
+def _select_dot(opts: PipelineOptions) -> list:
+    from .kernels.select_dot import SelectDotKernels
+    return [SelectDotKernels()] if opts.lowering == "cpu" and opts.quant == "int4" else []
 
 
 def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, list]]:
@@ -85,11 +93,12 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     backend = gpu if opts.lowering == "gpu" else cpu
     schedule = []
     if opts.schedule:
+        schedule += _select_dot(opts)  # before the database: a kernel with a dot form is not tuned
         if opts.tuning_db:
             from passes.apply_tuning_database import ApplyTuningDatabase
             report = opts.report.setdefault("tuning", {}) if opts.report is not None else None
             schedule.append(ApplyTuningDatabase(opts.tuning_db, opts.target_name, report))
-        schedule += default_schedule(opts)
+        schedule += default_schedule(opts)[len(_select_dot(opts)):]
     if opts.report is not None:
         from .profile import RecordKernelCalls
         schedule.append(RecordKernelCalls(opts.report.setdefault("kernel_calls", {})))
@@ -99,7 +108,7 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     return [
         # grouped prefill kernels (compiler/kernels/moe_grouped.py) are CPU-only
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=opts.lowering == "cpu")]),
-        ("quantize", [QuantizeInt4Weights()] if opts.quant == "int4" else []),
+        ("quantize", [QuantizeInt4Weights()] if opts.quant.startswith("int4") else []),
         ("cleanup", [StripAssertions(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
         ("legalize", backend.library_dispatch_passes(target) + legalize),
         ("schedule", schedule),

@@ -20,6 +20,11 @@ stacked experts ``[E, N, K]`` and any other leading dims broadcast):
   nibble; ORT's default 4-bit zero point 8 turns ``u`` back into ``q``. These are the little-endian
   bytes of the packed words above (``int4_bytes``): the very same codes, only regrouped.
 
+Activations (``ACT_INT8_LAYOUT = "g32_sym_i8"``, the int8 x int4 dot-product kernels of
+compiler/kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
+``q = round_half_even(x * fp32(127 / amax))`` (0 if amax = 0), int8 in [-127, 127], and the float32
+scale ``amax / 127``. ``int8_int4_matmul`` is the reference those kernels are checked against.
+
 ``torchao_qat_weight_config()`` is the torchao 0.18 QAT weight config whose fake-quantized weight
 equals ``dequantize_int4(*quantize_int4(w))`` bit for bit, for float32 weights.
 """
@@ -33,6 +38,7 @@ import torch
 
 INT4_LAYOUT = "g32_sym_u32k8"
 ORT_INT4_LAYOUT = "g32_u8k2_zp8"  # ONNX Runtime's 4-bit byte layout (see the docstring)
+ACT_INT8_LAYOUT = "g32_sym_i8"  # int8 activations of the dot-product kernels (see the docstring)
 GROUP_SIZE = 32  # elements of K sharing one scale
 QMIN, QMAX = -8, 7  # signed code range; all 16 levels used
 ZERO_CODE = -QMIN  # u = q + 8 is what a nibble stores
@@ -145,6 +151,28 @@ def unpack_int4_bytes(data: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"data: expected torch.uint8, got {data.dtype}")
     u = torch.stack([data & 15, data >> BITS], dim=-1).flatten(-2)  # low nibble first
     return (u.to(torch.int16) - ZERO_CODE).to(torch.int8)
+
+
+def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x [..., K] -> (int8 q [..., K], float32 scale [..., K // 32]) in ACT_INT8_LAYOUT."""
+    if x.dtype != torch.float32 or x.shape[-1] % GROUP_SIZE:
+        raise ValueError(f"quantize_act_int8: need float32 [..., K] with K % {GROUP_SIZE} == 0, "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    g = x.unflatten(-1, (-1, GROUP_SIZE))
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(g * inv).to(torch.int8).flatten(-2)
+    return q, (amax / 127.0).squeeze(-1)
+
+
+def int8_int4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What the dot-product kernels compute: x [M, K] quantized by quantize_act_int8, times INT4 weights
+    (codes [N, K], scales [N, K // 32]) -> [M, N] float64, with exact integer sums per group."""
+    q, sx = quantize_act_int8(x)
+    qg = q.to(torch.int64).unflatten(-1, (-1, GROUP_SIZE))  # [M, G, 32]
+    cg = codes.to(torch.int64).unflatten(-1, (-1, GROUP_SIZE))  # [N, G, 32]
+    dots = torch.einsum("mgk,ngk->mng", qg, cg).double()  # exact
+    return (dots * sx.double()[:, None, :] * scales.double()[None]).sum(-1)
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,4 +1,9 @@
-"""linux-arm64: AArch64 Linux boards (and the emulated device of targets/arm64_device.sh)."""
+"""linux-arm64: AArch64 Linux boards (and the emulated device of targets/arm64_device.sh).
+
+ARMv8.2-A with the dot-product extension (Cortex-A55/A75 and newer, Neoverse N1, Graviton 2+,
+Raspberry Pi 5): the INT4 kernels use sdot (compiler/kernels/int4_dot.py). Older cores (Cortex-A53,
+A72: Raspberry Pi 3/4) lack it and would stop on an illegal instruction.
+"""
 from .base import TargetSpec, Toolchain
 
 TOOLCHAIN = Toolchain(
@@ -9,8 +14,8 @@ TOOLCHAIN = Toolchain(
 
 SPEC = TargetSpec(
     name="linux-arm64",
-    description="AArch64 Linux CPU (NEON), aarch64-linux-gnu-gcc",
-    target_json={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4},
+    description="AArch64 Linux CPU (NEON + dotprod, ARMv8.2-A+), aarch64-linux-gnu-gcc",
+    target_json={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4},
     toolchain=TOOLCHAIN,
     runs_on_host=False,
     rpc_key_hint="arm64-qemu",

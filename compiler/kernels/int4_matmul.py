@@ -30,7 +30,8 @@ def int4_matmul(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
         s: T.Buffer((T.int64(n), T.int64(kg)), "float16"),
         y_handle: T.handle,
     ):
-        T.func_attr({"mobilemoe.kernel": KERNEL, "op_pattern": 8, "tirx.noalias": True})
+        T.func_attr({"mobilemoe.kernel": KERNEL, "op_pattern": 8, "tirx.noalias": True,
+                     "mobilemoe.dims": {"n": n, "k": k}})
         m = T.int64()
         x = T.match_buffer(x_handle, (m, T.int64(k)), dtype)
         y = T.match_buffer(y_handle, (m, T.int64(n)), dtype)

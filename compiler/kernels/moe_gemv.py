@@ -33,12 +33,18 @@ def _check(kernel: str, num_experts: int, n: int, k: int, top_k: int, index_dtyp
         raise ValueError(f"{kernel}: expert ids must be one of {INDEX_DTYPES}, got {index_dtype!r}")
 
 
+def _dims(num_experts: int, n: int, k: int, top_k: int, index_dtype: str) -> dict:
+    """The func attr "mobilemoe.dims": what another implementation of the kernel needs (select_dot.py)."""
+    return {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k, "index_dtype": index_dtype}
+
+
 def moe_gemv(
     num_experts: int, n: int, k: int, top_k: int, index_dtype: str = "int32", dtype: str = "float32"
 ) -> tirx.PrimFunc:
     """PrimFunc (x [T, k], ids [T, top_k], w [E, n, k // 8], scales [E, n, k // 32]) -> y [T, top_k, n]."""
     _check("moe_gemv", num_experts, n, k, top_k, index_dtype, dtype)
     kw, kg = k // NIBBLES_PER_WORD, k // GROUP_SIZE
+    dims = _dims(num_experts, n, k, top_k, index_dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -48,7 +54,7 @@ def moe_gemv(
         s: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kg)), "float16"),
         y_handle: T.handle,
     ):
-        T.func_attr({"mobilemoe.kernel": "moe_gemv", "op_pattern": 8, "tirx.noalias": True})
+        T.func_attr({"mobilemoe.kernel": "moe_gemv", "op_pattern": 8, "tirx.noalias": True, "mobilemoe.dims": dims})
         t = T.int64()
         x = T.match_buffer(x_handle, (t, T.int64(k)), dtype)
         ids = T.match_buffer(ids_handle, (t, T.int64(top_k)), index_dtype)
@@ -73,6 +79,7 @@ def moe_gemv_per_slot(
     """PrimFunc (x [T, top_k, k], ids [T, top_k], w, scales) -> y [T, top_k, n]."""
     _check("moe_gemv_per_slot", num_experts, n, k, top_k, index_dtype, dtype)
     kw, kg = k // NIBBLES_PER_WORD, k // GROUP_SIZE
+    dims = _dims(num_experts, n, k, top_k, index_dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -83,7 +90,8 @@ def moe_gemv_per_slot(
         y_handle: T.handle,
     ):
         T.func_attr(
-            {"mobilemoe.kernel": "moe_gemv_per_slot", "op_pattern": 8, "tirx.noalias": True}
+            {"mobilemoe.kernel": "moe_gemv_per_slot", "op_pattern": 8, "tirx.noalias": True,
+             "mobilemoe.dims": dims}
         )
         t = T.int64()
         x = T.match_buffer(x_handle, (t, T.int64(top_k), T.int64(k)), dtype)
@@ -109,6 +117,7 @@ def moe_gemv_weighted_sum(
     """PrimFunc (x [T, top_k, k], ids [T, top_k], routing weights [T, top_k], w, scales) -> y [T, n]."""
     _check("moe_gemv_weighted_sum", num_experts, n, k, top_k, index_dtype, dtype)
     kw, kg = k // NIBBLES_PER_WORD, k // GROUP_SIZE
+    dims = _dims(num_experts, n, k, top_k, index_dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -120,7 +129,8 @@ def moe_gemv_weighted_sum(
         y_handle: T.handle,
     ):
         T.func_attr(
-            {"mobilemoe.kernel": "moe_gemv_weighted_sum", "op_pattern": 8, "tirx.noalias": True}
+            {"mobilemoe.kernel": "moe_gemv_weighted_sum", "op_pattern": 8, "tirx.noalias": True,
+             "mobilemoe.dims": dims}
         )
         t = T.int64()
         x = T.match_buffer(x_handle, (t, T.int64(top_k), T.int64(k)), dtype)

@@ -1,0 +1,289 @@
+"""INT4 weights x int8 activations through the CPU's integer dot-product instruction.
+
+    x86 AVX512-VNNI  vpdpbusd   llvm.x86.avx512.vpdpbusd.{512,256,128}   u8 x s8 -> s32, 4 per lane
+    arm64 dotprod    sdot       llvm.aarch64.neon.sdot.v4i32.v16i8      s8 x s8 -> s32, 4 per lane
+
+Weights stay in mobilemoe.quant's layout (codes uint32 [N, K // 8], nibble i of word w is k = 8w + i;
+fp16 scales [N, K // 32]). Activations are quantized per call to int8, symmetric, per group of 32
+(the weight groups): ``sx[g] = max|x[g]| / 127``, ``q[k] = round(x[k] * (127 / max|x[g]|))``
+(mobilemoe.quant.quantize_act_int8 is the reference). Then, with u the weight codes,
+
+    y[n] = sum_g sw[n, g] * sx[g] * sum_{k in g} q[k] * (u[n, k] - 8)
+
+and the inner sum is exact in int32. The codes feed the dot instruction with two ALU ops: per word,
+``word & 0x0F0F0F0F`` holds the codes of k = 8w + {0, 2, 4, 6} as 4 bytes and ``(word >> 4) &
+0x0F0F0F0F`` those of k = 8w + {1, 3, 5, 7}. So the activations are stored, once per call, as
+
+    xe [m, K // 8] int32   bytes q[8w + 0], q[8w + 2], q[8w + 4], q[8w + 6]  (little endian)
+    xo [m, K // 8] int32   bytes q[8w + 1], q[8w + 3], q[8w + 5], q[8w + 7]
+    xc [m, K // 8] int32   -8 * sum_{i<8} q[8w + i]   (the zero point; the dot's initial value)
+    xs [m, K // 8] f32     sx of word w's group
+
+and a vector of ``lanes`` words of one weight row takes: 1 load, 3 ALU ops, 2 dots, 1 convert, the
+row's scales (``lanes // 4`` fp16 values, widened and repeated 4 times), 1 multiply and 1 FMA, for
+``32 * lanes`` multiply-adds. Each lane accumulates in fp32, and the lanes are summed once per row.
+
+The row loop is split into blocks of ``rows`` output rows (unrolled: independent accumulators), and
+the blocks run in parallel; for m > 1 (prefill) every block loops over the rows of x, with the
+weights of the block still in L1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target, codegen
+
+from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
+
+LOW_NIBBLES = 0x0F0F0F0F
+WORDS_PER_GROUP = GROUP_SIZE // NIBBLES_PER_WORD  # 4
+ROWS = 4  # output rows per unrolled block
+
+
+@dataclass(frozen=True)
+class DotISA:
+    """An integer dot-product instruction family: lanes (int32 accumulators per vector) -> intrinsic."""
+
+    name: str
+    intrinsics: dict  # lanes -> LLVM intrinsic name (args: acc int32xL, weights int8x4L, acts int8x4L)
+
+    def lanes_for(self, words: int) -> int:
+        """The widest vector whose lane count divides the words per row (K // 8)."""
+        for lanes in sorted(self.intrinsics, reverse=True):
+            if words % lanes == 0:
+                return lanes
+        raise ValueError(f"{self.name}: no vector width divides {words} words per row")
+
+
+X86_VNNI = DotISA("avx512-vnni", {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
+                                   4: "llvm.x86.avx512.vpdpbusd.128"})
+ARM_DOTPROD = DotISA("arm-dotprod", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"})
+
+
+def dot_isa(target: Target | None) -> DotISA | None:
+    """The dot-product ISA of an llvm target, or None (then the fp32 kernels are used)."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    if codegen.target_has_features(["avx512vnni", "avx512vl"], target):
+        return X86_VNNI
+    if codegen.target_has_features(["dotprod"], target):
+        return ARM_DOTPROD
+    return None
+
+
+def _dot(isa: DotISA, lanes: int, acc, weights, acts):
+    """acc + per-lane dot of 4 weight bytes (0..15) with 4 signed activation bytes."""
+    as_bytes = f"int8x{4 * lanes}"
+    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsics[lanes], acc,
+                                      tirx.reinterpret(as_bytes, weights), tirx.reinterpret(as_bytes, acts))
+
+
+def _lane_scales(s, e, row, block, lanes: int):
+    """fp32 x lanes: the weight scale of each lane's group (lane l of word block b: group (b*lanes + l) // 4)."""
+    groups = lanes // WORDS_PER_GROUP
+    if groups == 1:
+        return tirx.Broadcast(tirx.Cast("float32", s[e, row, block]), lanes)
+    vec = tirx.Cast(f"float32x{groups}", s[e, row, tirx.Ramp(block * groups, 1, groups)])
+    return tirx.Shuffle([vec] * WORDS_PER_GROUP, [lane // WORDS_PER_GROUP for lane in range(lanes)])
+
+
+def _lane_sum(vec, lanes: int):
+    """Sum of the lanes of a float32 vector (a halving tree of shuffles)."""
+    while lanes > 1:
+        half = lanes // 2
+        lo = tirx.Shuffle([vec], list(range(half)))
+        hi = tirx.Shuffle([vec], list(range(half, lanes)))
+        vec, lanes = lo + hi, half
+    return vec
+
+
+# Software prefetch distance in weight rows: the hardware prefetcher alone kept a 116 MB LM head
+# GEMV at 6.4 GB/s (one znver4 core); 16 rows ahead (4 blocks, 8 KB at K = 1024) gave 8.5 GB/s.
+PREFETCH_ROWS = 16
+
+
+def _prefetch(w, e, row, block, lanes: int):
+    """Prefetch (into all cache levels) the words PREFETCH_ROWS rows ahead; past the end it is a no-op hint."""
+    addr = tirx.address_of(w[e, row + PREFETCH_ROWS, block * lanes])
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"), tirx.const(3, "int32"),
+                                 tirx.const(1, "int32"))
+
+
+def _pack4(q0, q1, q2, q3):
+    """4 int32 values in [-127, 127] -> one int32 of their bytes, q0 in the lowest."""
+    byte = tirx.const(255, "int32")
+    return ((q0 & byte) | ((q1 & byte) << 8) | ((q2 & byte) << 16) | (q3 << 24))
+
+
+def _quantize_macro(k: int):
+    """TIR macro: quantize x [m, k] into xe, xo, xc, xs (the layout of the module doc), rows in parallel."""
+    kg = k // GROUP_SIZE
+
+    @T.macro
+    def quantize(x, xe, xo, xc, xs, m):
+        for i in T.parallel(m):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            q = T.alloc_buffer((8,), "int32", scope="local")
+            for g in range(T.int64(kg)):
+                amax[0] = T.float32(0)
+                for j in range(GROUP_SIZE):
+                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
+                inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                for wd in range(WORDS_PER_GROUP):
+                    wi = g * WORDS_PER_GROUP + wd
+                    for j in T.unroll(8):
+                        q[j] = T.Cast("int32", T.round(x[i, wi * 8 + j] * inv))
+                    xe[i, wi] = _pack4(q[0], q[2], q[4], q[6])
+                    xo[i, wi] = _pack4(q[1], q[3], q[5], q[7])
+                    xc[i, wi] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7]) * T.int32(-8)
+                    xs[i, wi] = amax[0] / T.float32(127)
+
+    return quantize
+
+
+def _block_macro(kw: int, lanes: int, rows: int, isa: DotISA):
+    """TIR macro: acc[r * lanes : (r + 1) * lanes] = the per-lane partial sums of rows row0 .. row0 + rows
+    of expert e's weights (w [E, N, kw], s [E, N, kw // 4]) against activation row i of (xe, xo, xc, xs)."""
+    mask = tirx.Broadcast(tirx.const(LOW_NIBBLES, "uint32"), lanes)
+    four = tirx.Broadcast(tirx.const(4, "uint32"), lanes)
+
+    def ramp(b):
+        return tirx.Ramp(b * lanes, 1, lanes)
+
+    @T.macro
+    def block(acc, w, s, e, row0, xe, xo, xc, xs, i):
+        for r in T.unroll(rows):
+            acc[T.ramp(r * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+        for b in range(T.int64(kw // lanes)):
+            for r in T.unroll(rows):
+                _prefetch(w, e, row0 + r, b, lanes)
+                wv = w[e, row0 + r, ramp(b)]
+                d = _dot(isa, lanes, xc[i, ramp(b)], wv & mask, xe[i, ramp(b)])
+                d2 = _dot(isa, lanes, d, (wv >> four) & mask, xo[i, ramp(b)])
+                acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
+                    f"float32x{lanes}", d2) * (_lane_scales(s, e, row0 + r, b, lanes) * xs[i, ramp(b)])
+
+    return block
+
+
+def _setup(kernel: str, n: int, k: int, isa: DotISA, rows: int):
+    check_int4_shape(kernel, n, k, "float32")
+    kw = k // NIBBLES_PER_WORD
+    lanes = isa.lanes_for(kw)
+    while n % rows:
+        rows //= 2
+    return kw, k // GROUP_SIZE, lanes, rows, _quantize_macro(k), _block_macro(kw, lanes, rows, isa)
+
+
+def _attrs(kernel: str, isa: DotISA) -> dict:
+    return {"mobilemoe.kernel": kernel, "mobilemoe.dot": isa.name, "op_pattern": 8, "tirx.noalias": True,
+            "tirx.is_scheduled": True}
+
+
+def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimFunc:
+    """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8], scales fp16 [n, k // 32]) -> y [m, n]."""
+    kw, kg, lanes, rows, quantize, block = _setup("int4_matmul", n, k, isa, rows)
+
+    @T.prim_func(private=True)
+    def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
+             s: T.Buffer((T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
+        T.func_attr(_attrs("int4_matmul", isa))
+        m = T.int64()
+        x = T.match_buffer(x_handle, (m, T.int64(k)), "float32")
+        y = T.match_buffer(y_handle, (m, T.int64(n)), "float32")
+        w3 = T.decl_buffer((T.int64(1), T.int64(n), T.int64(kw)), "uint32", data=w.data)
+        s3 = T.decl_buffer((T.int64(1), T.int64(n), T.int64(kg)), "float16", data=s.data)
+        xe = T.alloc_buffer((m, T.int64(kw)), "int32")
+        xo = T.alloc_buffer((m, T.int64(kw)), "int32")
+        xc = T.alloc_buffer((m, T.int64(kw)), "int32")
+        xs = T.alloc_buffer((m, T.int64(kw)), "float32")
+        quantize(x, xe, xo, xc, xs, m)
+        for nb in T.parallel(T.int64(n // rows)):
+            acc = T.alloc_buffer((rows * lanes,), "float32", scope="local")
+            for i in range(m):
+                block(acc, w3, s3, T.int64(0), nb * rows, xe, xo, xc, xs, i)
+                for r in T.unroll(rows):
+                    y[i, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+
+    return func
+
+
+def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_slot: bool = False,
+                 index_dtype: str = "int32", rows: int = ROWS) -> tirx.PrimFunc:
+    """moe_gemv.py's moe_gemv (x [T, k]) or, per_slot, moe_gemv_per_slot (x [T, top_k, k]):
+    (x, ids [T, top_k], w [E, n, k // 8], scales [E, n, k // 32]) -> y [T, top_k, n]."""
+    kernel = "moe_gemv_per_slot" if per_slot else "moe_gemv"
+    kw, kg, lanes, rows, quantize, block = _setup(kernel, n, k, isa, rows)
+    nblocks = n // rows
+
+    def xrows(t):  # rows of x to quantize
+        return t * top_k if per_slot else t
+
+    @T.prim_func(private=True)
+    def func(x_handle: T.handle, ids_handle: T.handle,
+             w: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kw)), "uint32"),
+             s: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
+        T.func_attr(_attrs(kernel, isa))
+        t = T.int64()
+        x = T.match_buffer(x_handle, ((t, T.int64(top_k), T.int64(k)) if per_slot else (t, T.int64(k))))
+        ids = T.match_buffer(ids_handle, (t, T.int64(top_k)), index_dtype)
+        y = T.match_buffer(y_handle, (t, T.int64(top_k), T.int64(n)), "float32")
+        x2 = T.decl_buffer((xrows(t), T.int64(k)), "float32", data=x.data)
+        xe = T.alloc_buffer((xrows(t), T.int64(kw)), "int32")
+        xo = T.alloc_buffer((xrows(t), T.int64(kw)), "int32")
+        xc = T.alloc_buffer((xrows(t), T.int64(kw)), "int32")
+        xs = T.alloc_buffer((xrows(t), T.int64(kw)), "float32")
+        quantize(x2, xe, xo, xc, xs, xrows(t))
+        for tjb in T.parallel(t * top_k * nblocks):
+            acc = T.alloc_buffer((rows * lanes,), "float32", scope="local")
+            tj = tjb // nblocks
+            nb = tjb % nblocks
+            ti = tj // top_k
+            e = T.Cast("int64", ids[ti, tj % top_k])
+            block(acc, w, s, e, nb * rows, xe, xo, xc, xs, tj if per_slot else ti)
+            for r in T.unroll(rows):
+                y[ti, tj % top_k, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+
+    return func
+
+
+def moe_gemv_weighted_sum_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA,
+                              index_dtype: str = "int32", rows: int = ROWS) -> tirx.PrimFunc:
+    """moe_gemv.py's moe_gemv_weighted_sum: (x [T, top_k, k], ids [T, top_k], routing weights
+    [T, top_k], w [E, n, k // 8], scales [E, n, k // 32]) -> y [T, n] = sum_j rw[t, j] * (x[t, j] @ W[ids[t, j]]^T)."""
+    kw, kg, lanes, rows, quantize, block = _setup("moe_gemv_weighted_sum", n, k, isa, rows)
+    nblocks = n // rows
+
+    @T.prim_func(private=True)
+    def func(x_handle: T.handle, ids_handle: T.handle, rw_handle: T.handle,
+             w: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kw)), "uint32"),
+             s: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
+        T.func_attr(_attrs("moe_gemv_weighted_sum", isa))
+        t = T.int64()
+        x = T.match_buffer(x_handle, (t, T.int64(top_k), T.int64(k)), "float32")
+        ids = T.match_buffer(ids_handle, (t, T.int64(top_k)), index_dtype)
+        rw = T.match_buffer(rw_handle, (t, T.int64(top_k)), "float32")
+        y = T.match_buffer(y_handle, (t, T.int64(n)), "float32")
+        x2 = T.decl_buffer((t * top_k, T.int64(k)), "float32", data=x.data)
+        xe = T.alloc_buffer((t * top_k, T.int64(kw)), "int32")
+        xo = T.alloc_buffer((t * top_k, T.int64(kw)), "int32")
+        xc = T.alloc_buffer((t * top_k, T.int64(kw)), "int32")
+        xs = T.alloc_buffer((t * top_k, T.int64(kw)), "float32")
+        quantize(x2, xe, xo, xc, xs, t * top_k)
+        for tb in T.parallel(t * nblocks):
+            acc = T.alloc_buffer((rows * lanes,), "float32", scope="local")
+            out = T.alloc_buffer((rows,), "float32", scope="local")
+            ti = tb // nblocks
+            nb = tb % nblocks
+            for r in T.unroll(rows):
+                out[r] = T.float32(0)
+            for j in range(top_k):
+                block(acc, w, s, T.Cast("int64", ids[ti, j]), nb * rows, xe, xo, xc, xs, ti * top_k + j)
+                for r in T.unroll(rows):
+                    out[r] = out[r] + rw[ti, j] * _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+            for r in T.unroll(rows):
+                y[ti, nb * rows + r] = out[r]
+
+    return func
