@@ -106,6 +106,9 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     for e in ENTRY_POINTS:
         todo = [n for n in names[e] if n not in params]
         params.update(materialize(todo, transforms[e], source, progress=progress is not None))
+    if quant == "int4" and spec.lowering == "cpu":  # the dot-product kernels' interleaved codes
+        from .kernels.select_dot import interleave_params
+        interleave_params(params, target)
     return executable, params, entry_points, phase_names(opts), target
 
 
@@ -118,24 +121,15 @@ def activation_format(quant: str, spec, target) -> str:
     return f"int8 per group of {GROUP_SIZE}, symmetric ({isa.name} dot products)" if isa else "float32"
 
 
-def preset_config(preset: str):
-    """A preset name (`python -m mobilemoe.config list`) or the path of a config JSON file (e.g. one
-    written by `python -m mobilemoe.scaling design`)."""
-    from mobilemoe.config import MobileMoEConfig, load_config
-
-    if preset.endswith(".json") or Path(preset).is_file():
-        return load_config(preset)
-    return MobileMoEConfig.from_name(preset)
-
-
 def shape_only_model(preset: str):
     """A model of a preset's shapes (a name or a config JSON path) whose weights are never
     initialised (pages untouched): for random-weight builds of paper-scale presets."""
     import torch
 
+    from mobilemoe.config import MobileMoEConfig
     from mobilemoe.model import MobileMoE, rope_table
 
-    cfg = preset_config(preset)
+    cfg = MobileMoEConfig.from_name(preset)  # a preset name or a config JSON path
     with torch.device("meta"):
         model = MobileMoE(cfg)
     model = model.to_empty(device="cpu")
@@ -218,7 +212,10 @@ def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None
         "pipeline": pipeline,
         "quantization": ({"format": INT4_LAYOUT, "bits": 4, "group_size": GROUP_SIZE, "symmetric": True,
                           "scale_dtype": "float16", "float_weights": ["router", "norms"],
-                          "activations": activation_format(quant, spec, target)}
+                          "activations": activation_format(quant, spec, target),
+                          "codes_order": ("interleaved (mobilemoe.quant.interleave_int4, rows and lanes from "
+                                          "compiler.kernels.int4_dot.interleave_for)"
+                                          if activation_format(quant, spec, target) != "float32" else "row-major")}
                          if quant.startswith("int4") else None),
         "entry_points": entries,
         "config": cfg.to_dict(),

@@ -2,7 +2,8 @@
 
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4")
-    cleanup    StripAssertions, PruneUnusedParams, DeadCodeElimination
+    cleanup    StripAssertions, MakeDataflow (pure functions in dataflow blocks: what FuseOps and
+               RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
     legalize   DispatchSampling, DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
     schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
@@ -29,6 +30,7 @@ from tvm import relax
 from tvm.relax.pipeline import PIPELINE_MAP, register_pipeline
 
 from passes.fuse_expert_gate_up import FuseExpertGateUp
+from passes.make_dataflow import MakeDataflow
 from passes.prune_unused_params import PruneUnusedParams
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
@@ -60,7 +62,8 @@ class ScheduleInt4Kernels:
 
 def _dlight_cpu():
     from tvm.s_tir import dlight as dl
-    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())
+    from .cpu_rules import Injective, SafeReduction
+    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), SafeReduction(), Injective())
 
 
 def _dlight_gpu(rule_names: tuple[str, ...]):
@@ -109,7 +112,7 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
         # grouped prefill kernels (compiler/kernels/moe_grouped.py) are CPU-only
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=opts.lowering == "cpu")]),
         ("quantize", [QuantizeInt4Weights()] if opts.quant.startswith("int4") else []),
-        ("cleanup", [StripAssertions(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
+        ("cleanup", [StripAssertions(), MakeDataflow(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
         ("legalize", backend.library_dispatch_passes(target) + legalize),
         ("schedule", schedule),
         ("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)),

@@ -35,11 +35,14 @@ def example_inputs(model: MobileMoE, seq: int, past: int):
 
 
 def export_entry(model: MobileMoE, kind: str) -> ExportedProgram:
-    """Export `prefill` (dynamic S and P) or `decode` (S = 1, dynamic P) in the dense MoE form."""
+    """Export `prefill` (dynamic S and P) or `decode` (S = 1, dynamic P) in the dense MoE form, with
+    grouped-query attention that never repeats K/V (Attention._grouped)."""
     if kind not in ("prefill", "decode"):
         raise ValueError(f"entry point must be 'prefill' or 'decode', got {kind!r}")
     was = [layer.moe.impl for layer in model.layers if layer.moe is not None]
     model.set_moe_impl("dense")
+    for layer in model.layers:
+        layer.attn.grouped = True  # attention without repeating K/V per query head
     try:
         p = Dim.DYNAMIC
         if kind == "prefill":
@@ -52,5 +55,7 @@ def export_entry(model: MobileMoE, kind: str) -> ExportedProgram:
         with torch.no_grad():
             return torch.export.export(_Entry(model.eval()), args, dynamic_shapes=shapes)
     finally:
+        for layer in model.layers:
+            del layer.attn.grouped  # back to the class default (SDPA)
         for layer, impl in zip((layer for layer in model.layers if layer.moe is not None), was):
             layer.moe.impl = impl

@@ -60,6 +60,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    grouped = False  # True: the exported form (_grouped); False: SDPA (mobilemoe/export.py sets it)
+
     def __init__(self, cfg: MobileMoEConfig):
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -77,13 +79,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = torch.cat([past_k, k], dim=2)  # [B, nkv, T, D]
         v_all = torch.cat([past_v, v], dim=2)
-        rep = self.nh // self.nkv
-        T = k_all.shape[2]
-        kr = k_all[:, :, None].expand(B, self.nkv, rep, T, self.d).reshape(B, self.nh, T, self.d)
-        vr = v_all[:, :, None].expand(B, self.nkv, rep, T, self.d).reshape(B, self.nh, T, self.d)
-        y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [B, nh, S, D]
+        y = self._grouped(q, k_all, v_all, mask) if self.grouped else self._sdpa(q, k_all, v_all, mask)
         y = y.transpose(1, 2).reshape(B, S, self.nh * self.d)
         return self.wo(y), k_all, v_all
+
+    def _sdpa(self, q, k_all, v_all, mask):
+        """PyTorch's fused attention over K/V repeated to every query head (training, eager)."""
+        B, rep, (T, D) = q.shape[0], self.nh // self.nkv, k_all.shape[2:]
+        kr = k_all[:, :, None].expand(B, self.nkv, rep, T, D).reshape(B, self.nh, T, D)
+        vr = v_all[:, :, None].expand(B, self.nkv, rep, T, D).reshape(B, self.nh, T, D)
+        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [B, nh, S, D]
+
+    def _grouped(self, q, k_all, v_all, mask):
+        """The same attention with the query heads grouped by their KV head and K/V broadcast over the
+        group inside the matmuls, not repeated by an expand + reshape copy (the exported form: a
+        compiled decode step would otherwise copy the whole cache nh / nkv times). Head h = kv * rep + r.
+        (Stacking the group's heads as rows, [B, nkv, rep * S, D], would be one plain batched matmul,
+        but torch.export cannot prove that reshape for a dynamic S.)"""
+        B, nh, S, D = q.shape
+        rep = nh // self.nkv
+        qg = q.view(B, self.nkv, rep, S, D) * (D ** -0.5)
+        scores = qg @ k_all[:, :, None].transpose(-1, -2) + mask[:, :, None]  # [B, nkv, rep, S, T]
+        p = torch.softmax(scores, dim=-1)
+        return (p @ v_all[:, :, None]).view(B, nh, S, D)
 
 
 class FeedForward(nn.Module):
@@ -248,7 +266,10 @@ class MobileMoE(nn.Module):
             new_kv.append(torch.stack([k, v]))
             routing.append(r)
         if last_only:
-            x = x.narrow(1, S - 1, 1)  # (x[:, -1] imports into TVM as a negative take index)
+            # x[:, S - 1:] written so that its length is a static 1 in TVM: a slice starting at S - 1
+            # imports as a dynamic slice whose length TVM cannot simplify (and FuseOps then fails on
+            # it); x[:, -1] imports as a negative take index. Flipping costs one copy of x.
+            x = x.flip(1)[:, :1]
         logits = self.lm_head(self.norm(x))
         kv_out = torch.stack(new_kv)
         if not return_aux:

@@ -20,6 +20,14 @@ stacked experts ``[E, N, K]`` and any other leading dims broadcast):
   nibble; ORT's default 4-bit zero point 8 turns ``u`` back into ``q``. These are the little-endian
   bytes of the packed words above (``int4_bytes``): the very same codes, only regrouped.
 
+Interleaved codes (``g32_sym_u32k8_r{R}l{L}``, the dot-product kernels' layout): the same words in a
+different order, so that a kernel computing R output rows reads one sequential stream. Viewed as
+``[..., N / R, K / 8 / L, R, L]`` (L words of each of R rows, then the next L words), stored with the
+shape ``[..., N, K // 8]`` unchanged: word ``(n, j)`` sits at flat position ``interleaved_index(n, j)``
+``= ((n // R) * (K / 8 / L) + j // L) * R * L + (n % R) * L + j % L`` of its matrix. Scales stay in
+row order. (A row-major GEMV over R rows at once reads R streams 512 B apart and ran at 8.5 GB/s on
+one znver4 core; interleaved, the same kernel read 21.8 GB/s, numpy's sum 24.)
+
 Activations (``ACT_INT8_LAYOUT = "g32_sym_i8"``, the int8 x int4 dot-product kernels of
 compiler/kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
 ``q = round_half_even(x * fp32(127 / amax))`` (0 if amax = 0), int8 in [-127, 127], and the float32
@@ -151,6 +159,23 @@ def unpack_int4_bytes(data: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"data: expected torch.uint8, got {data.dtype}")
     u = torch.stack([data & 15, data >> BITS], dim=-1).flatten(-2)  # low nibble first
     return (u.to(torch.int16) - ZERO_CODE).to(torch.int8)
+
+
+def interleaved_index(n, j, words: int, rows: int, lanes: int):
+    """Flat position (within its [N, K // 8] matrix) of packed word (n, j) in the interleaved layout.
+    Pure arithmetic: works on ints, tensors and TIR expressions alike."""
+    return ((n // rows) * (words // lanes) + j // lanes) * (rows * lanes) + (n % rows) * lanes + j % lanes
+
+
+def interleave_int4(packed, rows: int, lanes: int):
+    """Row-major packed codes [..., N, K // 8] (torch or numpy) -> the interleaved layout, same shape."""
+    *lead, n, words = packed.shape
+    if n % rows or words % lanes:
+        raise ValueError(f"interleave_int4: [N={n}, words={words}] must divide into rows={rows} x lanes={lanes}")
+    blocks = packed.reshape(*lead, n // rows, rows, words // lanes, lanes)
+    order = list(range(len(lead))) + [len(lead), len(lead) + 2, len(lead) + 1, len(lead) + 3]
+    moved = blocks.permute(*order) if hasattr(blocks, "permute") else blocks.transpose(*order)
+    return moved.reshape(*lead, n, words) if hasattr(moved, "permute") else moved.copy().reshape(*lead, n, words)
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

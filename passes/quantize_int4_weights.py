@@ -129,8 +129,9 @@ class _Rewriter(relax.PyExprMutator):
         q, s = self._q(w)
         shape = list(ids.ty.shape.values)
         flat = self.builder_.emit(relax.op.reshape(ids, [-1])) if len(shape) != 1 else ids
-        y = self.builder_.emit(self.builder_.call_te(embedding_int4, flat, q, s, primfunc_name_hint="embedding_int4"))
-        H = tensor_shape(w)[1]
+        V, H = tensor_shape(w)
+        y = self.builder_.emit(self._tir(embedding_int4(V, H, str(flat.ty.dtype)), "embedding_int4", [flat, q, s],
+                                         relax.TensorType([flat.ty.shape.values[0], H], "float32")))
         return relax.op.reshape(y, [*shape, H]) if len(shape) != 1 else y
 
 

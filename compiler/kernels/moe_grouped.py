@@ -28,6 +28,8 @@ Two forms of each GEMM, one contract:
 from tvm import tirx
 from tvm.script import tirx as T
 
+from mobilemoe.quant import interleaved_index
+
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape, dequant_int4
 from .moe_gemv import INDEX_DTYPES
 
@@ -77,7 +79,8 @@ def _fits(k: int, lanes: int) -> int:
     return lanes if lanes >= 4 else 0
 
 
-def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str, lanes: int | None):
+def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str, lanes: int | None,
+             interleave: tuple[int, int] | None = None):
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"moe_grouped_{op}: weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     int4 = weights == "int4"
@@ -98,9 +101,16 @@ def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str
     KB = K // (NIBBLES_PER_WORD * lanes) if lanes else 0
     tiled = bool(lanes)  # TVMScript's static `if` needs a bool
 
+    KW = K // NIBBLES_PER_WORD
+    il_rows, il_lanes = interleave or (1, KW)  # (1, KW): interleaved_index is the row-major index
+
+    def word(w, e, j, wi):  # packed word (j, wi) of expert e, in the (possibly interleaved) layout
+        p = interleaved_index(j, wi, KW, il_rows, il_lanes)
+        return w[e, p // KW, p % KW] if interleave else w[e, j, wi]
+
     def weight(w, s, e, j, kk):  # fp32 weight [e, j, kk]
         if int4:
-            return dequant_int4(w[e, j, kk // NIBBLES_PER_WORD], s[e, j, kk // GROUP_SIZE], kk)
+            return dequant_int4(word(w, e, j, kk // NIBBLES_PER_WORD), s[e, j, kk // GROUP_SIZE], kk)
         return w[e, j, kk]
 
     def group_scale(s, e, j, b, lane):  # the scale of word b * lanes + lane (4 words per group)
@@ -139,7 +149,7 @@ def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str
                 for lane in T.vectorized(lanes):
                     if int4:
                         wt[jj, b, i, lane] = dequant_int4(
-                            w[e, j0 + jj, b * lanes + lane], group_scale(s, e, j0 + jj, b, lane), i)
+                            word(w, e, j0 + jj, b * lanes + lane), group_scale(s, e, j0 + jj, b, lane), i)
                     else:
                         wt[jj, b, i, lane] = w[e, j0 + jj, (b * lanes + lane) * NIBBLES_PER_WORD + i]
 
@@ -246,22 +256,24 @@ def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str
 
 
 def moe_grouped_gate_up(num_experts: int, n: int, k: int, top_k: int, weights: str = "int4",
-                        lanes: int | None = None) -> tirx.PrimFunc:
-    """PrimFunc (x [T, k], offsets, order, W [E, n, k] | (codes, scales)) -> y [T * top_k, n], sorted rows."""
-    return _grouped("gate_up", num_experts, n, k, top_k, weights, lanes)
+                        lanes: int | None = None, interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """PrimFunc (x [T, k], offsets, order, W [E, n, k] | (codes, scales)) -> y [T * top_k, n], sorted rows.
+    interleave=(rows, lanes): INT4 codes in mobilemoe.quant's interleaved word order."""
+    return _grouped("gate_up", num_experts, n, k, top_k, weights, lanes, interleave)
 
 
 def moe_grouped_down_combine(num_experts: int, n: int, k: int, top_k: int, weights: str = "int4",
-                             lanes: int | None = None) -> tirx.PrimFunc:
+                             lanes: int | None = None, interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:
     """PrimFunc (a [T * top_k, k] sorted rows, offsets, order, rw [T, top_k], W) -> y [T, n]."""
-    return _grouped("down_combine", num_experts, n, k, top_k, weights, lanes)
+    return _grouped("down_combine", num_experts, n, k, top_k, weights, lanes, interleave)
 
 
-def schedule_grouped(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
-    """The scheduled form of a naive grouped kernel (rebuilt from its attrs) for `lanes` word lanes."""
+def schedule_grouped(func: tirx.PrimFunc, lanes: int, interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """The scheduled form of a naive grouped kernel (rebuilt from its attrs) for `lanes` word lanes
+    (and, given, codes in the interleaved layout)."""
     name = str(func.attrs["mobilemoe.kernel"])
     if name not in KERNELS:
         raise ValueError(f"schedule_grouped: {name!r} is not a grouped kernel; known: {sorted(KERNELS)}")
     args = {key: int(v) for key, v in func.attrs[ARGS_ATTR].items()}
     weights = "int4" if name.endswith("_int4") else "float32"
-    return _grouped(KERNELS[name], weights=weights, lanes=lanes, **args)
+    return _grouped(KERNELS[name], weights=weights, lanes=lanes, interleave=interleave, **args)

@@ -151,6 +151,9 @@ def schedule_int4_kernels(mod: IRModule, target: Target | None = None) -> IRModu
             and func.attrs is not None
             and "mobilemoe.kernel" in func.attrs
             and not func.attrs.get("tirx.is_scheduled", False)
+            # the embedding (one spatial block) is left to the generic rules
+            and (str(func.attrs["mobilemoe.kernel"]) in KERNEL_BLOCKS
+                 or str(func.attrs["mobilemoe.kernel"]) in moe_grouped.KERNELS)
         ):
             if str(func.attrs["mobilemoe.kernel"]) in moe_grouped.KERNELS:
                 scheduled[gv] = moe_grouped.schedule_grouped(func, lanes)

@@ -1,5 +1,12 @@
 """Swap the fp32-dequant INT4 kernels for the int8-activation dot-product kernels (int4_dot.py) on
-CPUs that have a dot instruction (x86 AVX512-VNNI, arm64 dotprod).
+CPUs that have a dot instruction (x86 AVX512-VNNI, arm64 dotprod), with every INT4 weight in
+mobilemoe.quant's interleaved word order.
+
+The dot kernels read the codes interleaved (int4_dot.interleave_for(isa, N, K)), so every kernel
+that reads INT4 codes is swapped for an interleaved form: the GEMVs for their dot forms, the tied
+embedding and the grouped prefill MoE kernels for the same kernels with interleaved addressing. A
+kernel reading INT4 codes that has no interleaved form is an error (it would read the wrong words).
+compiler/build.py interleaves the packed params (``interleave_params``) to match.
 
 The swap keeps each call's signature: the same buffers in, the same outputs. It runs before the
 tuning database and the default schedules (pipeline.py), so a kernel with a dot form is never tuned
@@ -12,20 +19,33 @@ import tvm
 from tvm import IRModule, tirx
 from tvm.target import Target
 
-from . import int4_dot
+from . import int4_dot, moe_grouped
+from .embedding import embedding_int4
+from .schedules import lanes_for
 
 KERNEL_ATTR = "mobilemoe.kernel"
+INTERLEAVED_ATTR = "mobilemoe.interleaved"
+INT4_KERNELS = ("int4_matmul", "moe_gemv", "moe_gemv_per_slot", "moe_gemv_weighted_sum", "embedding_int4",
+                "moe_grouped_gate_up_int4", "moe_grouped_down_combine_int4")
 
 
-def dot_form(func: tirx.PrimFunc, isa: int4_dot.DotISA) -> tirx.PrimFunc | None:
-    """The dot-product kernel equivalent to `func` (an unscheduled int4_matmul / moe_gemv* PrimFunc,
-    described by its "mobilemoe.dims" attr), or None."""
+def dot_form(func: tirx.PrimFunc, isa: int4_dot.DotISA, target: Target | None = None) -> tirx.PrimFunc | None:
+    """The interleaved-layout kernel equivalent to `func` (an unscheduled INT4 kernel described by its
+    "mobilemoe.dims" / "mobilemoe.kernel_args" attrs), or None: the dot form of a GEMV, the
+    interleaved-addressing form of the embedding and of the grouped prefill kernels."""
     attrs = func.attrs
-    if attrs is None or KERNEL_ATTR not in attrs or "mobilemoe.dims" not in attrs or \
-            attrs.get("tirx.is_scheduled", False):
+    if attrs is None or KERNEL_ATTR not in attrs or attrs.get("tirx.is_scheduled", False) \
+            or attrs.get(INTERLEAVED_ATTR, False):
         return None
     kernel = str(attrs[KERNEL_ATTR])
+    if kernel in ("moe_grouped_gate_up_int4", "moe_grouped_down_combine_int4"):
+        a = {key: int(v) for key, v in attrs[moe_grouped.ARGS_ATTR].items()}
+        return moe_grouped.schedule_grouped(func, lanes_for(target), int4_dot.interleave_for(isa, a["n"], a["k"]))
+    if "mobilemoe.dims" not in attrs:
+        return None
     d = {key: (str(v) if key == "index_dtype" else int(v)) for key, v in attrs["mobilemoe.dims"].items()}
+    if kernel == "embedding_int4":
+        return embedding_int4(d["n"], d["k"], d["index_dtype"], int4_dot.interleave_for(isa, d["n"], d["k"]))
     if kernel == "int4_matmul":
         return int4_dot.int4_matmul_dot(d["n"], d["k"], isa)
     moe = (d["num_experts"], d["n"], d["k"], d["top_k"], isa)
@@ -43,11 +63,18 @@ def select_dot_kernels(mod: IRModule, target: Target | None) -> IRModule:
         return mod
     swapped = {}
     for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
-            new = dot_form(func, isa)
-            if new is not None:
-                swapped[gv] = new.with_attr("global_symbol", func.attrs["global_symbol"]) \
-                    if "global_symbol" in func.attrs else new
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+            continue
+        kernel = str(func.attrs[KERNEL_ATTR])
+        if kernel not in INT4_KERNELS or func.attrs.get(INTERLEAVED_ATTR, False):
+            continue
+        new = dot_form(func, isa, target)
+        if new is None:
+            raise ValueError(f"{gv.name_hint}: INT4 kernel {kernel!r} has no interleaved form; the dot-product "
+                             "build stores INT4 codes interleaved (build with --quant int4-f32 instead)")
+        new = new.with_attr(INTERLEAVED_ATTR, True)
+        swapped[gv] = new.with_attr("global_symbol", func.attrs["global_symbol"]) \
+            if "global_symbol" in func.attrs else new
     if not swapped:
         return mod
     mod = IRModule(dict(mod.functions), mod.attrs)
@@ -60,3 +87,18 @@ def select_dot_kernels(mod: IRModule, target: Target | None) -> IRModule:
 class SelectDotKernels:
     def transform_module(self, mod, ctx):
         return select_dot_kernels(mod, Target.current(allow_none=True))
+
+
+def interleave_params(params: dict, target: Target | None) -> dict:
+    """The packed INT4 codes params (names ending "__q4", [.., N, K // 8] uint32) in the interleaved
+    layout select_dot_kernels' kernels read, when the target has a dot ISA; `params` is updated."""
+    from mobilemoe.quant import NIBBLES_PER_WORD, interleave_int4
+
+    isa = int4_dot.dot_isa(target)
+    if isa is None:
+        return params
+    for name, value in params.items():
+        if name.endswith("__q4"):
+            n, words = value.shape[-2:]
+            params[name] = interleave_int4(value, *int4_dot.interleave_for(isa, n, words * NIBBLES_PER_WORD))
+    return params

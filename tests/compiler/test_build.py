@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.artifact import ArtifactError, verify
+from compiler.artifact import ArtifactError, read_manifest, verify
 from compiler.build import build
 from mobilemoe.checkpoint import load_checkpoint
-from mobilemoe.quant import dequantize_int4, quantize_int4
+from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
 from mobilemoe.runtime import load_artifact
 from mobilemoe.tokenizer import load_tokenizer
 from targets import TargetError, get_target
@@ -72,9 +72,12 @@ def test_int4_artifact_top1_agreement_on_real_text(ckpt, host_int4):
     got = teacher_forced_logits(rt.step, ids)
     ref = teacher_forced_logits(torch_step(model), ids)
     agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    print(f"INT4 artifact vs PyTorch INT4: top-1 agreement {agree:.4f} over {len(got)} positions, "
-          f"max logit error {np.abs(got - ref).max():.2e}")
-    assert agree >= 0.98
+    acts = read_manifest(host_int4)["quantization"]["activations"]
+    db = sqnr(torch.from_numpy(ref), torch.from_numpy(got))
+    print(f"INT4 artifact ({acts} activations) vs PyTorch INT4 (fp32 activations): top-1 agreement "
+          f"{agree:.4f} over {len(got)} positions, max logit error {np.abs(got - ref).max():.2e}, "
+          f"logits SQNR {db:.1f} dB")
+    assert agree >= 0.98 and db >= 25
 
 
 def test_manifest_and_dump_ir(host_int4):

@@ -14,7 +14,7 @@ from tvm.target import Target, codegen
 from compiler.kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
 from compiler.kernels.select_dot import dot_form, select_dot_kernels
 from compiler.kernels.int4_matmul import int4_matmul
-from mobilemoe.quant import dequantize_int4, int8_int4_matmul, pack_int4, quantize_act_int8, quantize_int4, sqnr
+from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_act_int8, quantize_int4, sqnr
 
 HOST = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISA = int4_dot.dot_isa(HOST)
@@ -23,9 +23,11 @@ needs_vnni = pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no AVX512
 
 
 def weight(*shape, seed=0):
+    """codes, scales, and the packed codes in the interleaved order the dot kernels read, fp16 scales."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     codes, scales = quantize_int4(w)
-    return codes, scales, pack_int4(codes).numpy(), scales.numpy()
+    layout = int4_dot.interleave_for(HOST_ISA or int4_dot.X86_VNNI, shape[-2], shape[-1])
+    return codes, scales, interleave_int4(pack_int4(codes), *layout).numpy(), scales.numpy()
 
 
 def run(func, args, out_shape, target=HOST):
@@ -48,7 +50,7 @@ def test_activation_quantization_reference():
 
 
 @needs_vnni
-@pytest.mark.parametrize("n,k,m", [(256, 1024, 1), (96, 64, 3), (200, 512, 5)])
+@pytest.mark.parametrize("n,k,m", [(256, 1024, 1), (96, 64, 3), (200, 512, 5), (36, 128, 2)])
 def test_int4_matmul_dot_matches_reference(n, k, m):
     codes, scales, w, s = weight(n, k)
     x = torch.randn(m, k)
@@ -114,3 +116,50 @@ def test_select_swaps_each_int4_kernel_for_its_dot_form():
         assert str(func.attrs["mobilemoe.kernel"]) == str(before[name].attrs["mobilemoe.kernel"])
         assert len(func.params) == len(before[name].params)
     assert dot_form(after["mm"], isa) is None  # already a dot kernel: left alone
+
+
+def test_every_int4_kernel_gets_the_interleaved_layout():
+    """The embedding (tied LM head table) and the grouped prefill kernels read the same codes as the
+    dot GEMVs: they are swapped too, and a kernel without an interleaved form is refused."""
+    from compiler.kernels import moe_grouped
+    from compiler.kernels.embedding import embedding_int4
+
+    before = tvm.IRModule({"emb": embedding_int4(64, 256, "int32"),
+                           "gu": moe_grouped.moe_grouped_gate_up(4, 64, 256, 2),
+                           "down": moe_grouped.moe_grouped_down_combine(4, 256, 64, 2)})
+    after = select_dot_kernels(before, ANDROID)
+    for name in ("emb", "gu", "down"):
+        assert after[name].attrs["mobilemoe.interleaved"]
+    odd = int4_matmul(64, 256).with_attr("mobilemoe.dims", None).without_attr("mobilemoe.dims")
+    with pytest.raises(ValueError, match="no interleaved form"):
+        select_dot_kernels(tvm.IRModule({"odd": odd}), ANDROID)
+
+
+@needs_vnni
+def test_interleaved_embedding_and_grouped_kernels_match_row_major():
+    from compiler.kernels import moe_grouped
+    from compiler.kernels.embedding import embedding_int4
+
+    codes, scales, w_il, s = weight(64, 256, seed=3)
+    w_rm = pack_int4(codes).numpy()
+    ids = np.array([5, 0, 63, 5], "int32")
+    layout = int4_dot.interleave_for(HOST_ISA, 64, 256)
+    rm = run(embedding_int4(64, 256, "int32"), (ids, w_rm, s), (4, 256))
+    il = run(embedding_int4(64, 256, "int32", layout), (ids, w_il, s), (4, 256))
+    np.testing.assert_array_equal(il, rm)
+    np.testing.assert_array_equal(rm, dequantize_int4(codes, scales).numpy()[ids])
+
+    e, n, k, top_k, t = 4, 64, 256, 2, 3
+    codes, scales, w_il, s = weight(e, n, k, seed=4)
+    w_rm = pack_int4(codes).numpy()
+    x = np.random.default_rng(0).standard_normal((t, k)).astype("float32")
+    ids = np.array([[0, 1], [3, 1], [2, 0]], "int64")
+    offsets = np.zeros(e + 1, "int32")
+    order = np.argsort(ids.reshape(-1), kind="stable").astype("int32")
+    offsets[1:] = np.cumsum(np.bincount(ids.reshape(-1), minlength=e))
+    args = lambda w: (x, offsets, order, w, s)
+    lanes = 8
+    rm = run(moe_grouped.moe_grouped_gate_up(e, n, k, top_k, lanes=lanes), args(w_rm), (t * top_k, n))
+    il = run(moe_grouped.moe_grouped_gate_up(e, n, k, top_k, lanes=lanes, interleave=int4_dot.interleave_for(
+        HOST_ISA, n, k)), args(w_il), (t * top_k, n))
+    np.testing.assert_array_equal(il, rm)

@@ -1,0 +1,56 @@
+"""compiler/cpu_rules.py: SafeReduction refuses the decode RMSNorm shape dlight's rule gets wrong,
+keeps the shapes it gets right; Injective parallelises and vectorises one-block copies. Both are
+checked for the same results as the unscheduled kernels."""
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.target import Target
+
+from compiler.cpu_rules import Injective, SafeReduction, shares_leading_axes
+
+TARGET = Target({"kind": "llvm", "num-cores": 2})
+
+
+def rmsnorm(rows: int, dim: int) -> tirx.PrimFunc:
+    x = te.placeholder((1, rows, dim), "float32", name="x")
+    w = te.placeholder((dim,), "float32", name="w")
+    k = te.reduce_axis((0, dim), name="k")
+    ss = te.compute((1, rows, 1), lambda b, r, _: te.sum(x[b, r, k] * x[b, r, k], axis=k), name="ss")
+    y = te.compute((1, rows, dim), lambda b, r, d: x[b, r, d] * w[d] * tvm.tirx.rsqrt(ss[b, r, 0] / dim + 1e-5),
+                   name="y")
+    return te.create_prim_func([x, w, y])
+
+
+def run(func, args):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    tv = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tv)
+    return tv[-1].numpy()
+
+
+def test_safe_reduction_refuses_the_recomputing_shape():
+    assert not shares_leading_axes(rmsnorm(1, 1024))  # one decode token: dlight would redo the sum 1024 times
+    assert shares_leading_axes(rmsnorm(8, 1024))
+    assert SafeReduction().apply(rmsnorm(1, 1024), TARGET, False) is None
+    sch = SafeReduction().apply(rmsnorm(8, 256), TARGET, False)
+    assert sch is not None
+    x, w = np.random.rand(1, 8, 256).astype("float32"), np.random.rand(256).astype("float32")
+    ref = run(rmsnorm(8, 256), [x, w, np.empty_like(x)])
+    got = run(sch.mod["main"], [x, w, np.empty_like(x)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_injective_copy_is_parallel_and_vectorized():
+    a = te.placeholder((4, 96, 64), "float32", name="a")
+    b = te.placeholder((4, 1, 64), "float32", name="b")
+    cat = te.compute((4, 97, 64), lambda h, t, d: tvm.tirx.if_then_else(t < 96, a[h, t, d], b[h, t - 96, d]),
+                     name="cat")
+    func = te.create_prim_func([a, b, cat])
+    sch = Injective().apply(func, TARGET, False)
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    xa, xb = np.random.rand(4, 96, 64).astype("float32"), np.random.rand(4, 1, 64).astype("float32")
+    out = np.empty((4, 97, 64), "float32")
+    np.testing.assert_array_equal(run(sch.mod["main"], [xa, xb, out]), np.concatenate([xa, xb], axis=1))
+    reduction = rmsnorm(2, 64)
+    assert Injective().apply(reduction, TARGET, False) is None
