@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "cloudpickle",
     "psutil",
     "matplotlib",
+    "scipy",  # mobilemoe.scaling fit (L-BFGS-B); threadpoolctl, when present, keeps its BLAS on one thread
     "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
     "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/onnx_graph.py)
     "onnxruntime==1.32.0",  # CPU contrib ops QMoE (router_weights input), MatMulNBits, GQA verified on 1.32

@@ -111,6 +111,9 @@ class MobileMoEConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "MobileMoEConfig":
+        """A preset by name, or a config.json path (e.g. one `python -m mobilemoe.scaling design` wrote)."""
+        if str(name).endswith(".json"):
+            return load_config(name)
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name])
