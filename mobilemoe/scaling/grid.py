@@ -23,7 +23,6 @@ since 2 passes left the larger models far from converged.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -1,0 +1,244 @@
+"""What the performance scripts (roofline.py, moe_vs_dense.py, peers.py) share.
+
+- cached builds: `cached_artifact` builds an artifact once into a work directory (in a subprocess,
+  holding /tmp/mobilemoe-big.lock for paper-size models) and reuses it while its manifest and the
+  compiler sources still match;
+- threads: `pin_threads` sets one thread count for TVM, PyTorch and ONNX Runtime;
+- accounting: `decode_bytes` (what one decode step must read: weights, scales, KV cache) and
+  `prefill_flops`, both from an artifact's parameter shapes and config;
+- `run_artifact`: compiler.bench.run with the process's CPU time / wall time (did it use the threads
+  it was given?).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.decode import set_threads  # noqa: E402
+
+BIG_LOCK = Path("/tmp/mobilemoe-big.lock")
+BIG_PARAMS = 500e6  # builds of models above this (~9 min, ~8 GB RSS) never run two at once
+DEFAULT_WORK = ROOT / ".cache" / "bench"
+# what a build depends on besides its inputs: a change here makes cached artifacts stale
+BUILD_SOURCES = ("compiler", "passes", "targets", "mobilemoe/model.py", "mobilemoe/quant.py",
+                 "mobilemoe/export.py", "mobilemoe/config.py")
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8}
+KV_BYTES = 4  # the KV cache is float32 ([L, 2, 1, nkv, P, D], mobilemoe/model.py)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def lengths(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
+def add_args(p: argparse.ArgumentParser, prompts: str = "128,512", contexts: str = "128,1024") -> None:
+    """Measurement options (bench/decode.py's names; --contexts takes a list)."""
+    p.add_argument("--prompt-lens", type=lengths, default=lengths(prompts), help=f"prefill lengths (default {prompts})")
+    p.add_argument("--contexts", type=lengths, default=lengths(contexts), help=f"decode contexts (default {contexts})")
+    p.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed per repeat (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the median is kept")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"build cache (default {DEFAULT_WORK})")
+    p.add_argument("--rebuild", action="store_true", help="rebuild artifacts even if the cached ones match")
+
+
+def pin_threads(a) -> int:
+    """One thread count for PyTorch (bench/decode.py's set_threads), TVM and ONNX Runtime.
+
+    TVM's thread pool reads TVM_NUM_THREADS once, at its first use: call this before any TVM work
+    (TVM's default on x86 is half the logical cores)."""
+    threads = set_threads(a)
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256()
+    for top in BUILD_SOURCES:
+        path = ROOT / top
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_config(preset: str | None, checkpoint: Path | None):
+    """The config of a preset (a name or a config JSON path, as compiler.build --preset) or checkpoint."""
+    from mobilemoe.config import MobileMoEConfig, load_config
+    if preset is None:
+        return load_config(Path(checkpoint) / "config.json")
+    if preset.endswith(".json") or Path(preset).is_file():
+        return load_config(preset)
+    return MobileMoEConfig.from_name(preset)
+
+
+@contextlib.contextmanager
+def big_build_lock(cfg):
+    """Hold /tmp/mobilemoe-big.lock while building a paper-size model (one such build at a time)."""
+    if cfg.total_params() < BIG_PARAMS:
+        yield
+        return
+    with open(BIG_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {BIG_LOCK}: another paper-size build is running (one at a time)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_artifact(work: Path, name: str, target: str, preset: str | None = None, checkpoint: Path | None = None,
+                    ort_accuracy_level: int | None = None, rebuild: bool = False) -> Path:
+    """work/name: the artifact of (target, preset | checkpoint), built by `python -m compiler.build`
+    unless one is there whose manifest (backend, target, CPU, config, weights) and build key (compiler
+    sources, checkpoint files, options) match."""
+    from compiler.artifact import ArtifactError, read_manifest, verify
+
+    cfg = model_config(preset, checkpoint)
+    out = Path(work) / name
+    key = {"target": target, "preset": preset, "ort_accuracy_level": ort_accuracy_level, "sources": sources_digest(),
+           "checkpoint": None if preset else {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                                              for f in sorted(Path(checkpoint).iterdir()) if f.is_file()}}
+    key_file = out.parent / f"{name}.build-key.json"
+    why = "--rebuild" if rebuild else None
+    try:
+        m = read_manifest(out)
+        want = {"backend": "onnx" if target == "onnx" else "tvm", "config": cfg.to_dict(),
+                "weights": "random" if preset else "checkpoint"}
+        have = {"backend": m.get("backend"), "config": m.get("config"),
+                "weights": "random" if "random" in str(m.get("weights", "")) else "checkpoint"}
+        if target == "host":
+            from targets import get_target
+            want["cpu"], have["cpu"] = get_target("host").json().get("mcpu"), m["target"]["tvm"].get("mcpu")
+        old_key = json.loads(key_file.read_text()) if key_file.is_file() else None
+        why = why or next((f"manifest {k} differs" for k in want if want[k] != have[k]), None)
+        why = why or next((f"{k} changed since the build" for k in key if (old_key or {}).get(k) != key[k]), None)
+        if why is None:
+            verify(out)
+            log(f"reusing {out} (built {time.strftime('%Y-%m-%d %H:%M', time.localtime(key_file.stat().st_mtime))})")
+            return out
+    except ArtifactError as e:
+        why = why or str(e)
+    log(f"building {out} ({why})")
+    cmd = [sys.executable, "-m", "compiler.build", "--target", target, "--out", str(out)]
+    cmd += ["--preset", preset] if preset else ["--checkpoint", str(checkpoint)]
+    if ort_accuracy_level is not None:
+        cmd += ["--ort-accuracy-level", str(ort_accuracy_level)]
+    with big_build_lock(cfg):
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if done.returncode:  # its stderr without the progress bars
+            lines = [ln for ln in done.stderr.replace("\r", "\n").splitlines() if "%|" not in ln and ln.strip()]
+            sys.exit(f"error: `{' '.join(cmd)}` failed:\n" + "\n".join(lines[-40:]))
+    log(f"built {out} in {time.perf_counter() - t0:.0f}s")
+    key_file.write_text(json.dumps(key, indent=1) + "\n")
+    return out
+
+
+def param_shapes(artifact: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, safetensors dtype)} of an artifact's params.safetensors (header only)."""
+    from compiler.artifact import PARAMS_NAME, ArtifactError
+    path = Path(artifact) / PARAMS_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (decode bytes are counted from a TVM artifact's parameters)")
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def decode_bytes(params: dict[str, tuple[tuple[int, ...], str]], cfg, ctx: float) -> dict:
+    """Bytes one decode step at context `ctx` must read from memory, by part.
+
+    Every parameter is read fully (INT4 codes + fp16 scales; router and norms float) except: routed
+    experts (the MoE's stacked [E, ...] tensors, not "shared"/"router") top_k / E of them; the
+    embedding one row (its own tensor's row, or the tied LM head's, which the head reads fully
+    besides). KV cache: keys and values of every layer at `ctx` positions, float32."""
+    parts = {"int4_codes": 0.0, "int4_scales": 0.0, "float": 0.0, "routed_experts": 0.0, "embedding_row": 0.0}
+    embed_rows = None
+    for name, (shape, dtype) in params.items():
+        n = math.prod(shape) * DTYPE_BYTES[dtype]
+        if "embed" in name:
+            parts["embedding_row"] += n / shape[0]
+        elif cfg.is_moe and "moe" in name and "router" not in name and "shared" not in name and len(shape) >= 3 \
+                and shape[0] == cfg.num_experts:
+            parts["routed_experts"] += n * cfg.top_k / cfg.num_experts
+        elif dtype in ("U32", "U8", "I8"):
+            parts["int4_codes"] += n
+        elif dtype in ("F16", "BF16") and name.endswith("__s"):
+            parts["int4_scales"] += n
+        else:
+            parts["float"] += n
+        if cfg.tie_embeddings and "lm_head" in name:
+            embed_rows = (embed_rows or 0.0) + n / shape[0]
+    if embed_rows is not None and not any("embed" in k for k in params):
+        parts["embedding_row"] += embed_rows  # tied: the lookup reads one row of the LM head
+    parts["kv_cache"] = 2 * cfg.num_layers * cfg.num_kv_heads * ctx * cfg.head_dim * KV_BYTES
+    parts["weights"] = sum(v for k, v in parts.items() if k != "kv_cache")
+    parts["total"] = parts["weights"] + parts["kv_cache"]
+    # mobilemoe.config's accounting: INT4 bytes of active Linear weights (incl. the LM head) + float
+    parts["config_weights"] = cfg.int4_active_bytes()
+    return parts
+
+
+def prefill_flops(cfg, n: int) -> dict:
+    """FLOPs of an n-token prefill: mobilemoe.config's per-token accounting (2 x active matmul params +
+    QK^T/PV at (n+1)/2 keys on average) x n, less the LM head for all but the last token (the
+    artifact's prefill returns the last position's logits only)."""
+    per_token = cfg.flops_per_token(n, prefill=True)
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    return {"config_x_tokens": per_token * n, "needed": (per_token - head) * n + head}
+
+
+def run_artifact(artifact: Path, prompts, contexts, decode_steps: int, repeats: int, rpc=None) -> dict:
+    """compiler.bench.run (medians after a warm-up) -> {"prefill": {n: tok/s}, "decode": {ctx: tok/s},
+    "cpu_per_wall": process CPU seconds / wall seconds, "bench": the full result}."""
+    from compiler.bench import run
+    c0, w0 = time.process_time(), time.perf_counter()
+    res = run(artifact, rpc, tuple(prompts), tuple(contexts), decode_steps, 1, repeats, log=log)
+    return {"prefill": {r["tokens"]: r["tok_s"] for r in res["prefill"]},
+            "decode": {r["context"]: r["tok_s"] for r in res["decode"]},
+            "cpu_per_wall": (time.process_time() - c0) / (time.perf_counter() - w0), "bench": res}
+
+
+def thread_check(cpu_per_wall: float, threads: int) -> str:
+    """Did a run use the threads it was given? (process CPU time / wall time)"""
+    if cpu_per_wall > threads + 0.25:
+        return f"WARNING: CPU/wall {cpu_per_wall:.2f} > {threads} threads: more threads ran than asked"
+    if cpu_per_wall < 0.8 * threads:
+        return f"note: CPU/wall {cpu_per_wall:.2f} < {threads}: the cores were shared with other processes"
+    return f"CPU/wall {cpu_per_wall:.2f} for {threads} thread(s): ok"
+
+
+def load_note() -> str:
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+
+
+def machine() -> dict:
+    """CPU model, cores, load average (a shared machine's numbers are only as good as its load)."""
+    from tvm.target import codegen
+    flags = ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").is_file() else "?"
+    return {"cpu": model, "llvm_mcpu": codegen.llvm_get_system_cpu(), "cores": os.cpu_count(),
+            "flags": flags.split(), "load_average": os.getloadavg()}
