@@ -62,8 +62,8 @@ class ScheduleInt4Kernels:
 
 def _dlight_cpu():
     from tvm.s_tir import dlight as dl
-    from .cpu_rules import Injective, SafeReduction
-    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), SafeReduction(), Injective())
+    from .cpu_rules import BatchMatmul, Injective, SafeReduction
+    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), SafeReduction(), Injective(), BatchMatmul())
 
 
 def _dlight_gpu(rule_names: tuple[str, ...]):

@@ -54,3 +54,28 @@ def test_injective_copy_is_parallel_and_vectorized():
     np.testing.assert_array_equal(run(sch.mod["main"], [xa, xb, out]), np.concatenate([xa, xb], axis=1))
     reduction = rmsnorm(2, 64)
     assert Injective().apply(reduction, TARGET, False) is None
+
+
+def test_batch_matmul_rule_dynamic_and_static_shapes():
+    from compiler.cpu_rules import BatchMatmul
+
+    def matmul(a, b):  # what LegalizeOps makes of R.matmul: one block named "matmul"
+        k = te.reduce_axis((0, a.shape[-1]), name="k")
+        if len(a.shape) == 2:
+            return te.compute((a.shape[0], b.shape[1]), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
+        return te.compute((a.shape[0], a.shape[1], b.shape[2]),
+                          lambda z, i, j: te.sum(a[z, i, k] * b[z, k, j], axis=k), name="matmul")
+
+    n = tirx.Var("n", "int64")
+    for a_shape, b_shape in [((4, 3, 64), (4, 64, n)), ((4, 3, n), (4, n, 64)), ((1, 1024), (1024, 32))]:
+        a = te.placeholder(a_shape, "float32", name="a")
+        b = te.placeholder(b_shape, "float32", name="b")
+        func = te.create_prim_func([a, b, matmul(a, b)])
+        sch = BatchMatmul().apply(func, TARGET, False)
+        assert sch is not None and "T.parallel" in sch.mod["main"].script()
+        concrete = [[37 if not isinstance(d, int) else d for d in s] for s in (a_shape, b_shape)]
+        xa = np.random.rand(*concrete[0]).astype("float32")
+        xb = np.random.rand(*concrete[1]).astype("float32")
+        out = np.empty((xa @ xb).shape, "float32")
+        np.testing.assert_allclose(run(sch.mod["main"], [xa, xb, out]), xa @ xb, rtol=1e-5)
+    assert BatchMatmul().apply(rmsnorm(2, 64), TARGET, False) is None
