@@ -36,10 +36,3 @@ def arm64_device():
     with device:
         yield device
 
-
-def pytest_collection_modifyitems(config, items):
-    """Issue 5 (tuning/bench over RPC) is still open: its device tests are not verified yet and could
-    hold the emulated device for minutes, so they are skipped until that issue lands."""
-    for item in items:
-        if "test_rpc_bench.py" in item.nodeid:
-            item.add_marker(pytest.mark.skip(reason="issue 5 open: RPC tuning/bench not verified"))
