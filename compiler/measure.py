@@ -99,9 +99,16 @@ def alloc_remote(session, device, args_info, alloc_repeat):
 
 
 def create_session(rpc_config):
-    from targets.rpc_device import request_session
-    return request_session(rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key,
-                           timeout=60, session_timeout=rpc_config.session_timeout_sec)
+    """A session on the device; when no server of the key is registered at all (the device dropped
+    off), fail within seconds: compiler.tune then waits for the device once, not per candidate."""
+    from targets.rpc_device import DeviceError, registered_servers, request_session
+    host, port, key = rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key
+    try:
+        present = registered_servers(host, port, key) > 0
+    except DeviceError:
+        present = False
+    return request_session(host, port, key, timeout=60 if present else 3,
+                           session_timeout=rpc_config.session_timeout_sec)
 
 
 def make_runner(spec, rpc: tuple[str, int, str] | None = None, timeout_sec: float | None = None):
@@ -119,6 +126,15 @@ def make_runner(spec, rpc: tuple[str, int, str] | None = None, timeout_sec: floa
 
 class MeasureError(RuntimeError):
     pass
+
+
+# what a runner's error says when the candidate was lost with the device (not the candidate's fault)
+LOST = ("DeviceError", "RPC session is lost", "kShutdown", "SockChannel", "Broken pipe", "Connection reset",
+        "Connection refused", "not reachable", "no RPC server")
+
+
+def is_lost(error_msg: str | None) -> bool:
+    return bool(error_msg) and any(m in error_msg for m in LOST)
 
 
 def measure(builder, runner, target, mod, args_from) -> float:
@@ -140,5 +156,8 @@ def measure(builder, runner, target, mod, args_from) -> float:
     finally:
         remove_build_dir(built.artifact_path)
     if result.error_msg:
+        if is_lost(result.error_msg):
+            from targets.rpc_device import DeviceError
+            raise DeviceError(f"the device was lost while measuring: {result.error_msg.strip().splitlines()[-1]}")
         raise MeasureError(f"run failed: {result.error_msg.strip().splitlines()[-1]}")
     return float(np.median([float(s) for s in result.run_secs]))
