@@ -6,7 +6,9 @@
                                      [workload line index, [trace, run seconds, target, args]]
     DIR/session.json                 what the session tuned: target, model, shape buckets, and per
                                      task its name, kernel, entry, bucket, workload hash, calls and
-                                     the untuned latency (the build's own schedule, measured once)
+                                     the untuned latency (the build's own schedule, measured once);
+                                     "replays": bucket records timed on their whole dynamic kernel
+                                     (compiler/tune_replay.py)
 
 Both database files only grow by whole appended lines, so a session killed at any point (SIGKILL)
 leaves at most one torn last line, which `repair` drops before anything reads the files. Trials
@@ -132,7 +134,8 @@ def write_session(db_dir, session: dict) -> None:
 
 class TunedKernels:
     """The records a build applies: for a workload, the best record of the session's task when it
-    beats the untuned schedule by more than `margin` (else None: the build keeps its own)."""
+    beats the untuned schedule by more than `margin` (else None: the build keeps its own); for a
+    dynamic kernel, the bucket record pick_replay finds nowhere slower on the whole kernel."""
 
     def __init__(self, db_dir, target_name: str, margin: float = 0.02):
         self.session = read_session(db_dir)
@@ -156,3 +159,29 @@ class TunedKernels:
         if secs >= FAILED or (untuned is not None and secs > untuned * (1 - self.margin)):
             return None
         return record, secs, task
+
+    def pick_replay(self, kernel: str, hits: list) -> tuple[tuple | None, str]:
+        """Of a dynamic kernel's bucket hits [(record, seconds, task)], the one to replay on it: measured
+        replayed at every check shape (session["replays"], compiler/tune_replay.py), nowhere slower
+        than the default schedule, largest mean speedup. -> (hit, "") or (None, why not)."""
+        replays = self.session.get("replays", {}).get(kernel)
+        if replays is None:
+            return None, "not measured replayed on the dynamic kernel (run the compiler.tune command again)"
+        untuned = replays["untuned"]
+        best, why = None, "no record was measured replayed on the dynamic kernel"
+        for hit in hits:
+            row = replays["records"].get(hit[2]["hash"])
+            if not row or not row["at"]:
+                why = row["why"] if row else why
+                continue
+            slower = [(lab, s, untuned.get(lab)) for lab, s in row["at"].items()
+                      if s is None or untuned.get(lab) is None or s > untuned[lab]]
+            if slower:
+                lab, s, u = slower[0]
+                why = (f"record of {row['task']} replayed: {'-' if s is None else f'{s * 1e6:.1f}'} us at {lab}, "
+                       f"default schedule {'-' if u is None else f'{u * 1e6:.1f}'} us")
+                continue
+            gain = sum(untuned[lab] / s for lab, s in row["at"].items()) / len(row["at"])
+            if best is None or gain > best[0]:
+                best = (gain, hit)
+        return (best[1], "") if best else (None, why)

@@ -1,0 +1,131 @@
+"""How a shape bucket's record does on the whole dynamic kernel: compiler.tune measures it, the build reads it.
+
+A kernel called with free dims (prefill's token count, decode's context length) is tuned at fixed
+shape buckets (compiler/tasks.py), but an artifact has one copy of it for every length: the build
+replays one bucket's record on the dynamic kernel (passes/apply_tuning_database.py). A record can
+win at its own bucket and lose elsewhere: its inner tiles are fixed, so at a short length most of
+each tile is predicated off. Measured on the bundled model: attention's score matmul tuned at 512
+tokens, replayed, took 70 ms for a 16-token prompt where the default schedule takes 4.5 ms.
+
+So after tuning, `check_replays` builds each bucket's best record replayed on its dynamic kernel
+and times it at every check shape (the session's buckets plus CHECKS: a shorter prompt, a short
+and a long context), next to the untuned kernel at the same shapes, into session.json:
+
+    session["replays"][kernel] = {"entry": "prefill",
+                                  "untuned": {"tokens=8,past=0": s, ...},
+                                  "records": {task hash: {"task": name, "best_s": s, "at": {label: s}, "why": ""}}}
+
+The build replays only a record that is nowhere slower than the default schedule, the one with the
+largest mean speedup over the check shapes (tuning_db.TunedKernels.pick_replay).
+"""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from . import tuning_db as tdb
+
+# check shapes besides the session's buckets: entry -> [{model dim: value}]
+CHECKS = {"decode": [{"past": 16}, {"past": 512}], "prefill": [{"tokens": 8, "past": 0}]}
+
+
+def label(bucket: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in bucket.items())
+
+
+def check_shapes(shapes: dict) -> dict:
+    """The session's buckets plus CHECKS, per entry, without repeats."""
+    out = {}
+    for entry in sorted(set(shapes) | set(CHECKS)):
+        seen = []
+        for bucket in [*shapes.get(entry, []), *CHECKS.get(entry, [])]:
+            if bucket not in seen:
+                seen.append(bucket)
+        out[entry] = seen
+    return out
+
+
+def check_replays(session: dict, db_dir, mod, target, spec, builder, runner, verbose: bool = True) -> None:
+    """Fill session["replays"] for every dynamic kernel with a tuned bucket (see the module doc);
+    session.json is written after each kernel. Records measured before (same best) are kept."""
+    from passes.apply_tuning_database import _replay
+
+    from .measure import MeasureError, measure
+    from .tasks import extract_tasks, is_buffer
+    from .tune import untuned_module
+
+    tuned = [t for t in session["tasks"] if t.get("bucket") and t.get("best_s")]
+    if not tuned:
+        return
+    at_shapes: dict[str, dict] = {}  # kernel -> {label: Task}
+    for task in extract_tasks(mod, check_shapes(session["shapes"])):
+        if task.bucket:
+            at_shapes.setdefault(task.kernel, {})[label(task.bucket)] = task
+    db = tdb.open_database(db_dir, create=False)
+    work = [(k, [t for t in tuned if t["kernel"] == k]) for k in at_shapes if any(t["kernel"] == k for t in tuned)]
+    bar = tqdm(total=len(work), desc="replay checks", unit="kernel", disable=not verbose)
+
+    def seconds(func_mod, task):
+        try:
+            return measure(builder, runner, target, func_mod, task.workload)
+        except MeasureError as err:
+            print(f"warning: {task.name}: {err}", file=sys.stderr)
+            return None
+
+    for kernel, records in work:
+        shapes = at_shapes[kernel]
+        entry = session.setdefault("replays", {}).setdefault(
+            kernel, {"entry": records[0]["entry"], "untuned": {}, "records": {}})
+        for lab, task in shapes.items():
+            if lab not in entry["untuned"]:
+                entry["untuned"][lab] = seconds(untuned_module(task, target, spec), task)
+        kernel_func = next(iter(shapes.values())).kernel_func
+        scalar = any(not is_buffer(p) for p in kernel_func.params)
+        by_hash = {tdb.workload_hash(t.workload): t for t in shapes.values()}
+        for rec in records:
+            done = entry["records"].get(rec["hash"])
+            if done and done["best_s"] == rec["best_s"] or rec["hash"] not in by_hash:
+                continue
+            record = db.query_tuning_record(by_hash[rec["hash"]].workload, target, "main")
+            func, why = _replay(kernel_func, record, target) if record is not None else (None, "no record")
+            row = {"task": rec["name"], "best_s": rec["best_s"], "at": {}, "why": why}
+            if func is not None:  # timed as built (free dims), or specialized where the kernel takes scalars
+                row["at"] = {lab: seconds(_as_built(func, task, scalar), task) for lab, task in shapes.items()}
+            entry["records"][rec["hash"]] = row
+        tdb.write_session(db_dir, session)
+        bar.update(1)
+    bar.close()
+
+
+def _as_built(func, task, scalar: bool):
+    """The replayed kernel as a measurable module: its free dims stay (the arguments of the task's
+    workload bind them), unless it takes scalar parameters (a context length): then specialized to
+    the task's dims, as compiler.tune times the untuned kernel (tune.untuned_module)."""
+    import tvm
+
+    from .tasks import specialize
+    if scalar:
+        func = specialize(func, task.values)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def replay_table(session: dict) -> str:
+    """Per dynamic kernel and tuned bucket: the replayed record's speedup over the default schedule
+    at each check shape (us; "-" where it failed to build or run)."""
+    rows = []
+    for kernel, entry in session.get("replays", {}).items():
+        labels = list(entry["untuned"])
+        rows.append(f"{kernel} ({entry['entry']}): untuned us " +
+                    "  ".join(f"{lab}: {_us(entry['untuned'][lab])}" for lab in labels))
+        for row in entry["records"].values():
+            cells = []
+            for lab in labels:
+                s, u = row["at"].get(lab), entry["untuned"][lab]
+                cells.append(f"{lab}: {_us(s)}" + (f" ({u / s:.2f}x)" if s and u else ""))
+            rows.append(f"  record of {row['task']}: " + ("  ".join(cells) if row["at"] else row["why"]))
+    return "\n".join(rows)
+
+
+def _us(s) -> str:
+    return "-" if s is None else f"{s * 1e6:.1f}"
