@@ -140,24 +140,41 @@ def is_lost(error_msg: str | None) -> bool:
 def measure(builder, runner, target, mod, args_from) -> float:
     """Seconds (median) of `mod`'s "main" on the runner's device, with the arguments of `args_from`
     (a static workload: `mod` may be the dynamic kernel it was specialized from)."""
+    (result,) = measure_many(builder, runner, target, [(mod, args_from)])
+    if isinstance(result, MeasureError):
+        raise result
+    return result
+
+
+def measure_many(builder, runner, target, jobs: list) -> list:
+    """measure() of each (mod, args_from) in `jobs`, built in one batch and run in one batch (one
+    worker pool each): -> [seconds or MeasureError]. A lost device raises DeviceError."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
     from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
-    (built,) = builder.build([BuilderInput(mod, target)])
-    if built.error_msg:
-        raise MeasureError(f"build failed: {built.error_msg.strip().splitlines()[-1]}")
+    if not jobs:
+        return []
+    out: list = [None] * len(jobs)
+    built = builder.build([BuilderInput(mod, target) for mod, _ in jobs])
+    runs = []
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    for i, ((_, args_from), b) in enumerate(zip(jobs, built)):
+        if b.error_msg:
+            out[i] = MeasureError(f"build failed: {b.error_msg.strip().splitlines()[-1]}")
+        else:
+            runs.append((i, b.artifact_path, RunnerInput(b.artifact_path, device,
+                                                         ArgInfo.from_prim_func(args_from["main"]))))
     try:
-        args_info = ArgInfo.from_prim_func(args_from["main"])
-        device = "cpu" if target.kind.name == "llvm" else target.kind.name
-        (future,) = runner.run([RunnerInput(built.artifact_path, device, args_info)])
-        result = future.result()
+        results = [f.result() for f in runner.run([r for _, _, r in runs])] if runs else []
     finally:
-        remove_build_dir(built.artifact_path)
-    if result.error_msg:
-        if is_lost(result.error_msg):
+        for _, path, _ in runs:
+            remove_build_dir(path)
+    for (i, _, _), result in zip(runs, results):
+        if result.error_msg and is_lost(result.error_msg):
             from targets.rpc_device import DeviceError
             raise DeviceError(f"the device was lost while measuring: {result.error_msg.strip().splitlines()[-1]}")
-        raise MeasureError(f"run failed: {result.error_msg.strip().splitlines()[-1]}")
-    return float(np.median([float(s) for s in result.run_secs]))
+        out[i] = (MeasureError(f"run failed: {result.error_msg.strip().splitlines()[-1]}") if result.error_msg
+                  else float(np.median([float(s) for s in result.run_secs])))
+    return out

@@ -227,7 +227,8 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
             best = [s for s in seconds if s < tdb.FAILED]
             entry.update(trials=len(seconds), best_s=min(best) if best else None)
             tdb.write_session(db_dir, session)
-    from .tune_replay import check_replays  # bucket records on the whole dynamic kernels, for the build
+    from .tune_replay import check_replays, check_static  # what the build decides on (compiler/tune_replay.py)
+    check_static(session, db_dir, mod, target, builder, runner, verbose=verbose)
     check_replays(session, db_dir, mod, target, spec, builder, runner, verbose)
     return session
 
@@ -237,12 +238,15 @@ def _us(s):
 
 
 def table(session: dict) -> str:
-    rows = [f"{'task':<44} {'calls':>5} {'untuned us':>10} {'tuned us':>9} {'speedup':>7} {'trials':>6} {'min':>5}"]
+    rows = [f"{'task':<44} {'calls':>5} {'untuned us':>10} {'tuned us':>9} {'speedup':>7} {'trials':>6} {'min':>5}  "
+            f"side by side: untuned / tuned us"]
     for t in session["tasks"]:
         untuned, best = t.get("untuned_s"), t.get("best_s")
         gain = f"{untuned / best:.2f}x" if untuned and best else "-"
+        check = t.get("check")
+        side = f"{_us(check['untuned_s'])} / {_us(check['tuned_s'])}" if check else "-"
         rows.append(f"{t['name'][:44]:<44} {t.get('calls', 0):>5} {_us(untuned):>10} {_us(best):>9} {gain:>7} "
-                    f"{t.get('trials', 0):>6} {t.get('tune_s', 0) / 60:>5.1f}")
+                    f"{t.get('trials', 0):>6} {t.get('tune_s', 0) / 60:>5.1f}  {side}")
     return "\n".join(rows)
 
 

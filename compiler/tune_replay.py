@@ -9,14 +9,17 @@ tokens, replayed, took 70 ms for a 16-token prompt where the default schedule ta
 
 So after tuning, `check_replays` builds each bucket's best record replayed on its dynamic kernel
 and times it at every check shape (the session's buckets plus CHECKS: a shorter prompt, a short
-and a long context), next to the untuned kernel at the same shapes, into session.json:
+and a long context), next to the untuned kernel at the same shapes, both as built: with their
+free dims free (a record tuned at a static shape can be much faster there than as a dynamic
+kernel at the same shape), into session.json:
 
     session["replays"][kernel] = {"entry": "prefill",
                                   "untuned": {"tokens=8,past=0": s, ...},
                                   "records": {task hash: {"task": name, "best_s": s, "at": {label: s}, "why": ""}}}
 
-The build replays only a record that is nowhere slower than the default schedule, the one with the
-largest mean speedup over the check shapes (tuning_db.TunedKernels.pick_replay).
+The build replays only a record that is nowhere slower than the default schedule (by more than
+measurement noise: tuning_db.REPLAY_SLACK), the one with the largest mean speedup over the check
+shapes (tuning_db.TunedKernels.pick_replay).
 """
 from __future__ import annotations
 
@@ -51,9 +54,8 @@ def check_replays(session: dict, db_dir, mod, target, spec, builder, runner, ver
     session.json is written after each kernel. Records measured before (same best) are kept."""
     from passes.apply_tuning_database import _replay
 
-    from .measure import MeasureError, measure
-    from .tasks import extract_tasks, is_buffer
-    from .tune import untuned_module
+    from .measure import MeasureError, measure_many
+    from .tasks import extract_tasks
 
     tuned = [t for t in session["tasks"] if t.get("bucket") and t.get("best_s")]
     if not tuned:
@@ -66,22 +68,23 @@ def check_replays(session: dict, db_dir, mod, target, spec, builder, runner, ver
     work = [(k, [t for t in tuned if t["kernel"] == k]) for k in at_shapes if any(t["kernel"] == k for t in tuned)]
     bar = tqdm(total=len(work), desc="replay checks", unit="kernel", disable=not verbose)
 
-    def seconds(func_mod, task):
-        try:
-            return measure(builder, runner, target, func_mod, task.workload)
-        except MeasureError as err:
-            print(f"warning: {task.name}: {err}", file=sys.stderr)
-            return None
+    def seconds(jobs: list) -> list:  # [(module, task)] -> [seconds or None], one build + run batch
+        out = []
+        for (_, task), res in zip(jobs, measure_many(builder, runner, target, [(m, t.workload) for m, t in jobs])):
+            if isinstance(res, MeasureError):
+                print(f"warning: {task.name}: {res}", file=sys.stderr)
+                res = None
+            out.append(res)
+        return out
 
     for kernel, records in work:
         shapes = at_shapes[kernel]
         entry = session.setdefault("replays", {}).setdefault(
             kernel, {"entry": records[0]["entry"], "untuned": {}, "records": {}})
-        for lab, task in shapes.items():
-            if lab not in entry["untuned"]:
-                entry["untuned"][lab] = seconds(untuned_module(task, target, spec), task)
         kernel_func = next(iter(shapes.values())).kernel_func
-        scalar = any(not is_buffer(p) for p in kernel_func.params)
+        todo = [lab for lab in shapes if lab not in entry["untuned"]]
+        entry["untuned"].update(zip(todo, seconds([(_default_schedule(_as_built(kernel_func, shapes[lab]), target,
+                                                                      spec), shapes[lab]) for lab in todo])))
         by_hash = {tdb.workload_hash(t.workload): t for t in shapes.values()}
         for rec in records:
             done = entry["records"].get(rec["hash"])
@@ -90,24 +93,70 @@ def check_replays(session: dict, db_dir, mod, target, spec, builder, runner, ver
             record = db.query_tuning_record(by_hash[rec["hash"]].workload, target, "main")
             func, why = _replay(kernel_func, record, target) if record is not None else (None, "no record")
             row = {"task": rec["name"], "best_s": rec["best_s"], "at": {}, "why": why}
-            if func is not None:  # timed as built (free dims), or specialized where the kernel takes scalars
-                row["at"] = {lab: seconds(_as_built(func, task, scalar), task) for lab, task in shapes.items()}
+            if func is not None:
+                row["at"] = dict(zip(shapes, seconds([(_as_built(func, t), t) for t in shapes.values()])))
             entry["records"][rec["hash"]] = row
         tdb.write_session(db_dir, session)
         bar.update(1)
     bar.close()
 
 
-def _as_built(func, task, scalar: bool):
-    """The replayed kernel as a measurable module: its free dims stay (the arguments of the task's
-    workload bind them), unless it takes scalar parameters (a context length): then specialized to
-    the task's dims, as compiler.tune times the untuned kernel (tune.untuned_module)."""
+def check_static(session: dict, db_dir, mod, target, builder, runner, rounds: int = 3, verbose: bool = True) -> None:
+    """Time each tuned static task's best record and its untuned kernel side by side, alternating,
+    `rounds` times each (medians into the task's "check": {"untuned_s", "tuned_s", "best_s"}): the
+    untuned latency of the session was measured once, before tuning, and a machine shared with other
+    work can make that one sample, or the record's, much off. The build compares these."""
+    import statistics
+
+    from targets import get_target
+
+    from .measure import MeasureError, measure_many
+    from .tasks import extract_tasks
+    from .tune import untuned_module
+
+    todo = [t for t in session["tasks"] if not t.get("bucket") and t.get("best_s")
+            and t.get("check", {}).get("best_s") != t["best_s"]]
+    if not todo:
+        return
+    spec_tasks = {tdb.workload_hash(t.workload): t for t in extract_tasks(mod, session["shapes"]) if not t.bucket}
+    db = tdb.open_database(db_dir, create=False)
+    spec = get_target(session["target"])
+    for entry in tqdm(todo, desc="side-by-side checks", unit="task", disable=not verbose):
+        task = spec_tasks.get(entry["hash"])
+        sch = db.query_schedule(task.workload, target, "main") if task else None  # the best record, applied
+        if sch is None:
+            continue
+        jobs = [(untuned_module(task, target, spec), task.workload), (sch.mod, task.workload)] * rounds
+        res = measure_many(builder, runner, target, jobs)
+        if any(isinstance(r, MeasureError) for r in res):
+            print(f"warning: {entry['name']}: side-by-side check failed: "
+                  f"{next(r for r in res if isinstance(r, MeasureError))}", file=sys.stderr)
+            continue
+        entry["check"] = {"untuned_s": statistics.median(res[0::2]), "tuned_s": statistics.median(res[1::2]),
+                          "best_s": entry["best_s"]}
+        tdb.write_session(db_dir, session)
+
+
+def _as_built(func, task):
+    """A dynamic kernel as a measurable module: its free buffer dims stay free (the arguments of the
+    task's workload bind them at run time, so the code timed is the code built); scalar parameters
+    (a context length passed by value) are bound to the task's values, since a runner passes tensors."""
     import tvm
 
-    from .tasks import specialize
-    if scalar:
-        func = specialize(func, task.values)
+    from .tasks import is_buffer, specialize
+    scalars = {p: task.values[p] for p in func.params if not is_buffer(p) and p in task.values}
+    if scalars:
+        func = specialize(func, scalars)
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _default_schedule(mod, target, spec):
+    """`mod` under the build's default (untuned) schedule passes."""
+    import tvm
+
+    from .pipeline import PipelineOptions, default_schedule
+    with target:
+        return tvm.transform.Sequential(default_schedule(PipelineOptions(lowering=spec.lowering)))(mod)
 
 
 def replay_table(session: dict) -> str:

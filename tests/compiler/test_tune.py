@@ -42,6 +42,8 @@ def test_tiny_session_writes_database_table_and_plot(session):
     assert task["name"] == "int4_matmul2[tokens=1]" and task["calls"] >= 1
     assert task["trials"] == 3 and len(tdb.records_by_workload(db)[task["hash"]]) == 3
     assert task["untuned_s"] > 0 and 0 < task["best_s"] < tdb.FAILED
+    check = task["check"]  # the best record and the untuned kernel timed again, side by side
+    assert check["untuned_s"] > 0 and check["tuned_s"] > 0 and check["best_s"] == task["best_s"]
     print(table(s))
     assert "int4_matmul2[tokens=1]" in table(s).splitlines()[1]
     png = plot(s, db, db / "tuning.png")
@@ -104,6 +106,7 @@ def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned,
     db, _ = session
     s = json.loads((db / "session.json").read_text())
     s["tasks"][0]["untuned_s"] = 1.0  # make the record a sure winner: this test is about applying it
+    s["tasks"][0]["check"]["untuned_s"] = 1.0
     tdb.write_session(db, s)
 
     tuned = build(ckpt, "host", tmp_path / "tuned", tuning_db=str(db), verbose=False)
