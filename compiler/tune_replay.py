@@ -1,11 +1,18 @@
-"""How a shape bucket's record does on the whole dynamic kernel: compiler.tune measures it, the build reads it.
+"""What the build decides on, measured by compiler.tune after tuning: records vs the default schedule.
+
+check_static: each static task's best record and its untuned kernel are timed again side by side
+(alternating, medians; task["check"]). The untuned latency in the table is one sample taken before
+tuning: on a machine shared with other work it was seen 5x off (mobilemoe-s LM head: 235 ms then,
+47 ms side by side, where the record takes 118 ms), and a build that trusted it got slower.
+
+check_replays: how a shape bucket's record does on the whole dynamic kernel.
 
 A kernel called with free dims (prefill's token count, decode's context length) is tuned at fixed
 shape buckets (compiler/tasks.py), but an artifact has one copy of it for every length: the build
 replays one bucket's record on the dynamic kernel (passes/apply_tuning_database.py). A record can
 win at its own bucket and lose elsewhere: its inner tiles are fixed, so at a short length most of
 each tile is predicated off. Measured on the bundled model: attention's score matmul tuned at 512
-tokens, replayed, took 70 ms for a 16-token prompt where the default schedule takes 4.5 ms.
+tokens, replayed, made a 16-token prompt take 70 ms instead of 4.5 ms (17 ms for each of 4 calls).
 
 So after tuning, `check_replays` builds each bucket's best record replayed on its dynamic kernel
 and times it at every check shape (the session's buckets plus CHECKS: a shorter prompt, a short
