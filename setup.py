@@ -25,6 +25,9 @@ EXTRAS = {
         "pytest",
         "pytest-timeout",
         "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints
+        # OpenCL kernels of android-adreno/-mali compiled and run on POCL (tests/compiler/pocl_runner.py)
+        "pyopencl>=2024.1",
+        "pocl-binary-distribution>=3.0",
     ],
     # mobilemoe.lm_eval_adapter; lm-eval itself needs no torch (its [hf] extra would pull one)
     "eval": ["lm-eval>=0.4.13,<0.5"],

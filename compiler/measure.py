@@ -99,9 +99,16 @@ def alloc_remote(session, device, args_info, alloc_repeat):
 
 
 def create_session(rpc_config):
-    from targets.rpc_device import request_session
-    return request_session(rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key,
-                           timeout=60, session_timeout=rpc_config.session_timeout_sec)
+    """A session on the device; when no server of the key is registered at all (the device dropped
+    off), fail within seconds: compiler.tune then waits for the device once, not per candidate."""
+    from targets.rpc_device import DeviceError, registered_servers, request_session
+    host, port, key = rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key
+    try:
+        present = registered_servers(host, port, key) > 0
+    except DeviceError:
+        present = False
+    return request_session(host, port, key, timeout=60 if present else 3,
+                           session_timeout=rpc_config.session_timeout_sec)
 
 
 def make_runner(spec, rpc: tuple[str, int, str] | None = None, timeout_sec: float | None = None):
@@ -121,24 +128,53 @@ class MeasureError(RuntimeError):
     pass
 
 
+# what a runner's error says when the candidate was lost with the device (not the candidate's fault)
+LOST = ("DeviceError", "RPC session is lost", "kShutdown", "SockChannel", "Broken pipe", "Connection reset",
+        "Connection refused", "not reachable", "no RPC server")
+
+
+def is_lost(error_msg: str | None) -> bool:
+    return bool(error_msg) and any(m in error_msg for m in LOST)
+
+
 def measure(builder, runner, target, mod, args_from) -> float:
     """Seconds (median) of `mod`'s "main" on the runner's device, with the arguments of `args_from`
     (a static workload: `mod` may be the dynamic kernel it was specialized from)."""
+    (result,) = measure_many(builder, runner, target, [(mod, args_from)])
+    if isinstance(result, MeasureError):
+        raise result
+    return result
+
+
+def measure_many(builder, runner, target, jobs: list) -> list:
+    """measure() of each (mod, args_from) in `jobs`, built in one batch and run in one batch (one
+    worker pool each): -> [seconds or MeasureError]. A lost device raises DeviceError."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
     from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
-    (built,) = builder.build([BuilderInput(mod, target)])
-    if built.error_msg:
-        raise MeasureError(f"build failed: {built.error_msg.strip().splitlines()[-1]}")
+    if not jobs:
+        return []
+    out: list = [None] * len(jobs)
+    built = builder.build([BuilderInput(mod, target) for mod, _ in jobs])
+    runs = []
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    for i, ((_, args_from), b) in enumerate(zip(jobs, built)):
+        if b.error_msg:
+            out[i] = MeasureError(f"build failed: {b.error_msg.strip().splitlines()[-1]}")
+        else:
+            runs.append((i, b.artifact_path, RunnerInput(b.artifact_path, device,
+                                                         ArgInfo.from_prim_func(args_from["main"]))))
     try:
-        args_info = ArgInfo.from_prim_func(args_from["main"])
-        device = "cpu" if target.kind.name == "llvm" else target.kind.name
-        (future,) = runner.run([RunnerInput(built.artifact_path, device, args_info)])
-        result = future.result()
+        results = [f.result() for f in runner.run([r for _, _, r in runs])] if runs else []
     finally:
-        remove_build_dir(built.artifact_path)
-    if result.error_msg:
-        raise MeasureError(f"run failed: {result.error_msg.strip().splitlines()[-1]}")
-    return float(np.median([float(s) for s in result.run_secs]))
+        for _, path, _ in runs:
+            remove_build_dir(path)
+    for (i, _, _), result in zip(runs, results):
+        if result.error_msg and is_lost(result.error_msg):
+            from targets.rpc_device import DeviceError
+            raise DeviceError(f"the device was lost while measuring: {result.error_msg.strip().splitlines()[-1]}")
+        out[i] = (MeasureError(f"run failed: {result.error_msg.strip().splitlines()[-1]}") if result.error_msg
+                  else float(np.median([float(s) for s in result.run_secs])))
+    return out

@@ -7,10 +7,12 @@
     legalize   DispatchSampling, DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
     schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
-               kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"), ApplyTuningDatabase (with a tuning database: passes/, MetaSchedule records of
+               kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"),
+               ApplyTuningDatabase (with a tuning database: passes/, MetaSchedule records of
                compiler.tune), ScheduleInt4Kernels (compiler/kernels/schedules.py) for the INT4
                kernels left, dlight CPU rules for the remaining GEMV/reductions.
-               GPU: the target's dlight GPU rules, each guarded (GuardedRule: a rule whose schedule
+               GPU: UseGpuInt4Matmul (int4_matmul as one block, compiler/kernels/int4_matmul_gpu.py),
+               then the target's dlight GPU rules, each guarded (GuardedRule: a rule whose schedule
                raises or fails to build is skipped for that kernel).
     lower      TVM's CPU or generic-GPU dataflow lowering + finalisation (memory planning, VM shape
                lowering)
@@ -76,7 +78,8 @@ def _dlight_gpu(rule_names: tuple[str, ...]):
 def default_schedule(opts: PipelineOptions) -> list:
     """The schedule passes of an untuned build (compiler.tune times kernels with them)."""
     if opts.lowering == "gpu":
-        return [_dlight_gpu(opts.gpu_rules)]
+        from .kernels.int4_matmul_gpu import UseGpuInt4Matmul
+        return [UseGpuInt4Matmul(), _dlight_gpu(opts.gpu_rules)]
     return _select_dot(opts) + [ScheduleInt4Kernels(), _dlight_cpu()]
 
 

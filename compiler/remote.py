@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from compiler.artifact import LIB_NAME
 from mobilemoe.runtime import TVMRuntime
-from targets.rpc_device import remote_errors, upload_and_load
+from targets.rpc_device import elf_machine, remote_errors, upload_and_load
 
 
 class RemoteRuntime(TVMRuntime):
@@ -24,7 +24,8 @@ class RemoteRuntime(TVMRuntime):
         pass  # any target: the device decides
 
     def _device_and_module(self):
-        module = upload_and_load(self.session, self.dir / LIB_NAME)
+        machine = elf_machine(self.manifest["target"]["tvm"].get("host") or self.manifest["target"]["tvm"])
+        module = upload_and_load(self.session, self.dir / LIB_NAME, machine)
         return self.session.cpu(0), module
 
     def _invoke(self, entry: str, args):

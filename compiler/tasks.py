@@ -58,6 +58,7 @@ class Task:
     kernel_func: tirx.PrimFunc  # the kernel as the build has it (symbolic dims)
     weight: int = 1  # call sites sharing this workload
     flops: float = 0.0
+    values: dict | None = None  # the kernel's dims (tirx.Var -> int) that specialize it to the workload
 
     @property
     def shape(self) -> str:
@@ -218,7 +219,7 @@ def extract_tasks(mod: tvm.IRModule, shapes: dict = SHAPES, only: str | None = N
             except Exception:  # noqa: BLE001 - some ops have no estimate
                 flops = 0.0
             tasks[key] = Task(name, site.callee.name_hint, site.entry, bucket, wl, static=bucket == {},
-                              kernel_func=prim, flops=flops)
+                              kernel_func=prim, flops=flops, values=values)
     return sorted(tasks.values(), key=lambda t: -t.flops * t.weight)
 
 

@@ -5,6 +5,7 @@
         [--rpc-tracker HOST:PORT --rpc-key KEY]  measure on a device registered with a TVM tracker
         [--tasks REGEX] [--max-tasks K]          which kernels (default: all tunable ones)
         [--per-iter M]                           candidates measured per search round (default 16)
+        [--population P]                         evolutionary search population (default 256)
         [--plot PNG]                             default DIR/tuning.png
 
 Tasks are the model's distinct kernels at fixed shapes (compiler/tasks.py): decode's kernels at
@@ -17,9 +18,14 @@ applies the records (passes/apply_tuning_database.py).
 
 Resuming: every measured candidate is appended to DIR at once (compiler/tuning_db.py). Run the
 same command again after an interruption (even SIGKILL): finished tasks are skipped, the others
-get only the trials they lack, and candidates in the database are not measured again. A device
-that drops (RPC server gone) ends the session with an error once it is not back within
---device-wait seconds; what was measured is kept, and candidates lost with it are tried again.
+get only the trials they lack, and candidates in the database are not measured again.
+A kernel with free dims is tuned per bucket; each bucket's best record is then replayed on the
+whole kernel and timed at every check shape (compiler/tune_replay.py), so the build applies it
+only where it is nowhere slower than the default schedule. A device
+that drops (RPC server gone) mid-session: the candidates lost with it are not stored, the session
+waits up to --device-wait seconds for it to register again and goes on, measuring lost candidates
+in a further search round; a device that does not come back ends the session with an error, and
+what was measured is kept. Candidates that fail to build or run are stored as failed trials.
 """
 from __future__ import annotations
 
@@ -38,20 +44,23 @@ from targets.rpc_device import DeviceError
 from . import tuning_db as tdb
 
 FORMAT = "mobilemoe-tuning/1"
-LOST = ("DeviceError", "RPC session is lost", "kShutdown", "SockChannel", "Broken pipe", "Connection reset",
-        "Connection refused", "not reachable", "no RPC server")
+MAX_ROUNDS = 5  # search rounds per task: one, plus one more for each round that lost candidates
 
 
 class TuneError(RuntimeError):
     pass
 
 
-def _recorder(db, workload, target, bar, rpc, device_wait: float):
+def _recorder(db, workload, target, bar, rpc, device_wait: float, counts: dict):
     """A measure callback: store each result (not those lost with the device), advance the bar,
-    and end the session when the device is gone for good."""
+    and end the session when the device is gone for good (counts["dropped"]: the DeviceError).
+    counts["lost"] adds up the lost ones.
+    A candidate that failed to build or run is stored as failed (1e10 s): it counts as a trial."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    from .measure import is_lost
 
     @derived_object
     class Recorder(PyMeasureCallback):
@@ -59,14 +68,22 @@ def _recorder(db, workload, target, bar, rpc, device_wait: float):
             wl = db.commit_workload(workload)
             lost = 0
             for cand, res in zip(candidates, runner_results):
-                if res.error_msg and any(m in res.error_msg for m in LOST):
+                if is_lost(res.error_msg):
                     lost += 1
                     continue
                 secs = res.run_secs if res.run_secs else [1e10]
                 db.commit_tuning_record(TuningRecord(cand.sch.trace, wl, secs, target, cand.args_info))
                 bar.update(1)
+            if lost:
+                counts["lost"] = counts.get("lost", 0) + lost
+                tqdm.write(f"warning: {lost} of {len(candidates)} candidates lost with the device (not stored; "
+                           f"they are measured again)", file=sys.stderr)
             if lost and lost == len(candidates):
-                _wait_for_device(rpc, device_wait, lost)
+                try:
+                    _wait_for_device(rpc, device_wait, lost)
+                except DeviceError as err:  # crosses TVM's FFI as a plain error: tune() re-raises this
+                    counts["dropped"] = err
+                    raise
 
     return Recorder()
 
@@ -86,7 +103,15 @@ def _wait_for_device(rpc, wait: float, lost: int) -> None:
                       f"lost and it did not come back within {wait:.0f}s")
 
 
-def _context(task, target):
+def _search(task, target, todo, db, db_dir, builder, runner, callbacks, per_iter, population) -> None:
+    """One MetaSchedule search of `todo` candidates for `task`, recorded through `callbacks`."""
+    from tvm.s_tir import meta_schedule as ms
+    ms.tune.tune_tasks(tasks=[_context(task, target, population)], task_weights=[1.0], work_dir=str(db_dir),
+                       max_trials_global=todo, num_trials_per_iter=min(per_iter, todo), builder=builder,
+                       runner=runner, database=db, measure_callbacks=callbacks, task_scheduler="round-robin")
+
+
+def _context(task, target, population: int = 256):
     from tvm.s_tir import meta_schedule as ms
 
     from .measure import without_tensor_intrinsics
@@ -95,7 +120,7 @@ def _context(task, target):
                                                   postprocs=ms.Postproc.create("llvm"),
                                                   mutator_probs=ms.Mutator.create("llvm"))
         return ms.TuneContext(mod=task.workload, target=target, space_generator=space,
-                              search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256),
+                              search_strategy=ms.search_strategy.EvolutionarySearch(population_size=population),
                               task_name=task.name)
 
 
@@ -116,7 +141,7 @@ def untuned_module(task, target, spec):
 
 def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str] | None = None,
          only: str | None = None, max_tasks: int | None = None, per_iter: int = 16,
-         device_wait: float = 30.0, verbose: bool = True) -> dict:
+         device_wait: float = 30.0, verbose: bool = True, population: int = 256) -> dict:
     """Tune `model`'s kernels for `target_name` into db_dir; -> the session dict (session.json)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -125,8 +150,10 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
 
     spec = get_target(target_name)
     if spec.lowering != "cpu":
-        raise TargetError(f"tuning target '{target_name}' ({spec.lowering}) is not supported: compiler.tune "
-                          f"measures CPU (llvm) kernels; build it untuned")
+        raise TargetError(f"tuning target '{target_name}' ({spec.tvm_target().kind.name} GPU kernels) is not "
+                          f"supported: compiler.tune searches and times CPU (llvm) kernels only, and this TVM "
+                          f"build has no OpenCL runtime to time GPU kernels with; build it untuned "
+                          f"(compiler.build --target {target_name}: dlight GPU schedules)")
     spec.check_toolchain()
     if not spec.runs_on_host and rpc is None:
         raise TargetError(f"target '{target_name}' does not run on this machine: measure on the device with "
@@ -156,9 +183,15 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
         if h not in [t["hash"] for t in session["tasks"]]:
             session["tasks"].append(entry)
         if "untuned_s" not in entry:
+            untuned = untuned_module(task, target, spec)
             try:
-                entry["untuned_s"] = measure(builder, runner, target, untuned_module(task, target, spec),
-                                             task.workload)
+                try:
+                    entry["untuned_s"] = measure(builder, runner, target, untuned, task.workload)
+                except DeviceError:
+                    if rpc is None:
+                        raise
+                    _wait_for_device(rpc, device_wait, 1)  # back: measure it again
+                    entry["untuned_s"] = measure(builder, runner, target, untuned, task.workload)
             except MeasureError as err:
                 entry["untuned_s"], entry["untuned_error"] = None, str(err)
             tdb.write_session(db_dir, session)
@@ -166,21 +199,27 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
         bar = tqdm(total=trials, initial=min(done, trials), desc=f"[{i + 1}/{len(tasks)}] {task.name}"[:48],
                    unit="trial", disable=not verbose, leave=True)
         start = time.monotonic()
+        counts = {}
         try:
-            if done < trials:
-                todo = trials - done
-                callbacks = [_recorder(db, task.workload, target, bar, rpc, device_wait),
+            for _ in range(MAX_ROUNDS):  # a round that lost candidates to the device is followed by one more
+                if done >= trials:
+                    break
+                lost = counts.get("lost", 0)
+                callbacks = [_recorder(db, task.workload, target, bar, rpc, device_wait, counts),
                              ms.measure_callback.RemoveBuildArtifact(), ms.measure_callback.UpdateCostModel()]
                 try:
-                    ms.tune.tune_tasks(tasks=[_context(task, target)], task_weights=[1.0], work_dir=str(db_dir),
-                                       max_trials_global=todo, num_trials_per_iter=min(per_iter, todo),
-                                       builder=builder, runner=runner, database=db, measure_callbacks=callbacks,
-                                       task_scheduler="round-robin")
+                    _search(task, target, trials - done, db, db_dir, builder, runner, callbacks, per_iter, population)
                 except Exception as err:  # noqa: BLE001 - a kernel MetaSchedule cannot schedule: go on
-                    if isinstance(err, DeviceError) or "DeviceError" in str(err):
-                        raise DeviceError(str(err).strip().splitlines()[-1]) from err
+                    if "dropped" in counts:
+                        raise counts["dropped"] from err
+                    if isinstance(err, DeviceError):
+                        raise
                     entry["error"] = str(err).strip().splitlines()[-1][:300]
                     print(f"warning: {task.name} not tuned: {entry['error']}", file=sys.stderr)
+                    break
+                done = len(tdb.records_by_workload(db_dir).get(h, []))
+                if counts.get("lost", 0) == lost:  # nothing lost: the search space gave what it had
+                    break
         finally:
             bar.close()
             entry["tune_s"] = entry.get("tune_s", 0.0) + time.monotonic() - start
@@ -188,6 +227,9 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
             best = [s for s in seconds if s < tdb.FAILED]
             entry.update(trials=len(seconds), best_s=min(best) if best else None)
             tdb.write_session(db_dir, session)
+    from .tune_replay import check_replays, check_static  # what the build decides on (compiler/tune_replay.py)
+    check_static(session, db_dir, mod, target, builder, runner, verbose=verbose)
+    check_replays(session, db_dir, mod, target, spec, builder, runner, verbose)
     return session
 
 
@@ -196,12 +238,15 @@ def _us(s):
 
 
 def table(session: dict) -> str:
-    rows = [f"{'task':<44} {'calls':>5} {'untuned us':>10} {'tuned us':>9} {'speedup':>7} {'trials':>6} {'min':>5}"]
+    rows = [f"{'task':<44} {'calls':>5} {'untuned us':>10} {'tuned us':>9} {'speedup':>7} {'trials':>6} {'min':>5}  "
+            f"side by side: untuned / tuned us"]
     for t in session["tasks"]:
         untuned, best = t.get("untuned_s"), t.get("best_s")
         gain = f"{untuned / best:.2f}x" if untuned and best else "-"
+        check = t.get("check")
+        side = f"{_us(check['untuned_s'])} / {_us(check['tuned_s'])}" if check else "-"
         rows.append(f"{t['name'][:44]:<44} {t.get('calls', 0):>5} {_us(untuned):>10} {_us(best):>9} {gain:>7} "
-                    f"{t.get('trials', 0):>6} {t.get('tune_s', 0) / 60:>5.1f}")
+                    f"{t.get('trials', 0):>6} {t.get('tune_s', 0) / 60:>5.1f}  {side}")
     return "\n".join(rows)
 
 
@@ -262,6 +307,7 @@ def main(argv=None):
     p.add_argument("--max-tasks", type=int, default=None)
     p.add_argument("--per-iter", type=int, default=16)
     p.add_argument("--device-wait", type=float, default=30.0)
+    p.add_argument("--population", type=int, default=256, help="evolutionary search population per round")
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args(argv)
     if (a.rpc_tracker is None) != (a.rpc_key is None):
@@ -269,11 +315,16 @@ def main(argv=None):
     rpc = (*a.rpc_tracker, a.rpc_key) if a.rpc_tracker else None
     try:
         model = shape_only_model(a.preset) if a.preset else load_checkpoint(a.checkpoint)
-        session = tune(model, a.target, a.trials, a.db, rpc, a.tasks, a.max_tasks, a.per_iter, a.device_wait)
+        session = tune(model, a.target, a.trials, a.db, rpc, a.tasks, a.max_tasks, a.per_iter, a.device_wait,
+                       population=a.population)
     except (TargetError, CheckpointError, TuneError, DeviceError, tdb.TuningDBError) as e:
         sys.exit(f"error: {e}\n(the database in {a.db} keeps every finished measurement; run the same "
                  f"command again to resume)" if isinstance(e, DeviceError) else f"error: {e}")
     print(table(session))
+    from .tune_replay import replay_table
+    if session.get("replays"):
+        print("\nbucket records replayed on the dynamic kernels (the build applies one only where it is nowhere "
+              "slower):\n" + replay_table(session))
     png = plot(session, a.db, a.plot or a.db / "tuning.png")
     print(f"database: {a.db} (apply with compiler.build --tuning-db {a.db}); plot: {png}")
 

@@ -6,7 +6,9 @@
                                      [workload line index, [trace, run seconds, target, args]]
     DIR/session.json                 what the session tuned: target, model, shape buckets, and per
                                      task its name, kernel, entry, bucket, workload hash, calls and
-                                     the untuned latency (the build's own schedule, measured once)
+                                     the untuned latency (the build's own schedule, measured once);
+                                     "replays": bucket records timed on their whole dynamic kernel
+                                     (compiler/tune_replay.py)
 
 Both database files only grow by whole appended lines, so a session killed at any point (SIGKILL)
 leaves at most one torn last line, which `repair` drops before anything reads the files. Trials
@@ -26,6 +28,7 @@ WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SESSION = "session.json"
 FAILED = 1e9  # run seconds at or above this: a failed candidate (MetaSchedule stores 1e10)
+REPLAY_SLACK = (0.10, 2e-6)  # a replayed record counts as slower at a shape above untuned * 1.10 + 2 us
 
 
 class TuningDBError(RuntimeError):
@@ -132,7 +135,9 @@ def write_session(db_dir, session: dict) -> None:
 
 class TunedKernels:
     """The records a build applies: for a workload, the best record of the session's task when it
-    beats the untuned schedule by more than `margin` (else None: the build keeps its own)."""
+    beats the untuned schedule by more than `margin` (timed side by side where compiler.tune did:
+    task["check"]; else None: the build keeps its own); for a
+    dynamic kernel, the bucket record pick_replay finds nowhere slower on the whole kernel."""
 
     def __init__(self, db_dir, target_name: str, margin: float = 0.02):
         self.session = read_session(db_dir)
@@ -153,6 +158,36 @@ class TunedKernels:
             return None
         secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
         untuned = task.get("untuned_s")
+        check = task.get("check")
+        if check and check.get("best_s") == task.get("best_s"):  # measured side by side: decides
+            secs, untuned = check["tuned_s"], check["untuned_s"]
         if secs >= FAILED or (untuned is not None and secs > untuned * (1 - self.margin)):
             return None
         return record, secs, task
+
+    def pick_replay(self, kernel: str, hits: list) -> tuple[tuple | None, str]:
+        """Of a dynamic kernel's bucket hits [(record, seconds, task)], the one to replay on it: measured
+        replayed at every check shape (session["replays"], compiler/tune_replay.py), nowhere slower
+        than the default schedule beyond REPLAY_SLACK, largest mean speedup. -> (hit, "") or (None, why)."""
+        replays = self.session.get("replays", {}).get(kernel)
+        if replays is None:
+            return None, "not measured replayed on the dynamic kernel (run the compiler.tune command again)"
+        untuned = replays["untuned"]
+        best, why = None, "no record was measured replayed on the dynamic kernel"
+        for hit in hits:
+            row = replays["records"].get(hit[2]["hash"])
+            if not row or not row["at"]:
+                why = row["why"] if row else why
+                continue
+            rel, absolute = REPLAY_SLACK
+            slower = [(lab, s, untuned.get(lab)) for lab, s in row["at"].items()
+                      if s is None or untuned.get(lab) is None or s > untuned[lab] * (1 + rel) + absolute]
+            if slower:
+                lab, s, u = slower[0]
+                why = (f"record of {row['task']} replayed: {'-' if s is None else f'{s * 1e6:.1f}'} us at {lab}, "
+                       f"default schedule {'-' if u is None else f'{u * 1e6:.1f}'} us")
+                continue
+            gain = sum(untuned[lab] / s for lab, s in row["at"].items()) / len(row["at"])
+            if best is None or gain > best[0]:
+                best = (gain, hit)
+        return (best[1], "") if best else (None, why)

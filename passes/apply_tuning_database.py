@@ -8,7 +8,9 @@ After:
     # (compiler/tasks.py), scheduled by relax.transform.MetaScheduleApplyDatabase from the task's
     # best record
 A kernel called with free dims (prefill's token count, decode's context length) keeps them and
-gets the best of its shape buckets' records replayed on it (_replay): the record's tile sizes
+gets one of its shape buckets' records replayed on it (_replay): the one compiler.tune measured
+replayed on the whole kernel as nowhere slower than the default schedule at its check shapes, with
+the largest mean speedup (compiler/tune_replay.py; none such: the default schedule stays): the record's tile sizes
 become constant split factors with the outermost inferred (a predicate takes the remainder of a
 free dim), then MetaSchedule's postprocessors lower its parallel / vector / unroll decisions. A
 replay that fails (our INT4 matmul's tile/tail blocks differ between static and dynamic row
@@ -152,8 +154,12 @@ class ApplyTuningDatabase:
         mod = rw.builder_.get()
 
         replayed, skipped = [], []
-        for callee, hits in rw.dynamic.items():  # the bucket whose record gains most
-            record, secs, task = max(hits, key=lambda h: (h[2].get("untuned_s") or h[1]) / h[1])
+        for callee, hits in rw.dynamic.items():  # the record measured fastest on the whole kernel, if any
+            hit, why = tuned.pick_replay(callee.name_hint, hits)
+            if hit is None:
+                skipped.append({"kernel": callee.name_hint, "task": None, "why": why})
+                continue
+            record, secs, task = hit
             func, why = _replay(mod[callee], record, target)
             row = {"kernel": callee.name_hint, "task": task["name"], "tuned_us": _us(secs),
                    "untuned_us": _us(task.get("untuned_s"))}

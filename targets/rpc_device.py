@@ -38,7 +38,8 @@ LOOPBACK = "127.0.0.1"
 # tvm/rpc/base.py: RPC_TRACKER_MAGIC and TrackerCode
 _TRACKER_MAGIC = 0x2F271
 _SUCCESS, _REQUEST, _SUMMARY = 0, 4, 6
-_EM_AARCH64 = 183  # ELF e_machine
+_EM_AARCH64, _EM_X86_64 = 183, 62  # ELF e_machine
+_MACHINE_NAMES = {_EM_AARCH64: "AArch64", _EM_X86_64: "x86-64"}
 
 
 class DeviceError(RuntimeError):
@@ -172,11 +173,19 @@ def remote_errors(session, what: str = "remote call"):
                           f"crashed or session timed out): {msg.splitlines()[-1]}") from err
 
 
-def upload_and_load(session, lib_path):
+def elf_machine(target_json: dict) -> int:
+    """The ELF e_machine of libraries built for a target (its mtriple; none: this machine's CPU)."""
+    import platform  # pylint: disable=import-outside-toplevel
+    arch = str(target_json.get("mtriple") or platform.machine()).split("-")[0]
+    return _EM_AARCH64 if arch in ("aarch64", "arm64") else _EM_X86_64
+
+
+def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
     """Upload a shared library linked for the device and load it there; returns the remote Module.
 
     The device has no compiler, so `lib_path` must be a .so exported with the cross toolchain
     (export_library(path, fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))).
+    `machine` is the device's ELF e_machine (default AArch64; elf_machine(target json)).
     """
     lib_path = Path(lib_path)
     if not lib_path.is_file():
@@ -186,10 +195,11 @@ def upload_and_load(session, lib_path):
     if head[:4] != b"\x7fELF":
         raise ValueError(f"{lib_path}: not an ELF shared object (the device cannot link a .tar; "
                          "export with fcompile=cross_compiler('aarch64-linux-gnu-g++'))")
-    machine = struct.unpack("<H", head[18:20])[0]
-    if machine != _EM_AARCH64:
-        raise ValueError(f"{lib_path}: ELF machine {machine}, expected AArch64 ({_EM_AARCH64}); "
-                         "build with an aarch64 mtriple and the aarch64 cross compiler")
+    found = struct.unpack("<H", head[18:20])[0]
+    if found != machine:
+        want = _MACHINE_NAMES.get(machine, str(machine))
+        raise ValueError(f"{lib_path}: ELF machine {_MACHINE_NAMES.get(found, found)}, expected {want} "
+                         f"({machine}); build for the device's target (its mtriple and cross compiler)")
     with remote_errors(session, f"uploading/loading {lib_path.name}"):
         session.upload(str(lib_path), lib_path.name)  # into the session's own temp dir on the device
         return session.load_module(lib_path.name)

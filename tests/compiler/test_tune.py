@@ -42,6 +42,8 @@ def test_tiny_session_writes_database_table_and_plot(session):
     assert task["name"] == "int4_matmul2[tokens=1]" and task["calls"] >= 1
     assert task["trials"] == 3 and len(tdb.records_by_workload(db)[task["hash"]]) == 3
     assert task["untuned_s"] > 0 and 0 < task["best_s"] < tdb.FAILED
+    check = task["check"]  # the best record and the untuned kernel timed again, side by side
+    assert check["untuned_s"] > 0 and check["tuned_s"] > 0 and check["best_s"] == task["best_s"]
     print(table(s))
     assert "int4_matmul2[tokens=1]" in table(s).splitlines()[1]
     png = plot(s, db, db / "tuning.png")
@@ -71,7 +73,7 @@ def test_resume_after_sigkill_keeps_records_and_measures_only_the_rest(ckpt, tmp
     with open(records, "a") as f:  # a write torn by the kill
         f.write('[0, [[["GetSBlock", [], ["matmul_tail"')
 
-    r = subprocess.run(_tune_cmd(ckpt, db, 4), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_tune_cmd(ckpt, db, 4), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped a torn last line" in r.stderr
     after = records.read_text().splitlines()
@@ -81,12 +83,30 @@ def test_resume_after_sigkill_keeps_records_and_measures_only_the_rest(ckpt, tmp
     assert len(set(traces)) == 4  # no candidate measured twice
 
 
-def test_tuned_build_applies_database_with_same_numerics(ckpt, session, tmp_path):
+@pytest.fixture(scope="module")
+def untuned(ckpt):
+    from compiler.build import build
+    return build(ckpt, "host", ckpt.parent / "untuned", verbose=False)
+
+
+def _same_logits(a, b, prompts=([3, 14, 15, 92, 65, 35, 89, 79],)):
+    for ids in prompts:
+        la, ka = a.prefill(ids)
+        lb, kb = b.prefill(ids)
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+        for t in (2, 71, 82):
+            la, ka = a.decode(t, ka)
+            lb, kb = b.decode(t, kb)
+            np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned, tmp_path):
     from compiler.build import build
     from mobilemoe.runtime import load_artifact
     db, _ = session
     s = json.loads((db / "session.json").read_text())
     s["tasks"][0]["untuned_s"] = 1.0  # make the record a sure winner: this test is about applying it
+    s["tasks"][0]["check"]["untuned_s"] = 1.0
     tdb.write_session(db, s)
 
     # fp32 activations: with int8 ones (a VNNI host) the LM head is a dot-product kernel, never tuned
@@ -102,14 +122,7 @@ def test_tuned_build_applies_database_with_same_numerics(ckpt, session, tmp_path
 
     a, b = load_artifact(tuned), load_artifact(untuned)
     assert a.lib.implements_function(kernel, True) and not b.lib.implements_function(kernel, True)
-    ids = [3, 14, 15, 92, 65, 35, 89, 79]
-    la, ka = a.prefill(ids)
-    lb, kb = b.prefill(ids)
-    np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
-    for t in (2, 71, 82):
-        la, ka = a.decode(t, ka)
-        lb, kb = b.decode(t, kb)
-        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+    _same_logits(a, b)
 
     from compiler.bench import run  # and compiler.bench on it, with the per-kernel profile
     res = run(tuned, prompts=(8,), contexts=(8,), decode_steps=2, repeats=2, json_out=tmp_path / "b.json",
@@ -121,6 +134,55 @@ def test_tuned_build_applies_database_with_same_numerics(ckpt, session, tmp_path
         assert {"attention", "router", "routed experts", "shared expert", "other"} <= set(p["parts"])
         assert abs(sum(p["parts"].values()) - p["total_s"]) < 1e-9
     assert any(k["kernel"] == kernel for k in decode["kernels"])  # the tuned LM head, timed
+
+
+def test_bucket_records_are_timed_replayed_and_the_build_replays_one_with_same_numerics(ckpt, untuned, tmp_path):
+    """compiler.tune times each bucket's record replayed on the whole dynamic kernel at every check
+    shape; a record nowhere slower is replayed by the build, and the logits stay the same."""
+    from compiler.build import build
+    from compiler.tune import tune
+    from compiler.tune_replay import CHECKS, replay_table
+    from mobilemoe.checkpoint import load_checkpoint
+    from mobilemoe.runtime import load_artifact
+
+    db = tmp_path / "db"
+    s = tune(load_checkpoint(ckpt), "host", 2, db, only=r"^matmul3\[tokens=32,past=0\]$", per_iter=2,
+             verbose=False, population=32)
+    print(replay_table(s))
+    replays = s["replays"]["matmul3"]
+    labels = {"tokens=32,past=0", "tokens=128,past=0", "tokens=512,past=0", "tokens=8,past=0"}
+    assert replays["entry"] == "prefill" and set(replays["untuned"]) == labels and CHECKS["prefill"]
+    assert all(v > 0 for v in replays["untuned"].values())
+    rows = replays["records"]
+    assert [r["task"] for r in rows.values()] == ["matmul3[tokens=32,past=0]"]
+    assert all(set(r["at"]) == labels and all(v > 0 for v in r["at"].values()) for r in rows.values())
+
+    for entry in s["replays"].values():  # make the default schedule lose everywhere: this test is about applying
+        entry["untuned"] = dict.fromkeys(entry["untuned"], 1.0)
+    for task in s["tasks"]:
+        task["untuned_s"] = 1.0
+    tdb.write_session(db, s)
+    tuned = build(ckpt, "host", tmp_path / "tuned", tuning_db=str(db), verbose=False)
+    report = json.loads((tuned / "manifest.json").read_text())["tuning"]
+    assert [r["kernel"] for r in report["replayed"]] == ["matmul3"], report
+    _same_logits(load_artifact(tuned), load_artifact(untuned), ([5, 9, 200], list(range(3, 43))))
+
+
+def test_pick_replay_keeps_the_default_schedule_where_a_record_is_slower(tmp_path):
+    s = {"target": "host", "tasks": [], "replays": {"k": {"entry": "prefill", "untuned": {"a": 1.0, "b": 1.0},
+         "records": {"r1": {"task": "k[a]", "best_s": 0.5, "at": {"a": 0.5, "b": 1.5}, "why": ""},
+                     "r2": {"task": "k[b]", "best_s": 0.8, "at": {"a": 0.9, "b": 0.8}, "why": ""},
+                     "r3": {"task": "k[c]", "best_s": 0.2, "at": {"a": 0.3, "b": 0.7}, "why": ""}}}}}
+    tdb.write_session(tmp_path, s)
+    (tmp_path / tdb.WORKLOADS).write_text("")
+    (tmp_path / tdb.RECORDS).write_text("")
+    tuned = tdb.TunedKernels(tmp_path, "host")
+    hit = lambda h: (None, 1.0, {"hash": h, "name": h})  # noqa: E731
+    assert tuned.pick_replay("k", [hit("r1"), hit("r2")])[0][2]["hash"] == "r2"  # r1 loses at b
+    assert tuned.pick_replay("k", [hit("r1"), hit("r2"), hit("r3")])[0][2]["hash"] == "r3"  # the largest gain
+    none, why = tuned.pick_replay("k", [hit("r1")])
+    assert none is None and "1500000.0 us at b" in why and "default schedule 1000000.0 us" in why
+    assert tuned.pick_replay("other", [hit("r1")])[0] is None
 
 
 def test_a_bucket_record_replays_on_the_dynamic_kernel():
@@ -170,3 +232,13 @@ def test_repair_drops_only_a_torn_last_line(tmp_path):
     assert tdb.repair(tmp_path) == [f"{tdb.RECORDS}: dropped a torn last line (6 bytes)"]
     assert (tmp_path / tdb.RECORDS).read_text() == '[0, [1]]\n[0, [2]]\n'
     assert tdb.repair(tmp_path) == []
+
+
+@pytest.mark.parametrize("target_name", ["android-adreno", "android-mali"])
+def test_opencl_targets_are_refused_with_a_clear_error(target_name, tmp_path):
+    from compiler.tune import tune
+    from targets import TargetError
+    with pytest.raises(TargetError, match=f"tuning target '{target_name}' \\(opencl GPU kernels\\) is not supported"):
+        tune(None, target_name, 4, tmp_path / "db")
+    assert not (tmp_path / "db").exists()  # refused before anything was written
+

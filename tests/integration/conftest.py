@@ -3,6 +3,7 @@
 Markers:  arm64 - needs the emulated arm64 device (targets/arm64_device.sh); slow - takes minutes.
 The device is set up by `targets/arm64_device.sh setup` (once, ~1 min, needs root for apt) or by the
 `arm64_device` fixture itself when MOBILEMOE_ARM64=1 (CI); otherwise arm64 tests skip.
+The `local_rpc` fixture (targets/local_rpc.py: a loopback tracker + an x86 rpc_server) needs nothing.
 """
 
 import os
@@ -37,9 +38,11 @@ def arm64_device():
         yield device
 
 
-def pytest_collection_modifyitems(config, items):
-    """Issue 5 (tuning/bench over RPC) is still open: its device tests are not verified yet and could
-    hold the emulated device for minutes, so they are skipped until that issue lands."""
-    for item in items:
-        if "test_rpc_bench.py" in item.nodeid:
-            item.add_marker(pytest.mark.skip(reason="issue 5 open: RPC tuning/bench not verified"))
+
+@pytest.fixture(scope="session")
+def local_rpc():
+    """A loopback tracker + an rpc_server of this machine (targets/local_rpc.py), for the session."""
+    from targets.local_rpc import LocalRpcDevice  # pylint: disable=import-outside-toplevel
+
+    with LocalRpcDevice() as device:
+        yield device
