@@ -67,11 +67,15 @@ def _recorder(db, workload, target, bar, rpc, device_wait: float, counts: dict):
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
             wl = db.commit_workload(workload)
             lost = 0
-            for cand, res in zip(candidates, runner_results):
+            for cand, built, res in zip(candidates, builder_results, runner_results):
                 if is_lost(res.error_msg):
                     lost += 1
                     continue
                 secs = res.run_secs if res.run_secs else [1e10]
+                if not res.run_secs:  # the candidate's own failure (a schedule that fails to build or run)
+                    why = failure_line(built.error_msg, res.error_msg)
+                    counts.setdefault("failed", []).append(why)
+                    tqdm.write(f"warning: a candidate failed and counts as a trial: {why}", file=sys.stderr)
                 db.commit_tuning_record(TuningRecord(cand.sch.trace, wl, secs, target, cand.args_info))
                 bar.update(1)
             if lost:
@@ -86,6 +90,15 @@ def _recorder(db, workload, target, bar, rpc, device_wait: float, counts: dict):
                     raise
 
     return Recorder()
+
+
+def failure_line(build_error: str | None, run_error: str | None) -> str:
+    """The telling line of a failed candidate's error: build errors first (a failed build has no run)."""
+    for stage, msg in (("build", build_error), ("run", run_error)):
+        lines = [ln.strip() for ln in (msg or "").strip().splitlines() if ln.strip()]
+        if lines:
+            return f"{stage}: {lines[-1][:300]}"
+    return "no run time and no error message"
 
 
 def _wait_for_device(rpc, wait: float, lost: int) -> None:
@@ -226,6 +239,8 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
             seconds = tdb.records_by_workload(db_dir).get(h, [])
             best = [s for s in seconds if s < tdb.FAILED]
             entry.update(trials=len(seconds), best_s=min(best) if best else None)
+            if counts.get("failed"):
+                entry["failures"] = entry.get("failures", []) + counts["failed"]
             tdb.write_session(db_dir, session)
     from .tune_replay import check_replays, check_static  # what the build decides on (compiler/tune_replay.py)
     check_static(session, db_dir, mod, target, builder, runner, verbose=verbose)
