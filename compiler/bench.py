@@ -76,14 +76,9 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 
 def _profile(rt, entry: str, ids: list[int], kv, manifest: dict) -> dict:
-    import tvm
-
     from .profile import group, profile_call
-    past = int(kv.shape[4])
-    args = [tvm.runtime.tensor(np.asarray([ids], dtype="int64"), rt.device),
-            tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], rt.device),
-            kv, *rt.params[entry]]
-    rows, wall = profile_call(rt.vm, rt.lib, rt.device, entry, args)
+    past = kv.length
+    rows, wall = profile_call(rt.vm, rt.lib, rt.device, entry, rt.entry_args(ids, kv))
     report = group(rows, manifest["entry_points"][entry].get("kernel_calls"))
     return {"entry": entry, "tokens": len(ids), "context": past, "wall_s": wall, **report}
 
@@ -131,7 +126,8 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             log(f"  profile: skipped ({res['profile']['error']})")
         elif profile:
             ids = _prompt(cfg.vocab_size, min(prompts[0], cfg.max_seq_len - 1))
-            logits, kv = rt.prefill(ids)
+            fits = [c for c in contexts if c < cfg.max_seq_len]  # decode is profiled at the longest context
+            _, kv = rt.prefill(_prompt(cfg.vocab_size, max(fits))) if fits else rt.prefill(ids)
             empty = rt._empty_kv
             res["profile"] = [_profile(rt, "prefill", ids, empty, manifest), _profile(rt, "decode", [7], kv, manifest)]
             from .profile import format_report

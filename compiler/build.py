@@ -33,7 +33,7 @@ from mobilemoe.generate import DEFAULT_MODEL_DIR
 from targets import TARGETS, TargetError, get_target
 
 from .artifact import ArtifactError, write_artifact
-from .importer import ENTRY_POINTS, NUM_INPUTS, ImportError_, import_model
+from .importer import ENTRY_POINTS, ImportError_, import_model
 from .tuning_db import TuningDBError
 from .onnx_export import TARGET_NAME as ONNX_TARGET
 from .onnx_export import OnnxExportError, build_onnx
@@ -46,10 +46,14 @@ class BuildError(RuntimeError):
 
 
 def _entry_signature(func) -> dict:
+    import tvm
+
     def desc(ty):
-        shape = [str(d) if not str(d).isdigit() else int(str(d)) for d in ty.shape.values]
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in ty.shape.values]
         return {"shape": shape, "dtype": str(ty.dtype)}
-    inputs = [{"name": p.name, **desc(p.ty)} for p in func.params[:NUM_INPUTS]]
+    user = func.params[:int(func.attrs["num_input"])]  # tokens, positions, then each layer's K (transposed), V
+    names = ["tokens", "positions", *(f"{'kv'[i % 2]}_{i // 2}" for i in range(len(user) - 2))]
+    inputs = [{"name": n, **desc(p.ty)} for n, p in zip(names, user)]
     outputs = [desc(t) for t in func.ret_ty.fields]
     return {"inputs": inputs, "outputs": outputs}
 

@@ -90,12 +90,26 @@ class Injective(ScheduleRule):
         return sch
 
 
+def _streams_rows(block) -> bool:
+    """Whether the last spatial iter of `block` (C[.., j] += A[.., k] * B[.., k, j]) indexes the
+    innermost axis of the block's second operand: then [.., k, j] streams rows of B."""
+    j = block.iter_vars[-2].var
+    reads = [r for r in block.reads if not r.source.same_as(block.writes[0].source)]
+    if len(reads) != 2:
+        return False
+    last = reads[1].region[-1].min
+    return isinstance(last, tirx.Var) and last.same_as(j)
+
+
 class BatchMatmul(ScheduleRule):
     """The float matmuls TVM legalizes R.matmul into (one block "matmul", C[.., i, j] += A[.., i, k] *
-    B[.., k, j]): attention's q.k^T and p.v, the router. Loops become [(batch.., i) parallel, k, j],
+    B[.., k, j]): the router, and the attention einsums (block "T_einsum", possibly followed by the
+    mask's expand_dims + add, left as they are): q.K^T against the transposed key cache
+    ("bgrsd,bgdt->bgrst") and p.V ("bgrst,bgtd->bgrsd"). Loops become [(batch.., i) parallel, k, j],
     so each step streams one row of B into one row of C (a contiguous inner loop that LLVM's loop
-    vectorizer takes; s_tir's vectorize refuses a spatial loop under the reduction loop); unscheduled they ran as a scalar dot product per output (prefill
-    of 512 tokens spent ~25 s in attention on mobilemoe-s)."""
+    vectorizer takes; s_tir's vectorize refuses a spatial loop under the reduction loop); unscheduled
+    they ran as a scalar dot product per output (prefill of 512 tokens spent ~25 s in attention on
+    mobilemoe-s). An einsum whose j does not index its second operand's innermost axis is left alone."""
 
     def apply(self, func, target, tunable):
         from tvm.target import codegen
@@ -104,10 +118,15 @@ class BatchMatmul(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         try:
-            block = sch.get_sblock("matmul")
-        except Exception:  # noqa: BLE001 - no such block: not a legalized matmul
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except Exception:  # noqa: BLE001 - no root block (an extern kernel such as topk)
             return None
-        if len(sch.get_child_blocks(sch.get_sblock("root"))) != 1:
+        if not blocks:
+            return None
+        block, name = blocks[0], sch.get(blocks[0]).name_hint
+        if (name, len(blocks)) != ("matmul", 1) and name != "T_einsum":
+            return None
+        if name == "T_einsum" and not _streams_rows(sch.get(block)):
             return None
         kinds = [int(iv.iter_type) for iv in sch.get(block).iter_vars]
         loops = sch.get_loops(block)

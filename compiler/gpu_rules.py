@@ -5,13 +5,15 @@ dlight rules pick a kernel by its pattern, not by whether their schedule will lo
 matmuls that fails in codegen ("Cannot unroll non-constant loop"), and Adreno's Pool2D rule raises
 on a scatter kernel. ApplyDefaultSchedule stops at the first rule that returns a schedule, so one
 such rule breaks the whole build. Wrapped, the rule returns None for that kernel (the next rule of
-the list schedules it) when applying it raises, or when its schedule fails to compile alone.
+the list schedules it) when applying it raises, when its schedule fails to compile alone, or when
+the device source it compiles to is malformed (a TVM codegen bug, see _STATEMENT_IN_EXPRESSION).
 
     dl.ApplyDefaultSchedule(GuardedRule(dl.gpu.Matmul()), ..., GuardedRule(dl.gpu.Fallback()))
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import tvm
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -19,14 +21,36 @@ from tvm.s_tir.dlight.base import ScheduleRule
 log = logging.getLogger(__name__)
 
 
+# TVM 0.27's OpenCL codegen can print a let-bound index ("long rmod_3 = ...;") inside the expression
+# that uses it (seen: dl.gpu.Matmul on the dynamic-length attention einsum p.V, inside a vstore8's
+# address): source that no OpenCL compiler accepts ("expected ')'" on POCL), though TVM builds it.
+# (the statement keeps its indentation: "+ ((((      long rmod_23 = ..."; "for (int k = 0" has none)
+_STATEMENT_IN_EXPRESSION = re.compile(r"[(+*,-][ \t]{2,}(?:long|int|uint|ulong) [A-Za-z_]\w* = ")
+
+
+def _device_sources(module) -> list[str]:
+    todo, out = [module], []
+    while todo:
+        m = todo.pop()
+        if m.kind in ("opencl", "vulkan", "cuda"):
+            out.append(m.inspect_source())
+        todo += list(m.imports)
+    return out
+
+
 def builds(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> str | None:
-    """None when `func` (one scheduled kernel) compiles for `target`, else the error's last line."""
+    """None when `func` (one scheduled kernel) compiles for `target` into well-formed device source,
+    else the error's last line."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     try:
-        tvm.compile(mod, target=target)
+        built = tvm.compile(mod, target=target)
     except Exception as err:  # noqa: BLE001 - TVM raises TVMError / InternalError / ValueError
         lines = str(err).strip().splitlines()
         return lines[-1] if lines else type(err).__name__
+    for source in _device_sources(getattr(built, "mod", built)):
+        bad = _STATEMENT_IN_EXPRESSION.search(source)
+        if bad:
+            return f"malformed device source (a declaration inside an expression: {bad.group(0).strip()!r})"
     return None
 
 

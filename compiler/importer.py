@@ -1,12 +1,14 @@
 """Import a MobileMoE model into one TVM Relax IRModule with two entry functions.
 
-    prefill(tokens [1, S] i64, positions [1, S] i64, kv [L, 2, 1, nkv, P, D] f32, *params)
-        -> (logits [1, V], kv [L, 2, 1, nkv, P+S, D])
-    decode (token  [1, 1] i64, position  [1, 1] i64, kv [L, 2, 1, nkv, P, D] f32, *params)
-        -> (logits [1, V], kv [L, 2, 1, nkv, P+1, D])
+    prefill(tokens [1, S] i64, positions [1, S] i64, k_0, v_0, ..., k_{L-1}, v_{L-1}, *params)
+        -> (logits [1, V], k_0', v_0', ..., k_{L-1}', v_{L-1}')
+    decode (token  [1, 1] i64, position  [1, 1] i64, k_0, v_0, ..., *params) -> (logits [1, V], k_0', ...)
+
+    k_l [1, nkv, D, P], v_l [1, nkv, P, D] f32 (the "layers" cache layout of mobilemoe/export.py);
+    k_l', v_l': with the S new tokens appended.
 
 Both functions take the same parameters, in the same order, under the same names (the attribute
-"num_input" = 3 separates user inputs from parameters). The torch.export graphs go through
+"num_input" = num_inputs(config) = 2 + 2L separates user inputs from parameters). The torch.export graphs go through
 PyTorch's default decompositions except einsum, so the MoE layers reach Relax as `R.einsum` calls
 on the stacked expert weights: the form passes/ recognise.
 """
@@ -21,7 +23,11 @@ from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 
 ENTRY_POINTS = ("prefill", "decode")
-NUM_INPUTS = 3
+
+
+def num_inputs(config) -> int:
+    """User inputs of an entry point: tokens, positions and a K and a V cache per layer."""
+    return 2 + 2 * config.num_layers
 
 
 class ImportError_(RuntimeError):
@@ -89,7 +95,7 @@ def import_model(model: MobileMoE, with_weights: bool = True):
             raise ImportError_(f"{entry}: TVM import failed: {e}") from e
         mod, params = relax.frontend.detach_params(mod)
         func = mod["main"]
-        p_names = [v.name for v in func.params[NUM_INPUTS:]]
+        p_names = [v.name for v in func.params[num_inputs(model.config):]]
         if names is None:
             names = p_names
             values = {n: p.numpy() for n, p in zip(p_names, params["main"])} if with_weights else {}
@@ -101,10 +107,13 @@ def import_model(model: MobileMoE, with_weights: bool = True):
     return out, names, values
 
 
-def example_feed(model: MobileMoE, entry: str, tokens: list[int], past: int):
-    """Numpy inputs for an entry point (used by tests and benchmarks)."""
+def example_feed(model: MobileMoE, entry: str, tokens: list[int], past: int, kv: np.ndarray | None = None):
+    """Numpy inputs for an entry point (tests, benchmarks): tokens, positions, then the K (transposed)
+    and V caches of each layer, from kv [L, 2, 1, nkv, P, D] (zeros when None)."""
     c = model.config
     seq = len(tokens)
-    return (np.asarray([tokens], dtype="int64"),
-            np.arange(past, past + seq, dtype="int64")[None],
-            np.zeros((c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim), dtype="float32"))
+    if kv is None:
+        kv = np.zeros((c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim), dtype="float32")
+    return (np.asarray([tokens], dtype="int64"), np.arange(past, past + seq, dtype="int64")[None],
+            *[np.ascontiguousarray(kv[i, j].swapaxes(-1, -2) if j == 0 else kv[i, j])
+              for i in range(c.num_layers) for j in range(2)])

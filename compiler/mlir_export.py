@@ -40,7 +40,9 @@ import torch
 from mobilemoe.export import export_entry
 
 from .artifact import PARAMS_NAME, write_artifact_files
-from .importer import ENTRY_POINTS, NUM_INPUTS, _layer_of
+from .importer import ENTRY_POINTS, _layer_of
+
+NUM_INPUTS = 3  # tokens, positions, kv: the stacked cache layout (mobilemoe/export.py)
 
 TARGET_NAME = "mlir"
 BACKEND = "iree"
@@ -169,7 +171,7 @@ def export_mlir(model) -> tuple[dict[str, str], list[str], dict]:
 
     programs, names, signatures = {}, None, {}
     for entry in ENTRY_POINTS:
-        ep = export_entry(model.eval(), entry).run_decompositions(_decompositions())
+        ep = export_entry(model.eval(), entry, cache="stacked").run_decompositions(_decompositions())
         programs[entry] = ep
         graph, entry_names = _lift_state(ep)
         if names is not None and entry_names != names:

@@ -1,6 +1,6 @@
 """Replay the passes' parameter transforms on the checkpoint tensors (see passes/common.py).
 
-    transforms: [{"out": name, "op": "concat" | "int4_codes" | "int4_scales", "inputs": [...], ...}]
+    transforms: [{"out": name, "op": "concat" | "transpose" | "int4_codes" | "int4_scales", "inputs": [...], ...}]
     params = materialize(names, transforms, source)   # {name: np.ndarray} for exactly `names`
 
 INT4 ops use mobilemoe.quant (quantize_int4 + pack_int4): the one implementation shared with QAT
@@ -61,6 +61,8 @@ def materialize(names: list[str], transforms: list[dict], source, progress: bool
         op, inputs = rule["op"], rule["inputs"]
         if op == "concat":
             return np.concatenate([get(i) for i in inputs], axis=rule["axis"])
+        if op == "transpose":
+            return get(inputs[0]).T
         if op == "int4_codes":
             return int4(inputs[0])[0]
         if op == "int4_scales":

@@ -2,9 +2,11 @@
 
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4")
-    cleanup    StripAssertions, MakeDataflow (pure functions in dataflow blocks: what FuseOps and
+    cleanup    StripAssertions, PretransposeWeights (float weights read transposed, the router),
+               MakeDataflow (pure functions in dataflow blocks: what FuseOps and
                RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
-    legalize   DispatchSampling, DispatchSortScan, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+    legalize   DispatchSampling, DispatchSortScan, AppendLastAxis (CPU: the transposed key cache's
+               append, compiler/kernels/append.py), LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
     schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
                kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"),
@@ -33,6 +35,7 @@ from tvm.relax.pipeline import PIPELINE_MAP, register_pipeline
 
 from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.make_dataflow import MakeDataflow
+from passes.pretranspose_weights import PretransposeWeights
 from passes.prune_unused_params import PruneUnusedParams
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
@@ -88,6 +91,11 @@ def _select_dot(opts: PipelineOptions) -> list:
     return [SelectDotKernels()] if opts.lowering == "cpu" and opts.quant == "int4" else []
 
 
+def _append(opts: PipelineOptions) -> list:
+    from passes.append_last_axis import AppendLastAxis
+    return [AppendLastAxis()] if opts.lowering == "cpu" else []
+
+
 def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, list]]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.gpu_generic import pipeline as gpu
@@ -115,8 +123,9 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
         # grouped prefill kernels (compiler/kernels/moe_grouped.py) are CPU-only
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=opts.lowering == "cpu")]),
         ("quantize", [QuantizeInt4Weights()] if opts.quant.startswith("int4") else []),
-        ("cleanup", [StripAssertions(), MakeDataflow(), PruneUnusedParams(), relax.transform.DeadCodeElimination()]),
-        ("legalize", backend.library_dispatch_passes(target) + legalize),
+        ("cleanup", [StripAssertions(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
+                     relax.transform.DeadCodeElimination()]),
+        ("legalize", backend.library_dispatch_passes(target) + _append(opts) + legalize),
         ("schedule", schedule),
         ("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)),
     ]

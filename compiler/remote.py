@@ -33,4 +33,4 @@ class RemoteRuntime(TVMRuntime):
             self.vm.set_input(entry, *args)
             self.vm.invoke_stateful(entry)
             out = self.vm.get_outputs(entry)
-        return out[0], out[1]
+        return [out[i] for i in range(len(out))]

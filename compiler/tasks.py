@@ -68,9 +68,9 @@ class Task:
 
 
 def model_dims(func: relax.Function) -> dict[str, tirx.PrimExpr]:
-    """{"tokens": tokens.shape[1], "past": kv.shape[4]} of an entry (inputs tokens, positions, kv)."""
-    tokens, _, kv = func.params[:3]
-    return {"tokens": tokens.ty.shape.values[1], "past": kv.ty.shape.values[4]}
+    """{"tokens": tokens.shape[1], "past": v_0.shape[2]} of an entry (inputs tokens, positions, k_0, v_0, ...)."""
+    tokens, _, _, v0 = func.params[:4]
+    return {"tokens": tokens.ty.shape.values[1], "past": v0.ty.shape.values[2]}
 
 
 def is_buffer(param) -> bool:

@@ -1,12 +1,20 @@
-"""torch.export of the two inference entry points the compiler imports.
+"""torch.export of the two inference entry points the compiler imports, in one of two cache layouts.
 
-    prefill(tokens [1, S] int64, positions [1, S] int64, kv [L, 2, 1, nkv, P, D]) -> (logits [1, V], kv')
-    decode (token  [1, 1] int64, position  [1, 1] int64, kv [L, 2, 1, nkv, P, D]) -> (logits [1, V], kv')
+cache="layers" (the TVM artifact): the cache is 2L inputs and 2L outputs, one per layer and K/V:
 
-logits are those of the last position (what generation needs); kv' = kv with the new tokens
-appended ([L, 2, 1, nkv, P+S, D]). S is a named dynamic dim ("seq"), the cache length P is
-Dim.DYNAMIC (a bounded Dim(min, max) on P trips torch.export's guards). The MoE layers export in the
-"dense" form (see model.py), which the compiler's passes rewrite into sparse dispatch.
+    prefill(tokens [1, S] int64, positions [1, S] int64, k_0, v_0, ..., k_{L-1}, v_{L-1})
+        -> (logits [1, V], k_0', v_0', ..., k_{L-1}', v_{L-1}')
+    decode (token  [1, 1] int64, position  [1, 1] int64, k_0, v_0, ...) -> (logits [1, V], k_0', ...)
+
+    k_l [1, nkv, D, P], v_l [1, nkv, P, D] float (keys transposed: mobilemoe/model.py); k_l', v_l':
+    the inputs with the S new tokens appended (P+S positions).
+
+cache="stacked" (the MLIR export): one kv input [L, 2, 1, nkv, P, D] and one kv output [L, 2, 1, nkv, P+S, D].
+
+logits are those of the last position (what generation needs). S is a named dynamic dim ("seq"),
+the cache length P is one unbounded Dim("past") shared by the per-layer inputs (Dim.DYNAMIC for the
+stacked one; a bounded Dim(min, max) on P trips torch.export's guards). The MoE layers export in the "dense" form
+(see model.py), which the compiler's passes rewrite into sparse dispatch.
 """
 from __future__ import annotations
 
@@ -14,6 +22,9 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from .model import MobileMoE
+
+
+CACHE_LAYOUTS = ("layers", "stacked")
 
 
 class _Entry(torch.nn.Module):
@@ -26,34 +37,48 @@ class _Entry(torch.nn.Module):
         return logits[:, 0], kv
 
 
-def example_inputs(model: MobileMoE, seq: int, past: int):
+class _LayersEntry(_Entry):
+    def forward(self, tokens, positions, cache):  # cache: [k_0, v_0, k_1, v_1, ...]
+        pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
+        logits, kv = self.model(tokens, positions, pairs, last_only=True)
+        return (logits[:, 0], *[t for pair in kv for t in pair])
+
+
+def example_inputs(model: MobileMoE, seq: int, past: int, cache: str = "stacked"):
+    """(tokens, positions, kv) in the given cache layout (kv: a list of 2L tensors for "layers")."""
     c = model.config
     tokens = torch.zeros(1, seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq, dtype=torch.int64)[None]
     kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim, dtype=model.embed.weight.dtype)
+    if cache == "layers":
+        kv = [kv[i, j].transpose(-1, -2).contiguous() if j == 0 else kv[i, j].clone()
+              for i in range(c.num_layers) for j in range(2)]
     return tokens, positions, kv
 
 
-def export_entry(model: MobileMoE, kind: str) -> ExportedProgram:
+def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> ExportedProgram:
     """Export `prefill` (dynamic S and P) or `decode` (S = 1, dynamic P) in the dense MoE form, with
-    grouped-query attention that never repeats K/V (Attention._grouped)."""
+    grouped-query attention that never repeats K/V (Attention._grouped), the cache in `cache` layout."""
     if kind not in ("prefill", "decode"):
         raise ValueError(f"entry point must be 'prefill' or 'decode', got {kind!r}")
+    if cache not in CACHE_LAYOUTS:
+        raise ValueError(f"cache layout must be one of {CACHE_LAYOUTS}, got {cache!r}")
     was = [layer.moe.impl for layer in model.layers if layer.moe is not None]
     model.set_moe_impl("dense")
     for layer in model.layers:
         layer.attn.grouped = True  # attention without repeating K/V per query head
     try:
-        p = Dim.DYNAMIC
-        if kind == "prefill":
-            s = Dim("seq", min=2, max=model.config.max_seq_len)
-            args = example_inputs(model, seq=5, past=3)
-            shapes = {"tokens": {1: s}, "positions": {1: s}, "kv": {4: p}}
-        else:
-            args = example_inputs(model, seq=1, past=3)
-            shapes = {"tokens": None, "positions": None, "kv": {4: p}}
+        # one named dim for every layer's cache length (Dim.DYNAMIC per input would give each layer
+        # its own symbol, which TVM cannot prove equal to the mask's)
+        p = Dim("past") if cache == "layers" else Dim.DYNAMIC
+        seq, c = (5 if kind == "prefill" else 1), model.config
+        args = example_inputs(model, seq=seq, past=3, cache=cache)
+        kv = [{3: p}, {2: p}] * c.num_layers if cache == "layers" else {4: p}
+        s = Dim("seq", min=2, max=model.config.max_seq_len) if kind == "prefill" else None
+        shapes = {"tokens": s and {1: s}, "positions": s and {1: s}, ("cache" if cache == "layers" else "kv"): kv}
+        entry = (_LayersEntry if cache == "layers" else _Entry)(model.eval())
         with torch.no_grad():
-            return torch.export.export(_Entry(model.eval()), args, dynamic_shapes=shapes)
+            return torch.export.export(entry, args, dynamic_shapes=shapes)
     finally:
         for layer in model.layers:
             del layer.attn.grouped  # back to the class default (SDPA)

@@ -4,9 +4,14 @@ One readable file in the spirit of gpt-fast / nanoGPT. Shapes use:
   B batch, S new tokens, P cached tokens, T = P + S keys, H hidden, nh/nkv query/KV heads, D head dim,
   E routed experts, k experts per token, I routed expert width, V vocab, L layers.
 
-KV cache layout (one tensor, so it crosses torch.export / TVM / RPC boundaries as a single value):
-  kv [L, 2, B, nkv, P, D]   kv[l, 0] = keys after RoPE, kv[l, 1] = values, positions 0..P-1.
-`forward(tokens, positions, kv)` appends the S new tokens and returns kv [L, 2, B, nkv, P+S, D].
+KV cache layouts (forward takes either and returns the same kind, with the S new tokens appended):
+  stacked  kv [L, 2, B, nkv, P, D]   kv[l, 0] = keys after RoPE, kv[l, 1] = values, positions 0..P-1:
+           one tensor (eager generation, the MLIR export);
+  layers   kv = [(k_0, v_0), ..., (k_{L-1}, v_{L-1})], k_l [B, nkv, D, P] (keys transposed),
+           v_l [B, nkv, P, D]: what the TVM artifact exports (mobilemoe/export.py). A decode step
+           copies each layer's cache once (its append) and never slices or re-stacks the whole
+           cache; with the keys transposed, both attention products stream contiguous cache rows
+           (q.K^T runs along t, p.V along d).
 
 Routing (identical to HF GraniteMoeShared): logits = router(x) in float32, top-k on the logits
 (sorted), softmax over the k selected logits; the shared expert is always on:
@@ -70,16 +75,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
         self.wo = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
         # x [B, S, H]; mask [B, 1, S, T] additive (0 / -max); past_k/v [B, nkv, P, D]
+        # (keys_t: past_k and the returned keys are [B, nkv, D, P], the layered cache layout)
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.nh, self.d).transpose(1, 2)  # [B, nh, S, D]
         k = self.wk(x).view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, D]
         v = self.wv(x).view(B, S, self.nkv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all = torch.cat([past_k, k], dim=2)  # [B, nkv, T, D]
-        v_all = torch.cat([past_v, v], dim=2)
-        y = self._grouped(q, k_all, v_all, mask) if self.grouped else self._sdpa(q, k_all, v_all, mask)
+        k_all = torch.cat([past_k, k.transpose(-1, -2)], dim=3) if keys_t else torch.cat([past_k, k], dim=2)
+        v_all = torch.cat([past_v, v], dim=2)  # [B, nkv, T, D]; k_all [B, nkv, T, D] or [B, nkv, D, T]
+        if self.grouped:
+            y = self._grouped(q, k_all, v_all, mask, keys_t)
+        else:
+            y = self._sdpa(q, k_all.transpose(-1, -2) if keys_t else k_all, v_all, mask)
         y = y.transpose(1, 2).reshape(B, S, self.nh * self.d)
         return self.wo(y), k_all, v_all
 
@@ -90,7 +99,7 @@ class Attention(nn.Module):
         vr = v_all[:, :, None].expand(B, self.nkv, rep, T, D).reshape(B, self.nh, T, D)
         return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [B, nh, S, D]
 
-    def _grouped(self, q, k_all, v_all, mask):
+    def _grouped(self, q, k_all, v_all, mask, keys_t: bool = False):
         """The same attention with the query heads grouped by their KV head and K/V broadcast over the
         group inside the matmuls, not repeated by an expand + reshape copy (the exported form: a
         compiled decode step would otherwise copy the whole cache nh / nkv times). Head h = kv * rep + r.
@@ -99,9 +108,12 @@ class Attention(nn.Module):
         B, nh, S, D = q.shape
         rep = nh // self.nkv
         qg = q.view(B, self.nkv, rep, S, D) * (D ** -0.5)
-        scores = qg @ k_all[:, :, None].transpose(-1, -2) + mask[:, :, None]  # [B, nkv, rep, S, T]
+        # einsum: TVM imports it as one reduction over the cache as stored (a matmul against
+        # k_all.transpose(-1, -2) materializes the transposed, broadcast cache every step)
+        keys = "bgrsd,bgdt->bgrst" if keys_t else "bgrsd,bgtd->bgrst"
+        scores = torch.einsum(keys, qg, k_all) + mask[:, :, None]  # [B, nkv, rep, S, T]
         p = torch.softmax(scores, dim=-1)
-        return (p @ v_all[:, :, None]).view(B, nh, S, D)
+        return torch.einsum("bgrst,bgtd->bgrsd", p, v_all).reshape(B, nh, S, D)
 
 
 class FeedForward(nn.Module):
@@ -192,8 +204,8 @@ class Block(nn.Module):
         self.moe = MoE(cfg) if cfg.is_moe else None
         self.ffn = None if cfg.is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
+        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v, keys_t)
         x = x + a
         h = self.ffn_norm(x)
         if self.moe is None:
@@ -240,16 +252,18 @@ class MobileMoE(nn.Module):
                            dtype=dtype or self.embed.weight.dtype, device=device or self.embed.weight.device)
 
     def forward(self, tokens, positions=None, kv=None, *, return_aux: bool = False, last_only: bool = False):
-        """tokens [B, S] int64; positions [B, S] int64 (default P..P+S-1); kv [L, 2, B, nkv, P, D].
+        """tokens [B, S] int64; positions [B, S] int64 (default P..P+S-1); kv [L, 2, B, nkv, P, D]
+        or a list of L (k [B, nkv, D, P], v [B, nkv, P, D]) pairs (the layouts of the module docstring).
 
-        Returns (logits [B, S, V], kv [L, 2, B, nkv, P+S, D]) and, with return_aux, a dict with
+        Returns (logits [B, S, V], kv with P+S positions, in the layout given) and, with return_aux, a dict with
         the load-balancing loss, router z-loss and per-expert token share [L, E].
         last_only: logits of the last position only ([B, 1, V]): what generation needs.
         """
         B, S = tokens.shape
         if kv is None:
             kv = self.empty_kv(B)
-        P = kv.shape[4]
+        layered = isinstance(kv, (list, tuple))
+        P = kv[0][0].shape[3] if layered else kv.shape[4]
         if positions is None:
             positions = torch.arange(P, P + S, device=tokens.device).expand(B, S)
         x = self.embed(tokens)  # [B, S, H]
@@ -262,8 +276,12 @@ class MobileMoE(nn.Module):
         mask = ((visible.to(x.dtype) - 1) * torch.finfo(x.dtype).max)[:, None]
         new_kv, routing = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v, r = layer(x, cos, sin, mask, kv[i, 0], kv[i, 1])
-            new_kv.append(torch.stack([k, v]))
+            past_k, past_v = kv[i] if layered else (kv[i, 0], kv[i, 1])
+            if layered:  # one cache length for all layers: torch.export then gives them one symbol
+                torch._check(past_k.shape[3] == P)
+                torch._check(past_v.shape[2] == P)
+            x, k, v, r = layer(x, cos, sin, mask, past_k, past_v, keys_t=layered)
+            new_kv.append((k, v) if layered else torch.stack([k, v]))
             routing.append(r)
         if last_only:
             # x[:, S - 1:] written so that its length is a static 1 in TVM: a slice starting at S - 1
@@ -271,7 +289,7 @@ class MobileMoE(nn.Module):
             # it); x[:, -1] imports as a negative take index. Flipping costs one copy of x.
             x = x.flip(1)[:, :1]
         logits = self.lm_head(self.norm(x))
-        kv_out = torch.stack(new_kv)
+        kv_out = new_kv if layered else torch.stack(new_kv)
         if not return_aux:
             return logits, kv_out
         return logits, kv_out, self.router_losses(routing)

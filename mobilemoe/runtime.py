@@ -5,12 +5,12 @@
     logits, kv = rt.decode(99, kv)
     ids, stats = rt.generate(prompt_ids, max_new_tokens=32)
 
-The KV cache lives as a TVM tensor between calls ([L, 2, 1, nkv, P, D], see mobilemoe/model.py);
-each step is one Relax VM call. Artifacts built for another CPU (android-arm64, linux-arm64) are
+The KV cache lives on the device between calls as a LayerKV: a K [1, nkv, D, P] and a V [1, nkv, P, D]
+tensor per layer (the "layers" layout of mobilemoe/export.py); each step is one Relax VM call. Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device through `python -m compiler.bench --rpc-tracker ...`.
 
 ONNX artifacts (manifest backend "onnx", compiler/onnx_export.py) run in an onnxruntime CPU session
-(OrtRuntime, same API); their KV cache is one OrtValue pair per layer (OrtKV).
+(OrtRuntime, same API); their KV cache is a LayerKV of OrtValues.
 """
 from __future__ import annotations
 
@@ -79,9 +79,8 @@ class TVMRuntime(_Generation):
         from compiler.artifact import LIB_NAME
         return tvm.cpu(), tvm.runtime.load_module(str(self.dir / LIB_NAME))
 
-    def _invoke(self, entry: str, args):
-        out = self._fn[entry](*args)
-        return out[0], out[1]
+    def _invoke(self, entry: str, args) -> list:
+        return list(self._fn[entry](*args))
 
     # -- common
     def _open(self):
@@ -99,33 +98,51 @@ class TVMRuntime(_Generation):
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}
         c = self.config
-        self._empty_kv = tvm.runtime.tensor(
-            np.zeros((c.num_layers, 2, 1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
+        k = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, c.head_dim, 0), "float32"), self.device)
+        v = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
+        self._empty_kv = LayerKV([k, v] * c.num_layers, 0, kv_shape(c, 0), keys_t=True)
 
-    def _call(self, entry: str, ids: list[int], past: int, kv):
+    def entry_args(self, ids: list[int], kv: LayerKV) -> list:
+        """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
         import tvm
-        check_ids(self.config, ids, past)
+        check_ids(self.config, ids, kv.length)
         tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
-        positions = tvm.runtime.tensor(np.arange(past, past + len(ids), dtype="int64")[None], self.device)
-        logits, kv = self._invoke(entry, [tokens, positions, kv, *self.params[entry]])
-        return logits.numpy()[0], kv
+        positions = tvm.runtime.tensor(np.arange(kv.length, kv.length + len(ids), dtype="int64")[None], self.device)
+        entry = "decode" if len(ids) == 1 else "prefill"
+        return [tokens, positions, *kv.values, *self.params[entry]]
 
-    def prefill(self, ids: list[int], kv=None):
+    def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
-        past = int(kv.shape[4])
-        return self._call("decode" if len(ids) == 1 else "prefill", ids, past, kv)
+        out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
+        total = kv.length + len(ids)
+        return out[0].numpy()[0], LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True)
 
-    def decode(self, token: int, kv):
-        return self._call("decode", [token], int(kv.shape[4]), kv)
+    def decode(self, token: int, kv: LayerKV):
+        return self.prefill([token], kv)
+
+
+def kv_shape(config: MobileMoEConfig, length: int) -> tuple:
+    return (config.num_layers, 2, 1, config.num_kv_heads, length, config.head_dim)
 
 
 @dataclass
-class OrtKV:
-    """OrtRuntime's KV cache: present.{i}.key, present.{i}.value OrtValues [1, nkv, P, D] for i < L."""
+class LayerKV:
+    """A runtime's KV cache: the K and V of each layer, [1, nkv, P, D] each (K [1, nkv, D, P] when
+    keys_t), in the order k_0, v_0, k_1, v_1, ... (TVM tensors, or OrtValues present.{i}.key / .value)."""
     values: list
     length: int  # P
-    shape: tuple  # (L, 2, 1, nkv, P, D), as the TVM runtime's single tensor
+    shape: tuple  # (L, 2, 1, nkv, P, D): the stacked layout's shape (mobilemoe/model.py)
+    keys_t: bool = False
+
+    def numpy(self) -> np.ndarray:
+        """The stacked layout [L, 2, 1, nkv, P, D] (a copy; for checks, not the hot path)."""
+        if not self.length:
+            return np.zeros(self.shape, np.float32)
+        arrays = [v.numpy() for v in self.values]
+        if self.keys_t:
+            arrays[0::2] = [k.swapaxes(-1, -2) for k in arrays[0::2]]
+        return np.stack(arrays).reshape(self.shape)
 
 
 _ORT_INSTALL = "pip install 'onnxruntime>=1.32'"  # QMoE with router_weights, GQA with do_rotary on CPU
@@ -175,16 +192,12 @@ class OrtRuntime(_Generation):
         self._past = [f"past_key_values.{i}.{kind}" for i, kind in layers]
         self._outputs = ["logits", *(f"present.{i}.{kind}" for i, kind in layers)]
         empty = self._value(np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))
-        self._empty_kv = OrtKV([empty] * len(self._past), 0, self._kv_shape(0))
+        self._empty_kv = LayerKV([empty] * len(self._past), 0, kv_shape(c, 0))
 
     def _value(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(array)
 
-    def _kv_shape(self, length: int) -> tuple:
-        c = self.config
-        return (c.num_layers, 2, 1, c.num_kv_heads, length, c.head_dim)
-
-    def prefill(self, ids: list[int], kv: OrtKV | None = None):
+    def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
         check_ids(self.config, ids, kv.length)
@@ -194,9 +207,9 @@ class OrtRuntime(_Generation):
                 "total_sequence_length": self._value(np.asarray(total, dtype=np.int32)),
                 **dict(zip(self._past, kv.values))}
         out = self.session.run_with_ort_values(self._outputs, feed)
-        return out[0].numpy()[0], OrtKV(out[1:], total, self._kv_shape(total))
+        return out[0].numpy()[0], LayerKV(out[1:], total, kv_shape(self.config, total))
 
-    def decode(self, token: int, kv: OrtKV):
+    def decode(self, token: int, kv: LayerKV):
         return self.prefill([token], kv)
 
 

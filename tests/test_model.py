@@ -79,20 +79,42 @@ def test_perfectly_balanced_router_gives_unit_load_loss():
     torch.testing.assert_close(aux["load_balance"], torch.tensor(1.0))
 
 
+def _layers(kv):  # stacked [L, 2, B, nkv, P, D] -> [k_0 (transposed: [B, nkv, D, P]), v_0, k_1, ...]
+    return [kv[i, j].transpose(-1, -2) if j == 0 else kv[i, j] for i in range(kv.shape[0]) for j in range(2)]
+
+
+@pytest.mark.parametrize("cache", ["layers", "stacked"])
 @pytest.mark.parametrize("name", ["test-moe", "test-dense"])
-def test_torch_export_dynamic_lengths(name):
+def test_torch_export_dynamic_lengths(name, cache):
     m = _model(name)
-    ep = export_entry(m, "prefill")
+    ep = export_entry(m, "prefill", cache=cache)
     for seq, past in [(2, 0), (9, 0), (6, 5)]:
         tokens, pos, kv = example_inputs(m, seq, past)
         tokens = torch.randint(0, m.config.vocab_size, tokens.shape)
         kv = torch.randn_like(kv)
-        got_logits, got_kv = ep.module()(tokens, pos, kv)
         ref_logits, ref_kv = m(tokens, pos, kv)
+        if cache == "layers":
+            got_logits, *got = ep.module()(tokens, pos, _layers(kv))
+            assert len(got) == 2 * m.config.num_layers
+            for g, r in zip(got, _layers(ref_kv)):
+                torch.testing.assert_close(g, r)
+        else:
+            got_logits, got_kv = ep.module()(tokens, pos, kv)
+            torch.testing.assert_close(got_kv, ref_kv)
         torch.testing.assert_close(got_logits, ref_logits[:, -1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got_kv, ref_kv)
-    dec = export_entry(m, "decode")
+    dec = export_entry(m, "decode", cache=cache)
     names = {n.target.__name__ for n in dec.graph.nodes if n.op == "call_function" and hasattr(n.target, "__name__")}
     assert not any(bad in names for bad in ("scatter_add.default", "index_add.default", "nonzero.default", "bincount.default"))
-    tokens, pos, kv = example_inputs(m, 1, 7)
-    torch.testing.assert_close(dec.module()(tokens, pos, kv)[0], m(tokens, pos, kv)[0][:, -1], atol=1e-5, rtol=1e-5)
+    tokens, pos, kv = example_inputs(m, 1, 7, cache=cache)
+    ref = m(tokens, pos, example_inputs(m, 1, 7)[2])[0][:, -1]
+    torch.testing.assert_close(dec.module()(tokens, pos, kv)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layered_cache_forward_matches_stacked():
+    m = _model("test-moe")
+    tokens = torch.randint(0, m.config.vocab_size, (1, 5))
+    kv = torch.randn(m.config.num_layers, 2, 1, m.config.num_kv_heads, 3, m.config.head_dim)
+    logits, ref_kv = m(tokens, kv=kv)
+    got_logits, pairs = m(tokens, kv=[(kv[i, 0].transpose(-1, -2), kv[i, 1]) for i in range(kv.shape[0])])
+    torch.testing.assert_close(got_logits, logits)
+    torch.testing.assert_close(torch.stack([torch.stack([k.transpose(-1, -2), v]) for k, v in pairs]), ref_kv)

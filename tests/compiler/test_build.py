@@ -86,7 +86,11 @@ def test_manifest_and_dump_ir(host_int4):
     assert [p["phase"] for p in manifest["pipeline"]] == ["moe", "quantize", "cleanup", "legalize", "schedule", "lower"]
     assert manifest["quantization"]["format"] == "g32_sym_u32k8"
     dec = manifest["entry_points"]["decode"]
-    assert [i["name"] for i in dec["inputs"]] == ["tokens", "positions", "kv"]
+    c = manifest["config"]
+    layers = [f"{kind}_{i}" for i in range(c["num_layers"]) for kind in "kv"]
+    assert [i["name"] for i in dec["inputs"]] == ["tokens", "positions", *layers]
+    k0, v0 = dec["inputs"][2:4]  # keys transposed: [1, nkv, D, P]
+    assert k0["shape"][:3] == [1, c["num_kv_heads"], c["head_dim"]] and v0["shape"][3] == c["head_dim"]
     assert any(n.endswith("__q4") for n in dec["params"]) and not any(n.endswith("moe_w1") for n in dec["params"])
     assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
     dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())

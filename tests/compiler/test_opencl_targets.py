@@ -149,3 +149,13 @@ def test_int4_matmul_on_pocl_matches_numpy(pocl, rows):
     func, target = _gpu_scheduled(prim, {"m": rows}, "android-adreno")
     y = run_static_kernel(pocl, func, target, {"x": x, "w": w, "s": s, "y": np.zeros((rows, n), np.float32)})["y"]
     np.testing.assert_allclose(y, x @ ref_w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_guard_spots_a_declaration_inside_an_expression():
+    """TVM 0.27's OpenCL codegen bug the GPU rule guard rejects (seen on the attention einsum p.V)."""
+    from compiler.gpu_rules import _STATEMENT_IN_EXPRESSION
+    bad = "  vstore8(acc[0], 0, out + ((((      long rmod_23 = ((convert_long(get_group_id(1))) % n);"
+    good = ["    long rmod_16 = ((convert_long(get_group_id(1))) % cse_v4);",
+            "    for (int k = 0; k < 16; ++k) {", "    float x = (a + b);"]
+    assert _STATEMENT_IN_EXPRESSION.search(bad)
+    assert not any(_STATEMENT_IN_EXPRESSION.search(line) for line in good)

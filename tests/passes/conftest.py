@@ -30,7 +30,12 @@ def run_entry(mod, values, entry, model, tokens, past, seed=0):
     f = mod[entry]
     names = [p.name for p in weight_params(f)]
     params = materialize(names, get_transforms(f), values)
-    feed = example_feed(model, entry, tokens, past)
-    feed = (feed[0], feed[1], np.random.default_rng(seed).standard_normal(feed[2].shape).astype("float32"))
+    c = model.config
+    kv = np.random.default_rng(seed).standard_normal((c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim))
+    feed = example_feed(model, entry, tokens, past, kv.astype("float32"))
     out = vm[entry](*[tvm.runtime.tensor(x) for x in feed], *[tvm.runtime.tensor(params[n]) for n in names])
-    return out[0].numpy(), out[1].numpy(), tuple(torch.from_numpy(x) for x in feed)
+    new_kv = np.stack([out[1 + 2 * i + j].numpy().swapaxes(-1, -2) if j == 0 else out[1 + 2 * i + j].numpy()
+                       for i in range(c.num_layers) for j in range(2)])  # keys come transposed
+    new_kv = new_kv.reshape(c.num_layers, 2, *new_kv.shape[1:])  # [L, 2, 1, nkv, P+S, D]
+    return out[0].numpy(), new_kv, (torch.from_numpy(feed[0]), torch.from_numpy(feed[1]),
+                                    torch.from_numpy(kv.astype("float32")))

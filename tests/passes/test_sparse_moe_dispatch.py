@@ -116,7 +116,7 @@ def test_numeric_against_pytorch(imported, entry, tokens, past):
     model, mod, values = imported
     sparse = SparseMoEDispatch()(FuseExpertGateUp()(mod))
     text = sparse[entry].script()
-    assert "einsum" not in text
+    assert not any(sub in text for sub in ("nh,eih->nei", "nei,ehi->neh", "neh,ne->nh"))  # the MoE einsums
     if entry == "prefill":  # symbolic token count: grouped by expert
         assert "moe_route_plan" in text and "moe_grouped_gate_up" in text and "moe_grouped_down_combine" in text
     else:
