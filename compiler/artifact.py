@@ -26,7 +26,7 @@ import numpy as np
 
 from mobilemoe.checkpoint import atomic_dir
 
-FORMAT = "mobilemoe-artifact/1"
+FORMAT = "mobilemoe-artifact/2"  # 2: TVM entry points take the KV cache per layer, keys transposed
 LIB_NAME = "lib.so"
 PARAMS_NAME = "params.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -94,7 +94,8 @@ def read_manifest(artifact_dir) -> dict:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: written by another "
+                            f"version of compiler.build; build it again with this one")
     return manifest
 
 
