@@ -5,8 +5,9 @@
     cleanup    StripAssertions, PretransposeWeights (float weights read transposed, the router),
                MakeDataflow (pure functions in dataflow blocks: what FuseOps and
                RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
-    legalize   DispatchSampling, DispatchSortScan, AppendLastAxis (CPU: the transposed key cache's
-               append, compiler/kernels/append.py), LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+    legalize   DispatchSampling, DispatchSortScan, AppendLastAxis + SoftmaxRows (CPU: the transposed
+               key cache's append and the attention softmax as vector kernels, compiler/kernels/
+               append.py, softmax.py), LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
     schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
                kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"),
@@ -91,9 +92,16 @@ def _select_dot(opts: PipelineOptions) -> list:
     return [SelectDotKernels()] if opts.lowering == "cpu" and opts.quant == "int4" else []
 
 
-def _append(opts: PipelineOptions) -> list:
+def _cpu_kernels(target: tvm.target.Target, opts: PipelineOptions) -> list:
+    """CPU only: the key cache's append and the row softmax as hand-scheduled vector kernels."""
+    from tvm.target import codegen
+
     from passes.append_last_axis import AppendLastAxis
-    return [AppendLastAxis()] if opts.lowering == "cpu" else []
+    from passes.softmax_rows import SoftmaxRows
+    if opts.lowering != "cpu":
+        return []
+    width = codegen.llvm_get_vector_width(target) if target.kind.name == "llvm" else -1
+    return [AppendLastAxis(), SoftmaxRows(lanes=max(4, min(16, width // 32)) if width > 0 else 4)]
 
 
 def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, list]]:
@@ -125,7 +133,7 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
         ("quantize", [QuantizeInt4Weights()] if opts.quant.startswith("int4") else []),
         ("cleanup", [StripAssertions(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),
-        ("legalize", backend.library_dispatch_passes(target) + _append(opts) + legalize),
+        ("legalize", backend.library_dispatch_passes(target) + _cpu_kernels(target, opts) + legalize),
         ("schedule", schedule),
         ("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)),
     ]
