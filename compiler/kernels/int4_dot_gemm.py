@@ -1,0 +1,150 @@
+"""M-tiled INT4 x int8 dot-product GEMMs for prefill (m > 1 token rows): int4_matmul and the grouped
+MoE expert GEMMs (moe_grouped.py's contract), on int4_dot.py's instruction and weight layout.
+
+Numerics are int4_dot.py's (mobilemoe.quant.int8_int4_matmul): activations quantized per call to
+int8 per group of 32, exact int32 sums per word, fp32 accumulation of ``dot * sw[n, g] * sx[g]``.
+
+Activation layout (one call-time pass, ``quantize``): per token row i and word block b (``lanes``
+packed words, the lanes of one dot), four int32 vectors side by side, one 4 * lanes * 4-byte line
+
+    xq [M, K // (8 lanes), 4, lanes]  int32   0: bytes of q[8w + 0, 2, 4, 6] (even nibbles)
+                                              1: bytes of q[8w + 1, 3, 5, 7] (odd nibbles)
+                                              2: -8 * sum_i q[8w + i] (the zero point: the dot's start)
+                                              3: sx of word w's group (float32 bits)
+
+so a tile's activations are MT short sequential streams rather than 4 MT.
+
+Tiling. The weights are interleaved by (rows, lanes) = int4_dot.interleave_for(isa, N, K): the
+``lanes`` words of word block b of the ``rows`` rows of a row block are contiguous. The output is
+computed in register tiles of R output rows (R divides rows) x MT token rows: for each word block the
+R weight vectors are loaded and unpacked ONCE (``w & 0x0F0F0F0F``, ``(w >> 4) & 0x0F0F0F0F``) and
+each feeds MT token rows, into R x MT independent fp32 accumulators (2 dots, 1 convert, 1 scale
+multiply, 1 FMA per (row, token, block)); the lanes of an accumulator are summed at the end.
+Token rows beyond the last whole tile run one at a time (MT = 1), so m = 1 does exactly the GEMV's
+work. Parallel over row blocks (int4_matmul; each block's weights stay in L1 across token tiles) or,
+for the grouped kernels, over row blocks within each non-empty expert (as moe_grouped.py).
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
+from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_scales, _lane_sum, _pack4, \
+    interleave_for
+
+MT = 4  # token rows per register tile (measured on znver4, bench/int4_dot_gemm.py)
+R = 4  # output rows per register tile (R x MT accumulators + operands fit 32 zmm registers)
+
+
+def _quantize_macro(k: int, lanes: int):
+    """TIR macro: x [m, k] (rows src(i)) -> xq [m, k // (8 lanes), 4, lanes] (the module doc's layout)."""
+    kg = k // GROUP_SIZE
+
+    @T.macro
+    def quantize(x, xq, m):
+        for i in T.parallel(m):
+            amax = T.alloc_local((1,), "float32")
+            q = T.alloc_local((8,), "int32")
+            for g in range(T.int64(kg)):
+                amax[0] = T.float32(0)
+                for j in range(GROUP_SIZE):
+                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
+                inv: T.let = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                for wd in range(WORDS_PER_GROUP):
+                    wi: T.let = g * WORDS_PER_GROUP + wd
+                    for j in T.unroll(8):
+                        q[j] = T.Cast("int32", T.round(x[i, wi * 8 + j] * inv))
+                    xq[i, wi // lanes, 0, wi % lanes] = _pack4(q[0], q[2], q[4], q[6])
+                    xq[i, wi // lanes, 1, wi % lanes] = _pack4(q[1], q[3], q[5], q[7])
+                    xq[i, wi // lanes, 2, wi % lanes] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6]
+                                                         + q[7]) * T.int32(-8)
+                    xq[i, wi // lanes, 3, wi % lanes] = T.reinterpret("int32", amax[0] / T.float32(127))
+
+    return quantize
+
+
+def _tile_macro(kw: int, lanes: int, rows: int, r_tile: int, m_tile: int, isa: DotISA):
+    """TIR macro: acc[(r * m_tile + t) * lanes ..] = per-lane partial sums of weight row row0 + r
+    (r < r_tile; row0 % r_tile == 0) of expert e (wf [E, N * kw] flat, interleaved by (rows, lanes);
+    s [E, N, kw // 4]) against token row tok[t] (t < m_tile) of xq."""
+    mask = tirx.Broadcast(tirx.const(LOW_NIBBLES, "uint32"), lanes)
+    four = tirx.Broadcast(tirx.const(4, "uint32"), lanes)
+    kb = kw // lanes
+    fvec = f"float32x{lanes}"
+
+    def a(r, t):
+        return tirx.Ramp((r * m_tile + t) * lanes, 1, lanes)
+
+    def xv(xq, tok, t, b, slot):
+        return xq[tok[t], b, slot, tirx.Ramp(0, 1, lanes)]
+
+    @T.macro
+    def tile(acc, wf, s, e, row0, xq, tok):
+        for r in T.unroll(r_tile):
+            for t in T.unroll(m_tile):
+                acc[a(r, t)] = T.Broadcast(T.float32(0), lanes)
+        for b in range(T.int64(kb)):
+            for r in T.unroll(r_tile):
+                wv: T.let = wf[e, T.ramp((row0 // rows * kb + b) * (rows * lanes) + (row0 % rows + r) * lanes, 1, lanes)]
+                lo: T.let = wv & mask
+                hi: T.let = (wv >> four) & mask
+                sw: T.let = _lane_scales(s, e, row0 + r, b, lanes)
+                for t in T.unroll(m_tile):
+                    d: T.let = _dot(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0))
+                    d2: T.let = _dot(isa, lanes, d, hi, xv(xq, tok, t, b, 1))
+                    acc[a(r, t)] = acc[a(r, t)] + T.Cast(fvec, d2) * (
+                        sw * T.reinterpret(fvec, xv(xq, tok, t, b, 3)))
+
+    return tile
+
+
+def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
+    check_int4_shape(kernel, n, k, "float32")
+    kw = k // NIBBLES_PER_WORD
+    rows, lanes = interleave_for(isa, n, k)
+    r_tile = min(r_tile, rows)
+    while rows % r_tile:
+        r_tile //= 2
+    return kw, k // GROUP_SIZE, lanes, rows, r_tile
+
+
+def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile: int = R) -> tirx.PrimFunc:
+    """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8] interleaved, scales fp16 [n, k // 32])
+    -> y [m, n], M-tiled (the module doc)."""
+    kw, kg, lanes, rows, r_tile = _setup("int4_matmul", n, k, isa, r_tile)
+    kb = kw // lanes
+    quantize = _quantize_macro(k, lanes)
+    tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
+    single = _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1: the GEMV's block
+
+    @T.prim_func(private=True)
+    def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
+             s: T.Buffer((T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
+        T.func_attr(_attrs("int4_matmul", isa))
+        m = T.int64()
+        x = T.match_buffer(x_handle, (m, T.int64(k)), "float32")
+        y = T.match_buffer(y_handle, (m, T.int64(n)), "float32")
+        wf = T.decl_buffer((T.int64(1), T.int64(n * kw)), "uint32", data=w.data)
+        s3 = T.decl_buffer((T.int64(1), T.int64(n), T.int64(kg)), "float16", data=s.data)
+        xq = T.alloc_buffer((m, T.int64(kb), T.int64(4), T.int64(lanes)), "int32")
+        quantize(x, xq, m)
+        for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
+            acc = T.alloc_local((rows * m_tile * lanes,), "float32")
+            tok = T.alloc_local((m_tile,), "int64")
+            for it in range(m // m_tile):
+                for t in T.unroll(m_tile):
+                    tok[t] = it * m_tile + t
+                for h in range(rows // r_tile):
+                    tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
+                    for r in T.unroll(r_tile):
+                        for t in T.unroll(m_tile):
+                            y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
+                                acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
+            for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
+                tok[0] = i
+                single(acc, wf, s3, T.int64(0), nb * rows, xq, tok)
+                for r in T.unroll(rows):
+                    y[i, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+
+    return func
