@@ -148,3 +148,92 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
                     y[i, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
+
+
+def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: DotISA, m_tile: int = MT,
+                    r_tile: int = R) -> tirx.PrimFunc:
+    """moe_grouped.py's moe_grouped_{op}_int4 (op "gate_up" or "down_combine", same signature; codes
+    interleaved) on the dot instruction: the activations (x [T, k] for gate_up, the sorted rows
+    a [T * top_k, k] for down_combine) are quantized once, then each non-empty expert's rows run in
+    M tiles of its sorted rows (gate_up gathers token order[r] // top_k), parallel over row blocks;
+    down_combine owns whole output columns per task and adds each row's rw-weighted result into its
+    token in expert order (no races, deterministic)."""
+    from .moe_grouped import ARGS_ATTR
+
+    down = op == "down_combine"
+    if op not in ("gate_up", "down_combine"):
+        raise ValueError(f"moe_grouped_dot: op must be gate_up or down_combine, got {op!r}")
+    name = f"moe_grouped_{op}_int4"
+    kw, kg, lanes, rows, r_tile = _setup(name, n, k, isa, r_tile)
+    kb = kw // lanes
+    quantize = _quantize_macro(k, lanes)
+    tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
+    single = _tile_macro(kw, lanes, rows, rows, 1, isa)
+    attrs = {**_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
+    E = num_experts
+
+    def src(order, r):  # the activation row of sorted row r
+        return T.Cast("int64", r) if down else T.Cast("int64", order[r] // top_k)
+
+    @T.macro
+    def emit(y, rw, order, r, col, val):  # sorted row r's output column col
+        if down:
+            f: T.let = order[r]
+            y[f // top_k, col] = y[f // top_k, col] + rw[f // top_k, f % top_k] * val
+        else:
+            y[r, col] = val
+
+    @T.macro
+    def body(x, offsets, order, rw, w, s, y, t, xrows):
+        wf = T.decl_buffer((T.int64(E), T.int64(n * kw)), "uint32", data=w.data)
+        xq = T.alloc_buffer((xrows, T.int64(kb), T.int64(4), T.int64(lanes)), "int32")
+        quantize(x, xq, xrows)
+        if down:
+            for i in T.parallel(t):
+                for j in range(T.int64(n)):
+                    y[i, j] = T.float32(0)
+        for e in range(T.int64(E)):
+            lo: T.let = offsets[e]
+            cnt: T.let = offsets[e + 1] - lo
+            if cnt > 0:
+                for nb in T.parallel(T.int64(n // rows)):
+                    acc = T.alloc_local((rows * m_tile * lanes,), "float32")
+                    tok = T.alloc_local((m_tile,), "int64")
+                    for it in range(cnt // m_tile):
+                        for q in T.unroll(m_tile):
+                            tok[q] = src(order, lo + it * m_tile + q)
+                        for h in range(rows // r_tile):
+                            tile(acc, wf, s, e, nb * rows + h * r_tile, xq, tok)
+                            for r in T.unroll(r_tile):
+                                for q in T.unroll(m_tile):
+                                    emit(y, rw, order, lo + it * m_tile + q, nb * rows + h * r_tile + r,
+                                         _lane_sum(acc[T.ramp((r * m_tile + q) * lanes, 1, lanes)], lanes))
+                    for i in range(cnt // m_tile * m_tile, cnt):  # ragged rest, one row at a time
+                        tok[0] = src(order, lo + i)
+                        single(acc, wf, s, e, nb * rows, xq, tok)
+                        for r in T.unroll(rows):
+                            emit(y, rw, order, lo + i, nb * rows + r, _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes))
+
+    W, S = (T.int64(E), T.int64(n), T.int64(kw)), (T.int64(E), T.int64(n), T.int64(kg))
+    if down:
+        @T.prim_func(private=True)
+        def func(a_handle: T.handle, offsets: T.Buffer((E + 1,), "int32"), order_handle: T.handle,
+                 rw_handle: T.handle, w: T.Buffer(W, "uint32"), s: T.Buffer(S, "float16"), y_handle: T.handle):
+            T.func_attr(attrs)
+            t = T.int64()
+            a = T.match_buffer(a_handle, (t * top_k, T.int64(k)), "float32")
+            order = T.match_buffer(order_handle, (t * top_k,), "int32")
+            rw = T.match_buffer(rw_handle, (t, T.int64(top_k)), "float32")
+            y = T.match_buffer(y_handle, (t, T.int64(n)), "float32")
+            body(a, offsets, order, rw, w, s, y, t, t * top_k)
+    else:
+        @T.prim_func(private=True)
+        def func(x_handle: T.handle, offsets: T.Buffer((E + 1,), "int32"), order_handle: T.handle,
+                 w: T.Buffer(W, "uint32"), s: T.Buffer(S, "float16"), y_handle: T.handle):
+            T.func_attr(attrs)
+            t = T.int64()
+            x = T.match_buffer(x_handle, (t, T.int64(k)), "float32")
+            order = T.match_buffer(order_handle, (t * top_k,), "int32")
+            y = T.match_buffer(y_handle, (t * top_k, T.int64(n)), "float32")
+            body(x, offsets, order, None, w, s, y, t, t)
+    return func
