@@ -99,6 +99,84 @@ def _tile_macro(kw: int, lanes: int, rows: int, r_tile: int, m_tile: int, isa: D
     return tile
 
 
+def _quad_sum(d0, d1, d2, d3, lanes: int):
+    """int32 x lanes: lane 4j + r = the sum of the 4 lanes of 128-bit lane j (one weight group) of d_r
+    (a 4 x 4 transpose-add per 128-bit lane: 4 two-source shuffles + 3 adds, shufps on x86)."""
+    def pick(a, b, first, second):  # per 128-bit lane j: a[4j + first], b[4j + first], ... as given
+        idx = []
+        for j in range(lanes // 4):
+            idx += [4 * j + first[0], 4 * j + first[1], lanes + 4 * j + second[0], lanes + 4 * j + second[1]]
+        return tirx.Shuffle([a, b], idx)
+
+    p01 = pick(d0, d1, (0, 1), (0, 1)) + pick(d0, d1, (2, 3), (2, 3))  # [d0 0+2, d0 1+3, d1 0+2, d1 1+3]
+    p23 = pick(d2, d3, (0, 1), (0, 1)) + pick(d2, d3, (2, 3), (2, 3))
+    return pick(p01, p23, (0, 2), (0, 2)) + pick(p01, p23, (1, 3), (1, 3))
+
+
+def _quad_scales(s, e, row0, b, lanes: int):
+    """fp32 x lanes: lane 4j + r = the scale of row row0 + r, group b * lanes / 4 + j."""
+    gpb = lanes // WORDS_PER_GROUP
+    if gpb == 1:  # a concat of 4 scalars
+        return tirx.Shuffle([tirx.Cast("float32", s[e, row0 + r, b]) for r in range(4)], [0, 1, 2, 3])
+    vecs = [tirx.Cast(f"float32x{gpb}", s[e, row0 + r, tirx.Ramp(b * gpb, 1, gpb)]) for r in range(4)]
+    return tirx.Shuffle(vecs, [r * gpb + j for j in range(gpb) for r in range(4)])
+
+
+def _quad_out(vec, lanes: int):
+    """float32 x 4: sum over the 128-bit lanes of vec (lane r: output row row0 + r)."""
+    while lanes > 4:
+        half = lanes // 2
+        vec = tirx.Shuffle([vec], list(range(half))) + tirx.Shuffle([vec], list(range(half, lanes)))
+        lanes = half
+    return vec
+
+
+def _group_tile_macro(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
+    """TIR macro: acc[t * lanes ..] = the partial sums of weight rows row0 .. row0 + 3 (row0 % 4 == 0)
+    of expert e against token row tok[t] (t < m_tile), lane 4j + r for row r and group j of each
+    word block: each weight group's int32 sum is completed before the one convert / scale / FMA."""
+    mask = tirx.Broadcast(tirx.const(LOW_NIBBLES, "uint32"), lanes)
+    four = tirx.Broadcast(tirx.const(4, "uint32"), lanes)
+    kb = kw // lanes
+    fvec = f"float32x{lanes}"
+
+    def xv(xq, tok, t, b, slot):
+        return xq[tok[t], b, slot, tirx.Ramp(0, 1, lanes)]
+
+    def word(wf, e, row0, b, r):
+        return wf[e, tirx.Ramp((row0 // rows * kb + b) * (rows * lanes) + (row0 % rows + r) * lanes, 1, lanes)]
+
+    def dots(xq, tok, t, b, lo, hi):
+        return _dot(isa, lanes, _dot(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0)), hi,
+                    xv(xq, tok, t, b, 1))
+
+    @T.macro
+    def tile(acc, wf, s, e, row0, xq, tok):
+        for t in T.unroll(m_tile):
+            acc[T.ramp(t * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+        for b in range(T.int64(kb)):
+            w0: T.let = word(wf, e, row0, b, 0)
+            w1: T.let = word(wf, e, row0, b, 1)
+            w2: T.let = word(wf, e, row0, b, 2)
+            w3: T.let = word(wf, e, row0, b, 3)
+            l0: T.let = w0 & mask
+            l1: T.let = w1 & mask
+            l2: T.let = w2 & mask
+            l3: T.let = w3 & mask
+            h0: T.let = (w0 >> four) & mask
+            h1: T.let = (w1 >> four) & mask
+            h2: T.let = (w2 >> four) & mask
+            h3: T.let = (w3 >> four) & mask
+            sw: T.let = _quad_scales(s, e, row0, b, lanes)
+            for t in T.unroll(m_tile):
+                g: T.let = _quad_sum(dots(xq, tok, t, b, l0, h0), dots(xq, tok, t, b, l1, h1),
+                                     dots(xq, tok, t, b, l2, h2), dots(xq, tok, t, b, l3, h3), lanes)
+                acc[T.ramp(t * lanes, 1, lanes)] = acc[T.ramp(t * lanes, 1, lanes)] + T.Cast(fvec, g) * (
+                    sw * T.reinterpret(fvec, xv(xq, tok, t, b, 3)))
+
+    return tile
+
+
 def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
     check_int4_shape(kernel, n, k, "float32")
     kw = k // NIBBLES_PER_WORD
@@ -117,6 +195,8 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
     quantize = _quantize_macro(k, lanes)
     tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1: the GEMV's block
+    gtile = _group_tile_macro(kw, lanes, rows, m_tile, isa)
+    quads = rows % 4 == 0
 
     @T.prim_func(private=True)
     def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
@@ -130,17 +210,24 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
         xq = T.alloc_buffer((m, T.int64(kb), T.int64(4), T.int64(lanes)), "int32")
         quantize(x, xq, m)
         for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
-            acc = T.alloc_local((rows * m_tile * lanes,), "float32")
+            acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
             tok = T.alloc_local((m_tile,), "int64")
             for it in range(m // m_tile):
                 for t in T.unroll(m_tile):
                     tok[t] = it * m_tile + t
-                for h in range(rows // r_tile):
-                    tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
-                    for r in T.unroll(r_tile):
+                if quads:
+                    for h in range(rows // 4):
+                        gtile(acc, wf, s3, T.int64(0), nb * rows + h * 4, xq, tok)
                         for t in T.unroll(m_tile):
-                            y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
-                                acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
+                            y[it * m_tile + t, T.ramp(nb * rows + h * 4, 1, 4)] = _quad_out(
+                                acc[T.ramp(t * lanes, 1, lanes)], lanes)
+                else:
+                    for h in range(rows // r_tile):
+                        tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
+                        for r in T.unroll(r_tile):
+                            for t in T.unroll(m_tile):
+                                y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
+                                    acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
             for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
                 tok[0] = i
                 single(acc, wf, s3, T.int64(0), nb * rows, xq, tok)
@@ -169,6 +256,8 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
     quantize = _quantize_macro(k, lanes)
     tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)
+    gtile = _group_tile_macro(kw, lanes, rows, m_tile, isa)
+    quads = rows % 4 == 0
     attrs = {**_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
     E = num_experts
 
@@ -197,17 +286,24 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
             cnt: T.let = offsets[e + 1] - lo
             if cnt > 0:
                 for nb in T.parallel(T.int64(n // rows)):
-                    acc = T.alloc_local((rows * m_tile * lanes,), "float32")
+                    acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
                     tok = T.alloc_local((m_tile,), "int64")
                     for it in range(cnt // m_tile):
                         for q in T.unroll(m_tile):
                             tok[q] = src(order, lo + it * m_tile + q)
-                        for h in range(rows // r_tile):
-                            tile(acc, wf, s, e, nb * rows + h * r_tile, xq, tok)
-                            for r in T.unroll(r_tile):
+                        if quads:
+                            for h in range(rows // 4):
+                                gtile(acc, wf, s, e, nb * rows + h * 4, xq, tok)
                                 for q in T.unroll(m_tile):
-                                    emit(y, rw, order, lo + it * m_tile + q, nb * rows + h * r_tile + r,
-                                         _lane_sum(acc[T.ramp((r * m_tile + q) * lanes, 1, lanes)], lanes))
+                                    emit(y, rw, order, lo + it * m_tile + q, T.ramp(nb * rows + h * 4, 1, 4),
+                                         _quad_out(acc[T.ramp(q * lanes, 1, lanes)], lanes))
+                        else:
+                            for h in range(rows // r_tile):
+                                tile(acc, wf, s, e, nb * rows + h * r_tile, xq, tok)
+                                for r in T.unroll(r_tile):
+                                    for q in T.unroll(m_tile):
+                                        emit(y, rw, order, lo + it * m_tile + q, nb * rows + h * r_tile + r,
+                                             _lane_sum(acc[T.ramp((r * m_tile + q) * lanes, 1, lanes)], lanes))
                     for i in range(cnt // m_tile * m_tile, cnt):  # ragged rest, one row at a time
                         tok[0] = src(order, lo + i)
                         single(acc, wf, s, e, nb * rows, xq, tok)
