@@ -34,6 +34,7 @@ from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_
     interleave_for
 
 MT = 4  # token rows per register tile (measured on znver4, bench/int4_dot_gemm.py)
+CHUNK = 128  # token rows per pass over the weights (int4_matmul): 128 x K int8 activations stay in L2
 R = 4  # output rows per register tile (R x MT accumulators + operands fit 32 zmm registers)
 
 
@@ -187,11 +188,13 @@ def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
     return kw, k // GROUP_SIZE, lanes, rows, r_tile
 
 
-def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile: int = R) -> tirx.PrimFunc:
+def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile: int = R,
+                          chunk_rows: int = CHUNK) -> tirx.PrimFunc:
     """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8] interleaved, scales fp16 [n, k // 32])
     -> y [m, n], M-tiled (the module doc)."""
     kw, kg, lanes, rows, r_tile = _setup("int4_matmul", n, k, isa, r_tile)
     kb = kw // lanes
+    chunk = max(1, chunk_rows // m_tile)  # token tiles per chunk
     quantize = _quantize_macro(k, lanes)
     tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1: the GEMV's block
@@ -209,30 +212,35 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
         s3 = T.decl_buffer((T.int64(1), T.int64(n), T.int64(kg)), "float16", data=s.data)
         xq = T.alloc_buffer((m, T.int64(kb), T.int64(4), T.int64(lanes)), "int32")
         quantize(x, xq, m)
-        for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
-            acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
-            tok = T.alloc_local((m_tile,), "int64")
-            for it in range(m // m_tile):
-                for t in T.unroll(m_tile):
-                    tok[t] = it * m_tile + t
-                if quads:
-                    for h in range(rows // 4):
-                        gtile(acc, wf, s3, T.int64(0), nb * rows + h * 4, xq, tok)
-                        for t in T.unroll(m_tile):
-                            y[it * m_tile + t, T.ramp(nb * rows + h * 4, 1, 4)] = _quad_out(
-                                acc[T.ramp(t * lanes, 1, lanes)], lanes)
-                else:
-                    for h in range(rows // r_tile):
-                        tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
-                        for r in T.unroll(r_tile):
+        for c in range((m // m_tile + chunk - 1) // chunk):  # token chunks: their activations stay in L2
+            for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
+                acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
+                tok = T.alloc_local((m_tile,), "int64")
+                for it in range(c * chunk, T.min(c * chunk + chunk, m // m_tile)):
+                    for t in T.unroll(m_tile):
+                        tok[t] = it * m_tile + t
+                    if quads:
+                        for h in range(rows // 4):
+                            gtile(acc, wf, s3, T.int64(0), nb * rows + h * 4, xq, tok)
                             for t in T.unroll(m_tile):
-                                y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
-                                    acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
-            for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
-                tok[0] = i
-                single(acc, wf, s3, T.int64(0), nb * rows, xq, tok)
-                for r in T.unroll(rows):
-                    y[i, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                                y[it * m_tile + t, T.ramp(nb * rows + h * 4, 1, 4)] = _quad_out(
+                                    acc[T.ramp(t * lanes, 1, lanes)], lanes)
+                    else:
+                        for h in range(rows // r_tile):
+                            tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
+                            for r in T.unroll(r_tile):
+                                for t in T.unroll(m_tile):
+                                    y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
+                                        acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
+        if m % m_tile > 0:
+            for nb in T.parallel(T.int64(n // rows)):
+                acc1 = T.alloc_local((rows * lanes,), "float32")
+                tok1 = T.alloc_local((1,), "int64")
+                for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
+                    tok1[0] = i
+                    single(acc1, wf, s3, T.int64(0), nb * rows, xq, tok1)
+                    for r in T.unroll(rows):
+                        y[i, nb * rows + r] = _lane_sum(acc1[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
 
