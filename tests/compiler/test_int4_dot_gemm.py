@@ -21,7 +21,7 @@ def assert_matches(y, ref):
 
 
 @needs_vnni
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 17, 128])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 17, 128, 261])  # 261: 3 token chunks (CHUNK = 128), the last partial
 # K = 96: 4-word vectors (the arm64 width), K = 64: 8 words, else 16; n = 36: 4-row blocks, n = 18: no row quads
 @pytest.mark.parametrize("n,k,mt", [(256, 512, 4), (96, 128, 4), (64, 256, 3), (64, 96, 4), (32, 64, 4), (36, 128, 4),
                                     (18, 64, 2)])
