@@ -16,13 +16,20 @@ so a tile's activations are MT short sequential streams rather than 4 MT.
 
 Tiling. The weights are interleaved by (rows, lanes) = int4_dot.interleave_for(isa, N, K): the
 ``lanes`` words of word block b of the ``rows`` rows of a row block are contiguous. The output is
-computed in register tiles of R output rows (R divides rows) x MT token rows: for each word block the
-R weight vectors are loaded and unpacked ONCE (``w & 0x0F0F0F0F``, ``(w >> 4) & 0x0F0F0F0F``) and
-each feeds MT token rows, into R x MT independent fp32 accumulators (2 dots, 1 convert, 1 scale
-multiply, 1 FMA per (row, token, block)); the lanes of an accumulator are summed at the end.
-Token rows beyond the last whole tile run one at a time (MT = 1), so m = 1 does exactly the GEMV's
-work. Parallel over row blocks (int4_matmul; each block's weights stay in L1 across token tiles) or,
-for the grouped kernels, over row blocks within each non-empty expert (as moe_grouped.py).
+computed in register tiles of 4 output rows x MT token rows (``_group_tile_macro``): for each word
+block the 4 weight vectors are loaded and unpacked ONCE (``w & 0x0F0F0F0F``, ``(w >> 4) & 0x0F0F0F0F``)
+and each feeds MT token rows (2 dots per row and token). A 128-bit lane of a dot result holds the 4
+words of one weight group, so the 4 rows' results are transpose-added per 128-bit lane (4 two-source
+shuffles, 3 adds: shufps on x86) into one int32 vector, lane 4j + r = row r's exact group sum, and
+only then converted and scaled (the 4 rows' scales in that order, times the activation scales):
+1 convert, 1 multiply, 1 FMA per 8 dots instead of per 2 (the fp32 work, not the unpacking, is what
+kept int4_dot's blocks at ~30% of the dot peak). The MT accumulators hold 4 outputs per 128-bit lane;
+they are folded to 4 outputs and stored as one vector. Row blocks of fewer than 4 rows (N % 4) use
+``_tile_macro``: R rows x MT tokens, a per-lane fp32 accumulator each.
+Token rows beyond the last whole tile run one at a time on 8-row blocks as int4_dot's GEMV, so m = 1 does
+exactly the GEMV's work. int4_matmul runs in passes of CHUNK token rows (their int8 activations stay
+in L2), each parallel over row blocks (the block's weights stay in L1 across the token tiles); the
+grouped kernels run each non-empty expert's sorted rows, parallel over row blocks (as moe_grouped.py).
 """
 from __future__ import annotations
 
@@ -33,9 +40,9 @@ from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_scales, _lane_sum, _pack4, \
     interleave_for
 
-MT = 4  # token rows per register tile (measured on znver4, bench/int4_dot_gemm.py)
+MT = 4  # token rows per register tile (bench/int4_dot_gemm.py, this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 and 8 within noise of 4)
 CHUNK = 128  # token rows per pass over the weights (int4_matmul): 128 x K int8 activations stay in L2
-R = 4  # output rows per register tile (R x MT accumulators + operands fit 32 zmm registers)
+R = 4  # output rows per register tile of _tile_macro (row blocks of fewer than 4 rows only)
 
 
 def _quantize_macro(k: int, lanes: int):
