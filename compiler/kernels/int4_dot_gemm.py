@@ -40,7 +40,7 @@ from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_scales, _lane_sum, _pack4, \
     interleave_for
 
-MT = 4  # token rows per register tile (bench/int4_dot_gemm.py, this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 and 8 within noise of 4)
+MT = 4  # token rows per register tile (this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 / 8 ~ 4)
 CHUNK = 128  # token rows per pass over the weights (int4_matmul): 128 x K int8 activations stay in L2
 R = 4  # output rows per register tile of _tile_macro (row blocks of fewer than 4 rows only)
 
