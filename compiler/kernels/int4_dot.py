@@ -25,8 +25,9 @@ row's scales (``lanes // 4`` fp16 values, widened and repeated 4 times), 1 multi
 ``32 * lanes`` multiply-adds. Each lane accumulates in fp32, and the lanes are summed once per row.
 
 The row loop is split into blocks of ``rows`` output rows (unrolled: independent accumulators; the
-interleaved layout makes their words one stream), and the blocks run in parallel; for m > 1 (prefill) every block loops over the rows of x, with the
-weights of the block still in L1.
+interleaved layout makes their words one stream), and the blocks run in parallel; for m > 1 every block loops over the rows of x, with the
+weights of the block still in L1. The build's int4_matmul is int4_dot_gemm.py's M-tiled GEMM instead (it
+shares this layout and, for m = 1, these blocks); int4_matmul_dot is kept as its reference and baseline.
 """
 from __future__ import annotations
 

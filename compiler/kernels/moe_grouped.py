@@ -23,6 +23,8 @@ Two forms of each GEMM, one contract:
   ROWS x M_TILE vector accumulators. A ragged last tile repeats its last row and drops the copies.
   down + combine owns whole output columns per thread, so the scatter-add of the rows into their
   tokens has no races, and sums each token's slots in expert order (deterministic).
+On CPUs with an int8 dot instruction, SelectDotKernels replaces the INT4 forms with
+int4_dot_gemm.moe_grouped_dot (same signature and contract, int8 activations, interleaved codes).
 """
 
 from tvm import tirx

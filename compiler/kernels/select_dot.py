@@ -3,8 +3,9 @@ CPUs that have a dot instruction (x86 AVX512-VNNI, arm64 dotprod), with every IN
 mobilemoe.quant's interleaved word order.
 
 The dot kernels read the codes interleaved (int4_dot.interleave_for(isa, N, K)), so every kernel
-that reads INT4 codes is swapped for an interleaved form: the GEMVs for their dot forms, the tied
-embedding and the grouped prefill MoE kernels for the same kernels with interleaved addressing. A
+that reads INT4 codes is swapped for an interleaved form: the GEMVs for their dot forms (int4_matmul
+for int4_dot_gemm's M-tiled GEMM), the grouped prefill MoE GEMMs for int4_dot_gemm.moe_grouped_dot,
+the tied embedding for the same kernel with interleaved addressing. A
 kernel reading INT4 codes that has no interleaved form is an error (it would read the wrong words).
 compiler/build.py interleaves the packed params (``interleave_params``) to match.
 
@@ -19,9 +20,8 @@ import tvm
 from tvm import IRModule, tirx
 from tvm.target import Target
 
-from . import int4_dot, moe_grouped
+from . import int4_dot, int4_dot_gemm, moe_grouped
 from .embedding import embedding_int4
-from .schedules import lanes_for
 
 KERNEL_ATTR = "mobilemoe.kernel"
 INTERLEAVED_ATTR = "mobilemoe.interleaved"
@@ -40,14 +40,15 @@ def dot_form(func: tirx.PrimFunc, isa: int4_dot.DotISA, target: Target | None = 
     kernel = str(attrs[KERNEL_ATTR])
     if kernel in ("moe_grouped_gate_up_int4", "moe_grouped_down_combine_int4"):
         a = {key: int(v) for key, v in attrs[moe_grouped.ARGS_ATTR].items()}
-        return moe_grouped.schedule_grouped(func, lanes_for(target), int4_dot.interleave_for(isa, a["n"], a["k"]))
+        return int4_dot_gemm.moe_grouped_dot(moe_grouped.KERNELS[kernel], a["num_experts"], a["n"], a["k"],
+                                             a["top_k"], isa)
     if "mobilemoe.dims" not in attrs:
         return None
     d = {key: (str(v) if key == "index_dtype" else int(v)) for key, v in attrs["mobilemoe.dims"].items()}
     if kernel == "embedding_int4":
         return embedding_int4(d["n"], d["k"], d["index_dtype"], int4_dot.interleave_for(isa, d["n"], d["k"]))
-    if kernel == "int4_matmul":
-        return int4_dot.int4_matmul_dot(d["n"], d["k"], isa)
+    if kernel == "int4_matmul":  # M-tiled for prefill; m = 1 runs the GEMV's blocks
+        return int4_dot_gemm.int4_matmul_dot_tiled(d["n"], d["k"], isa)
     moe = (d["num_experts"], d["n"], d["k"], d["top_k"], isa)
     if kernel == "moe_gemv_weighted_sum":
         return int4_dot.moe_gemv_weighted_sum_dot(*moe, index_dtype=d["index_dtype"])
