@@ -5,9 +5,9 @@
     cleanup    StripAssertions, PretransposeWeights (float weights read transposed, the router),
                MakeDataflow (pure functions in dataflow blocks: what FuseOps and
                RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
-    legalize   DispatchSampling, DispatchSortScan, AppendLastAxis + SoftmaxRows (CPU: the transposed
-               key cache's append and the attention softmax as vector kernels, compiler/kernels/
-               append.py, softmax.py), LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+    legalize   DispatchSampling, DispatchSortScan, AppendLastAxis + SoftmaxRows + FastSigmoid (CPU:
+               the transposed key cache's append and the attention softmax as vector kernels,
+               compiler/kernels/append.py, softmax.py; SiLU's sigmoid as a polynomial), LegalizeOps, AnnotateTIROpPattern, FoldConstant,
                FuseOps, FuseTIR
     schedule   CPU: SelectDotKernels (compiler/kernels/select_dot.py: int8-activation dot-product INT4
                kernels where the CPU has VNNI/dotprod; quant="int4" only, not "int4-f32"),
@@ -93,15 +93,17 @@ def _select_dot(opts: PipelineOptions) -> list:
 
 
 def _cpu_kernels(target: tvm.target.Target, opts: PipelineOptions) -> list:
-    """CPU only: the key cache's append and the row softmax as hand-scheduled vector kernels."""
+    """CPU only: the key cache's append and the row softmax as hand-scheduled vector kernels; SiLU's
+    sigmoid without a libm call (vectorizable)."""
     from tvm.target import codegen
 
     from passes.append_last_axis import AppendLastAxis
+    from passes.fast_sigmoid import FastSigmoid
     from passes.softmax_rows import SoftmaxRows
     if opts.lowering != "cpu":
         return []
     width = codegen.llvm_get_vector_width(target) if target.kind.name == "llvm" else -1
-    return [AppendLastAxis(), SoftmaxRows(lanes=max(4, min(16, width // 32)) if width > 0 else 4)]
+    return [AppendLastAxis(), SoftmaxRows(lanes=max(4, min(16, width // 32)) if width > 0 else 4), FastSigmoid()]
 
 
 def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, list]]:

@@ -18,7 +18,7 @@ from tvm import relax, tirx
 
 from compiler.kernels.append import append_last
 
-from .common import is_op
+from .common import is_op, rewrite_relax_functions
 
 
 def _dims(expr):
@@ -74,8 +74,4 @@ class _Rewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="AppendLastAxis")
 class AppendLastAxis:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rw = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_relax_functions(_Rewriter(mod), mod)

@@ -103,3 +103,11 @@ def emit_like(bb: relax.BlockBuilder, expr, var: relax.Var):
     if isinstance(var, relax.DataflowVar) or not bb.current_block_is_dataflow():
         return bb.emit(expr, var.name)
     return bb.emit_output(expr, var.name)
+
+
+def rewrite_relax_functions(rewriter, mod: tvm.IRModule) -> tvm.IRModule:
+    """Run a relax.PyExprMutator (built on `mod`) over every Relax function; -> its builder's module."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()

@@ -17,7 +17,7 @@ from tvm import relax
 
 from compiler.kernels.softmax import softmax_rows
 
-from .common import is_op
+from .common import is_op, rewrite_relax_functions
 
 
 def _last_axis_softmax(call) -> bool:
@@ -55,8 +55,4 @@ class SoftmaxRows:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rw = _Rewriter(mod, self.lanes)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_relax_functions(_Rewriter(mod, self.lanes), mod)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .common import is_op
+from .common import is_op, rewrite_relax_functions
 
 
 @relax.expr_functor.mutator
@@ -28,8 +28,4 @@ class _Rewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="StripAssertions")
 class StripAssertions:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rw = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+        return relax.transform.DeadCodeElimination()(rewrite_relax_functions(_Rewriter(mod), mod))
