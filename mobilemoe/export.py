@@ -34,14 +34,14 @@ class _Entry(torch.nn.Module):
 
     def forward(self, tokens, positions, kv):
         logits, kv = self.model(tokens, positions, kv, last_only=True)
-        return logits.squeeze(1), kv  # squeeze: a view in TVM (a select copies the logits)
+        return logits[:, 0], kv
 
 
 class _LayersEntry(_Entry):
     def forward(self, tokens, positions, cache):  # cache: [k_0, v_0, k_1, v_1, ...]
         pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
         logits, kv = self.model(tokens, positions, pairs, last_only=True)
-        return (logits.squeeze(1), *[t for pair in kv for t in pair])
+        return (logits[:, 0], *[t for pair in kv for t in pair])
 
 
 def example_inputs(model: MobileMoE, seq: int, past: int, cache: str = "stacked"):
