@@ -23,12 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .rpc_device import LOOPBACK, DeviceError, _pick_port_range, registered_servers, request_session
+from .rpc_device import LOOPBACK, DeviceError, TrackedDevice, _pick_port_range, registered_servers
 
 DEFAULT_KEY = "x86-local"
 
 
-class LocalRpcDevice:
+class LocalRpcDevice(TrackedDevice):
     """Context manager: a private tracker + one rpc_server of this machine; stopped on exit."""
 
     def __init__(self, key: str = DEFAULT_KEY, start_timeout: float = 60.0, port_span: int = 40):
@@ -124,16 +124,3 @@ class LocalRpcDevice:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
-    def request_session(self, timeout: float = 60.0, session_timeout: float = 0):
-        return request_session(self.tracker_host, self.tracker_port, self.key, timeout, session_timeout)
-
-    def __enter__(self) -> LocalRpcDevice:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

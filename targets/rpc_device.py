@@ -220,7 +220,27 @@ def _pick_port_range(span: int) -> int:
     raise DeviceError("found no free port in 20000-32000 on 127.0.0.1")
 
 
-class EmulatedArm64Device:
+class TrackedDevice:
+    """What the RPC devices share: a session from their tracker, and `with device:` that starts it
+    (stopping whatever did start when starting fails) and stops it. Subclasses set tracker_host,
+    tracker_port, key and define start() / stop()."""
+
+    def request_session(self, timeout: float = 60.0, session_timeout: float = 0):
+        return request_session(self.tracker_host, self.tracker_port, self.key, timeout, session_timeout)
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EmulatedArm64Device(TrackedDevice):
     """Context manager: set up (optional), start a private tracker + arm64 RPC server, stop on exit.
 
     Each instance gets its own run dir (pid/log files) and ports, so concurrent test runs sharing
@@ -291,22 +311,10 @@ class EmulatedArm64Device:
         path = self.run_dir / "server.log" if self.run_dir else None
         return path.read_text(errors="replace") if path and path.exists() else ""
 
-    def request_session(self, timeout: float = 60.0, session_timeout: float = 0):
-        return request_session(self.tracker_host, self.tracker_port, self.key, timeout,
-                               session_timeout)
-
     def __enter__(self) -> EmulatedArm64Device:
         if self.setup_first:
             self.setup()
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return super().__enter__()
 
 
 def _main(argv: list[str]) -> int:
