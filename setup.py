@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "scipy",  # mobilemoe.scaling fit (L-BFGS-B); threadpoolctl, when present, keeps its BLAS on one thread
     "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
     "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/onnx_graph.py)
+    "ziglang==0.17.1",  # zig cc = clang + lld in a wheel: links android-arm64 / linux-arm64 .so (no system toolchain)
     "onnxruntime==1.32.0",  # CPU contrib ops QMoE (router_weights input), MatMulNBits, GQA verified on 1.32
 ]
 
@@ -24,6 +25,7 @@ EXTRAS = {
     "test": [
         "pytest",
         "pytest-timeout",
+        "pyelftools",  # compiler.reproducible.differing_symbols: where two builds' lib.so differ
         "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints
         # OpenCL kernels of android-adreno/-mali compiled and run on POCL (tests/compiler/pocl_runner.py)
         "pyopencl>=2024.1",

@@ -93,16 +93,24 @@ def big_build_lock(cfg):
     if cfg.total_params() < BIG_PARAMS:
         yield
         return
-    with open(BIG_LOCK, "a") as f:
+    while True:
+        f = open(BIG_LOCK, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"waiting for {BIG_LOCK}: another paper-size build is running (one at a time)")
             fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        try:  # the holder before us may have removed the file: then this lock guards nothing, retry
+            if os.fstat(f.fileno()).st_ino == os.stat(BIG_LOCK).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        BIG_LOCK.unlink(missing_ok=True)  # while still held: a waiter then sees a removed file and retries
+        f.close()
 
 
 def cached_artifact(work: Path, name: str, target: str, preset: str | None = None, checkpoint: Path | None = None,

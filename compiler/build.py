@@ -34,6 +34,7 @@ from targets import TARGETS, TargetError, get_target
 
 from .artifact import ArtifactError, write_artifact
 from .importer import ENTRY_POINTS, ImportError_, import_model
+from .reproducible import UNSTABLE
 from .tuning_db import TuningDBError
 from .onnx_export import TARGET_NAME as ONNX_TARGET
 from .onnx_export import OnnxExportError, build_onnx
@@ -159,7 +160,9 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         return build_onnx(checkpoint, out, preset=preset, verbose=verbose, **onnx_opts)
     if target_name == MLIR_TARGET:  # float32 MLIR + IREE modules; --quant does not apply
         return build_mlir(checkpoint, out, preset=preset, verbose=verbose)
-    get_target(target_name)  # an unknown target is a usage error: fail before any work, never fall back
+    if target_name not in TARGETS:  # a usage error: fail before any work, never fall back
+        raise TargetError(f"unknown target '{target_name}'; known targets: "
+                          f"{', '.join([*TARGETS, ONNX_TARGET, MLIR_TARGET])}")
     if fallback is None:
         return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset)
     try:
@@ -225,6 +228,7 @@ def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None
         "config": cfg.to_dict(),
         "weights": "random (shape-only build)" if preset else "checkpoint",
         "tuning": report.get("tuning"),  # records applied from --tuning-db (None: untuned)
+        "reproducibility": UNSTABLE,  # what a rebuild does not reproduce byte for byte, and why
     }
     path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
                           manifest=manifest, checkpoint_dir=Path(checkpoint) if checkpoint else None)

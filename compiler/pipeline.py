@@ -2,7 +2,8 @@
 
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4")
-    cleanup    StripAssertions, PretransposeWeights (float weights read transposed, the router),
+    cleanup    StripAssertions, ClipTakeIndices (bounds-safe gathers), PretransposeWeights (float
+               weights read transposed, the router),
                MakeDataflow (pure functions in dataflow blocks: what FuseOps and
                RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
     legalize   DispatchSampling, DispatchSortScan, AppendLastAxis + SoftmaxRows + FastSigmoid (CPU:
@@ -40,6 +41,7 @@ from passes.pretranspose_weights import PretransposeWeights
 from passes.prune_unused_params import PruneUnusedParams
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
+from passes.clip_take_indices import ClipTakeIndices
 from passes.strip_assertions import StripAssertions
 
 # int4: INT4 weights, int8 activations in the dot-product kernels where the CPU has them (else fp32);
@@ -133,7 +135,7 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
         # grouped prefill kernels (compiler/kernels/moe_grouped.py) are CPU-only
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=opts.lowering == "cpu")]),
         ("quantize", [QuantizeInt4Weights()] if opts.quant.startswith("int4") else []),
-        ("cleanup", [StripAssertions(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
+        ("cleanup", [StripAssertions(), ClipTakeIndices(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),
         ("legalize", backend.library_dispatch_passes(target) + _cpu_kernels(target, opts) + legalize),
         ("schedule", schedule),

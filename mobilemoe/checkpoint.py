@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -132,11 +133,35 @@ def hf_config(cfg: MobileMoEConfig, dtype: torch.dtype) -> dict:
 
 
 # ---------------------------------------------------------------------------- atomic directory writes
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` siblings of `target` left by writers that were
+    killed (their PID is gone); a live writer's temp dir is kept. Returns what was removed."""
+    removed = []
+    for p in Path(target).parent.glob(f".{Path(target).name}.*"):
+        m = re.fullmatch(rf"\.{re.escape(Path(target).name)}\.(?:tmp|old)-(\d+)(?:-.*)?", p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_dir(target: Path, write) -> Path:
-    """Run write(tmp_dir), then move tmp_dir to `target` in one rename (an old target is replaced)."""
+    """Run write(tmp_dir), then move tmp_dir to `target` in one rename (an old target is replaced).
+    Temp dirs of earlier writers of the same target that were killed are removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
         write(tmp)

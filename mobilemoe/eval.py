@@ -220,6 +220,9 @@ def main(argv=None) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    if not a.tasks and not HELDOUT.is_file():
+        print(f"note: held-out perplexity left out: {HELDOUT} not found (build the corpus with: "
+              f"python -m train.corpus --out data/corpus)", file=sys.stderr)
     try:
         tasks = [load_task(t) for t in (a.tasks or default_tasks())]
         results = []

@@ -18,6 +18,8 @@ stacked one; a bounded Dim(min, max) on P trips torch.export's guards). The MoE 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.export import Dim, ExportedProgram
 
@@ -25,6 +27,10 @@ from .model import MobileMoE
 
 
 CACHE_LAYOUTS = ("layers", "stacked")
+
+# torch 2.13's own export and decomposition code (dynamo, pytree copies) still uses the LeafSpec it
+# deprecated: a FutureWarning per export that no user of ours can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class _Entry(torch.nn.Module):

@@ -63,6 +63,8 @@ def generate_with(step, prompt: list[int], max_new_tokens: int, max_seq_len: int
     kv=None on the first (prefill) call. eos_id: an id or a collection of ids that stop generation."""
     if not prompt:
         raise ValueError("generate: the prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if len(prompt) + max_new_tokens > max_seq_len:
         raise ValueError(f"generate: prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's max_seq_len ({max_seq_len})")
@@ -98,12 +100,61 @@ def generate(model: MobileMoE, prompt: list[int], max_new_tokens: int, temperatu
                          eos_id, seed, on_token)
 
 
+@torch.no_grad()
+def teacher_forced_top1(model: MobileMoE, prompt: list[int], tokens: list[int]) -> float:
+    """Share of `tokens` (generated after `prompt` by another backend) that are also the model's
+    greedy choice at their position, given the same preceding tokens."""
+    if not tokens:
+        return float("nan")
+    seq = torch.tensor([prompt + tokens[:-1]], device=model.embed.weight.device)
+    pred = model(seq)[0][0, len(prompt) - 1:].argmax(-1)  # the prediction for each of `tokens`
+    return float((pred.cpu() == torch.tensor(tokens)).float().mean())
+
+
 def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int) -> list[int]:
     """Token ids for a prompt: BOS + text, or the chat template with a generation prompt."""
     from .tokenizer import chat_template
     if chat:
         return tokenizer.encode(chat_template([{"role": "user", "content": text}], add_generation_prompt=True)).ids
     return [bos_id] + tokenizer.encode(text).ids
+
+
+class PromptError(ValueError):
+    """A command-line prompt that cannot be generated from; the message names the option."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (--max-new-tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def checked_prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, max_new_tokens: int,
+                       max_seq_len: int, vocab_size: int | None = None) -> list[int]:
+    """prompt_ids() for a command line: the text must be UTF-8, its ids inside the model's vocabulary
+    and, with max_new_tokens, fit the model's context; otherwise a PromptError saying what to change."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        byte = text[e.start].encode("utf-8", "surrogateescape").hex()
+        raise PromptError(f"--prompt: not valid UTF-8 (byte 0x{byte} at character {e.start}); "
+                          f"pass the prompt as UTF-8 text") from None
+    ids = prompt_ids(tokenizer, text, chat, bos_id)
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise PromptError(f"--prompt: the tokenizer gives token id {max(ids)}, outside the model's vocabulary "
+                          f"of {vocab_size}: the tokenizer.json beside the model does not belong to it")
+    if len(ids) + max_new_tokens > max_seq_len:
+        room = max_seq_len - len(ids)
+        hint = (f"lower --max-new-tokens to at most {room}" if room >= 1
+                else f"shorten the prompt to under {max_seq_len - 1} tokens")
+        raise PromptError(f"--prompt: {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+                          f"context of {max_seq_len} tokens (max_seq_len); {hint}")
+    return ids
 
 
 def main(argv=None):
@@ -113,7 +164,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mobilemoe.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint dir (default: bundled model)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -125,9 +176,10 @@ def main(argv=None):
     try:
         model = load_checkpoint(a.checkpoint)
         tok = load_tokenizer(a.checkpoint / "tokenizer.json")
+        ids = checked_prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id, a.max_new_tokens,
+                                 model.config.max_seq_len, model.config.vocab_size)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    ids = prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id)
     new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p,
                           eos_id=STOP_TOKEN_IDS, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))

@@ -1,25 +1,24 @@
-"""android-arm64: Android phones' CPU (AArch64, NEON + dotprod), linked with Debian's clang + lld.
+"""android-arm64: Android phones' CPU (AArch64, NEON + dotprod), linked with zig's clang + lld.
 
-There is no NDK here: the shared object is linked with `clang --target=aarch64-linux-android24
--shared -nostdlib -fuse-ld=lld`; NEEDED entries for bionic's libc/libm/libdl and TVM's runtime
-libraries are recorded through empty stub libraries, and the phone's real ones satisfy them.
+No NDK is needed: TVM's LLVM emits the code for aarch64-linux-android (API level 24) and the shared
+object is linked with `zig cc -target aarch64-linux-android -shared -nostdlib` (the ziglang wheel);
+NEEDED entries for bionic's libc/libm/libdl and TVM's runtime libraries are recorded through empty
+stub libraries, and the phone's real ones satisfy them.
 """
 from .base import TargetSpec, Toolchain
 
 API_LEVEL = 24
 
 TOOLCHAIN = Toolchain(
-    cc="clang",
-    packages=("clang", "lld"),
-    flags=(f"--target=aarch64-linux-android{API_LEVEL}", "-shared", "-fPIC", "-nostdlib", "-fuse-ld=lld",
-           "-Wl,--no-undefined-version", "-Wl,-z,max-page-size=16384"),
+    zig_target="aarch64-linux-android",
+    flags=("-shared", "-fPIC", "-nostdlib", "-Wl,--no-undefined-version", "-Wl,-z,max-page-size=16384",
+           "-Wl,--build-id=none"),
     stub_libs=("c", "m", "dl", "tvm_ffi", "tvm_runtime"),
-    stub_cflags=(f"--target=aarch64-linux-android{API_LEVEL}", "-fuse-ld=lld"),
 )
 
 SPEC = TargetSpec(
     name="android-arm64",
-    description="Android AArch64 CPU (NEON, dotprod), clang + lld, API level 24",
+    description="Android AArch64 CPU (NEON, dotprod), API level 24, linked by zig cc (clang + lld)",
     target_json={"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"],
                  "num-cores": 4},
     toolchain=TOOLCHAIN,

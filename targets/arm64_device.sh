@@ -42,8 +42,8 @@ HOST=127.0.0.1
 PY_VER=3.11  # bookworm's python3.11; device wheels are downloaded for this version
 
 # host command -> Debian package that provides it
-HOST_TOOLS="qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu
-  aarch64-linux-gnu-g++:g++-aarch64-linux-gnu clang:clang ld.lld:lld dpkg-deb:dpkg"
+# (artifacts are linked by zig cc from the ziglang wheel in the venv: no cross compiler needed here)
+HOST_TOOLS="qemu-aarch64-static:qemu-user-static dpkg-deb:dpkg"
 # arm64 .debs that make up the device userland (bookworm names)
 ARM64_DEBS="libc6 libgcc-s1 gcc-12-base libstdc++6 libcrypt1 zlib1g libexpat1 libffi8 libssl3
   libbz2-1.0 liblzma5 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libdb5.3 libnsl2

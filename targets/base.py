@@ -1,9 +1,10 @@
 """What a target is: a TVM target JSON dict, a toolchain that links the shared object, defaults."""
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,44 +15,65 @@ class TargetError(RuntimeError):
     """Unknown target or missing toolchain; the message says what to install."""
 
 
+ZIG_PACKAGE = "ziglang==0.17.1"  # setup.py pins the same version
+
+
+def zig_path() -> str:
+    """The `zig` executable of the ziglang wheel installed in this Python (clang + lld, any target)."""
+    spec = importlib.util.find_spec("ziglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetError(f"cross toolchain: the Python package 'ziglang' (clang + lld) is not installed in "
+                          f"{sys.executable}; install it with: pip install {ZIG_PACKAGE}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "zig"
+    if not os.access(path, os.X_OK):
+        raise TargetError(f"cross toolchain: {path} is missing or not executable; reinstall with: "
+                          f"pip install --force-reinstall {ZIG_PACKAGE}")
+    return str(path)
+
+
 @dataclass(frozen=True)
 class Toolchain:
-    """A C compiler driver that links TVM's object files into a shared object for the target."""
-    cc: str  # executable name, e.g. "clang" or "aarch64-linux-gnu-gcc"
-    packages: tuple[str, ...]  # Debian packages that provide it
+    """Links TVM's object files into a shared object for the target with `zig cc` (clang + lld from
+    the ziglang wheel on the Python registry: no system compiler, no NDK, no root needed). TVM's LLVM
+    generates the code; this only links."""
+    zig_target: str  # zig's target triple, e.g. "aarch64-linux-android" or "aarch64-linux-gnu"
     flags: tuple[str, ...] = ()  # link flags
     stub_libs: tuple[str, ...] = ()  # NEEDED entries recorded through empty stub libraries
-    stub_cflags: tuple[str, ...] = ()
+    zig: Callable[[], str] = zig_path  # where the zig executable is (tests point it elsewhere)
 
-    def check(self) -> str:
-        path = shutil.which(self.cc)
-        if path is None:
-            raise TargetError(f"cross toolchain '{self.cc}' not found on PATH; install it with: "
-                              f"apt-get install {' '.join(self.packages)}")
-        if self.stub_libs and "-fuse-ld=lld" in self.flags and shutil.which("ld.lld") is None:
-            raise TargetError("linker 'ld.lld' not found on PATH; install it with: apt-get install lld")
-        return path
+    def check(self) -> list[str]:
+        """The compiler driver command (`zig cc -target T`); raises TargetError saying what to install."""
+        return [self.zig(), "cc", "-target", self.zig_target]
 
-    def _stubs(self, workdir: Path) -> list[str]:
+    def _run(self, cmd: list[str], what: str) -> None:
+        env = dict(os.environ)
+        # zig's own cache (compiled libc stubs, compiler_rt) outlives a build; keep it per user
+        env.setdefault("ZIG_GLOBAL_CACHE_DIR", str(Path.home() / ".cache" / "zig"))
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise TargetError(f"{what} failed:\n{' '.join(cmd)}\n{r.stderr.strip()}")
+
+    def _stubs(self, cc: list[str], workdir: Path) -> list[str]:
         """Build empty shared libraries named like the device's (libc.so, ...) so the linked object
         records NEEDED entries for them; the device's real libraries satisfy them at load time."""
         if not self.stub_libs:
             return []
         src = workdir / "stub.c"
         src.write_text("/* empty: only the soname matters */\n")
+        outs = []
         for lib in self.stub_libs:
             out = workdir / f"lib{lib}.so"
-            subprocess.run([self.cc, *self.stub_cflags, "-shared", "-nostdlib", f"-Wl,-soname,lib{lib}.so",
-                            "-o", str(out), str(src)], check=True, capture_output=True, text=True)
-        return [f"-L{workdir}", *(f"-l{lib}" for lib in self.stub_libs)]
+            self._run([*cc, "-shared", "-nostdlib", f"-Wl,-soname,lib{lib}.so", "-o", str(out), str(src)],
+                      f"building the stub lib{lib}.so")
+            outs.append(str(out))
+        # by path, not -l: zig treats -lc as "provide a libc", which it cannot for Android
+        return ["-Wl,--no-as-needed", *outs]
 
     def link(self, output: str, objects: list[str], options=None) -> None:
         cc = self.check()
         with tempfile.TemporaryDirectory(prefix="mobilemoe-link-") as tmp:
-            cmd = [cc, *self.flags, "-o", output, *objects, *self._stubs(Path(tmp)), *(options or [])]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise TargetError(f"linking {output} failed:\n{' '.join(cmd)}\n{r.stderr}")
+            cmd = [*cc, *self.flags, "-o", output, *objects, *self._stubs(cc, Path(tmp)), *(options or [])]
+            self._run(cmd, f"linking {output}")
 
     def fcompile(self):
         def f(output, objects, options=None):

@@ -7,14 +7,13 @@ A72: Raspberry Pi 3/4) lack it and would stop on an illegal instruction.
 from .base import TargetSpec, Toolchain
 
 TOOLCHAIN = Toolchain(
-    cc="aarch64-linux-gnu-gcc",
-    packages=("gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu"),
-    flags=("-shared", "-fPIC"),
+    zig_target="aarch64-linux-gnu.2.17",  # glibc 2.17 symbol versions: loads on any aarch64 glibc
+    flags=("-shared", "-fPIC", "-Wl,--build-id=none"),
 )
 
 SPEC = TargetSpec(
     name="linux-arm64",
-    description="AArch64 Linux CPU (NEON + dotprod, ARMv8.2-A+), aarch64-linux-gnu-gcc",
+    description="AArch64 Linux CPU (NEON + dotprod, ARMv8.2-A+), zig cc (clang + lld)",
     target_json={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4},
     toolchain=TOOLCHAIN,
     runs_on_host=False,
