@@ -5,7 +5,7 @@ import pytest
 
 from mobilemoe.checkpoint import CheckpointError, load_state
 
-from .hf_models import save_tiny
+from tests.arch.hf_models import save_tiny
 
 pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import torch
 from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.arch import supported_model_types
 
-from .hf_models import TINY, save_tiny
+from tests.arch.hf_models import TINY, save_tiny
 
 transformers = pytest.importorskip("transformers")
 
