@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from compiler.artifact import read_manifest
 from compiler.build import build
 from mobilemoe.checkpoint import load_checkpoint
+from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MoE
 from mobilemoe.quant import GROUP_SIZE, dequantize_int4, quantize_act_int8, quantize_int4, sqnr
 from mobilemoe.runtime import load_artifact
@@ -97,3 +98,12 @@ def test_android_arm64_links(tmp_path, model_type):
     lib = build(ckpt, "android-arm64", tmp_path / "android", verbose=False) / "lib.so"
     r = subprocess.run(["readelf", "-h", str(lib)], capture_output=True, text=True, check=True)
     assert "AArch64" in r.stdout and "DYN (Shared object file)" in r.stdout
+
+
+def test_onnx_fallback_refuses_options_it_lacks(tmp_path):
+    from compiler.onnx_export import OnnxExportError, check_config
+    cfg = load_checkpoint(save_tiny("olmoe", tmp_path / "olmoe")).config
+    with pytest.raises(OnnxExportError, match=r"config olmoe \(arch 'olmoe'\): the ONNX decoder does not implement "
+                                              r"qk_norm='proj', router='softmax_topk'; build a TVM target instead"):
+        check_config(cfg)
+    check_config(MobileMoEConfig.from_name("test-moe"))  # ours: fine
