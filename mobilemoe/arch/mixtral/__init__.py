@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map
+from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
@@ -32,4 +32,10 @@ def tensor_map(cfg: MobileMoEConfig) -> dict:
     return m
 
 
-FAMILY = Family("mixtral", ("mixtral",), config_from_hf, tensor_map)
+def hf_config(cfg: MobileMoEConfig, dtype) -> dict:
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **llama_hf_fields(cfg, dtype),
+            "intermediate_size": cfg.expert_hidden, "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.top_k, "sliding_window": None, "router_aux_loss_coef": cfg.router_aux_loss_coef}
+
+
+FAMILY = Family("mixtral", ("mixtral",), config_from_hf, tensor_map, hf_config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map
+from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
@@ -36,4 +36,11 @@ def tensor_map(cfg: MobileMoEConfig) -> dict:
     return m
 
 
-FAMILY = Family("olmoe", ("olmoe",), config_from_hf, tensor_map)
+def hf_config(cfg: MobileMoEConfig, dtype) -> dict:
+    return {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", **llama_hf_fields(cfg, dtype),
+            "attention_bias": cfg.qkv_bias, "clip_qkv": None, "intermediate_size": cfg.expert_hidden,
+            "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "norm_topk_prob": cfg.norm_topk_prob,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef}
+
+
+FAMILY = Family("olmoe", ("olmoe",), config_from_hf, tensor_map, hf_config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map, swiglu_map
+from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields, swiglu_map
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
@@ -50,4 +50,15 @@ def tensor_map(cfg: MobileMoEConfig) -> dict:
     return m
 
 
-FAMILY = Family("qwen_moe", ("qwen2_moe", "qwen3_moe"), config_from_hf, tensor_map)
+def hf_config(cfg: MobileMoEConfig, dtype) -> dict:
+    common = {**llama_hf_fields(cfg, dtype), "moe_intermediate_size": cfg.expert_hidden,
+              "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "norm_topk_prob": cfg.norm_topk_prob,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+              "router_aux_loss_coef": cfg.router_aux_loss_coef}
+    if cfg.arch == "qwen2_moe":
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **common,
+                "qkv_bias": cfg.qkv_bias, "shared_expert_intermediate_size": cfg.shared_expert_hidden}
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **common, "attention_bias": cfg.qkv_bias}
+
+
+FAMILY = Family("qwen_moe", ("qwen2_moe", "qwen3_moe"), config_from_hf, tensor_map, hf_config)
