@@ -16,7 +16,7 @@ from compiler.artifact import ArtifactError
 def main(argv=None):
     from mobilemoe.generate import prompt_ids
     from mobilemoe.runtime import load_artifact
-    from mobilemoe.tokenizer import STOP_TOKEN_IDS
+    from mobilemoe.tokenizer import load_model_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m compiler.run", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, required=True)
@@ -30,11 +30,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         rt = load_artifact(a.artifact, num_threads=a.threads)
-        tok = rt.tokenizer()
+        tok, stop = load_model_tokenizer(rt.dir / "tokenizer.json", rt.config)
+        ids = prompt_ids(tok, a.prompt, a.chat, rt.config.bos_token_id, own=rt.config.arch == "mobilemoe")
     except (ArtifactError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    ids = prompt_ids(tok, a.prompt, a.chat, rt.config.bos_token_id)
-    new, stats = rt.generate(ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=STOP_TOKEN_IDS, seed=a.seed)
+    new, stats = rt.generate(ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=stop, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{rt.backend} {a.artifact.name}: {stats}]", file=sys.stderr)
 

@@ -98,9 +98,15 @@ def generate(model: MobileMoE, prompt: list[int], max_new_tokens: int, temperatu
                          eos_id, seed, on_token)
 
 
-def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int) -> list[int]:
-    """Token ids for a prompt: BOS + text, or the chat template with a generation prompt."""
+def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, own: bool = True) -> list[int]:
+    """Token ids for a prompt: BOS + text, or the chat template with a generation prompt.
+    own=False (an imported HF model's tokenizer): the tokenizer's own post-processor adds BOS."""
     from .tokenizer import chat_template
+    if not own:
+        if chat:
+            raise ValueError("--chat: the chat templates of imported tokenizers (tokenizer_config.json, Jinja) "
+                             "are not implemented; pass the formatted prompt instead")
+        return tokenizer.encode(text).ids
     if chat:
         return tokenizer.encode(chat_template([{"role": "user", "content": text}], add_generation_prompt=True)).ids
     return [bos_id] + tokenizer.encode(text).ids
@@ -108,7 +114,7 @@ def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int) -> list[int]:
 
 def main(argv=None):
     from .checkpoint import CheckpointError, load_checkpoint
-    from .tokenizer import STOP_TOKEN_IDS, load_tokenizer
+    from .tokenizer import load_model_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m mobilemoe.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint dir (default: bundled model)")
@@ -124,12 +130,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     try:
         model = load_checkpoint(a.checkpoint)
-        tok = load_tokenizer(a.checkpoint / "tokenizer.json")
+        tok, stop = load_model_tokenizer(a.checkpoint / "tokenizer.json", model.config)
+        ids = prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id, own=model.config.arch == "mobilemoe")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    ids = prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id)
-    new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p,
-                          eos_id=STOP_TOKEN_IDS, seed=a.seed)
+    new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=stop, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{stats}]", file=sys.stderr)
 
