@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from compiler.artifact import read_manifest
 from compiler.build import build
+from compiler.run import main as run_main
 from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MoE
@@ -77,8 +78,11 @@ def check_host_int4(model_type, tmp_path):
     return ckpt
 
 
-def test_host_int4_qwen2_moe(tmp_path):
+def test_host_int4_qwen2_moe(tmp_path, capsys):
     check_host_int4("qwen2_moe", tmp_path)
+    run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert out.out.startswith("a") and "tok/s" in out.err
 
 
 @pytest.mark.slow
