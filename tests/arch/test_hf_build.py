@@ -80,6 +80,7 @@ def check_host_int4(model_type, tmp_path):
 
 def test_host_int4_qwen2_moe(tmp_path, capsys):
     check_host_int4("qwen2_moe", tmp_path)
+    capsys.readouterr()
     run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4"])
     out = capsys.readouterr()
     assert out.out.startswith("a") and "tok/s" in out.err
