@@ -61,7 +61,7 @@ def weight_source(model, random_weights: bool):
 
 # MobileMoEConfig architecture options (mobilemoe/arch) that compiler/onnx_graph.py's decoder does not
 # build yet: an imported model using one of them gets the TVM artifact only
-ONNX_UNSUPPORTED_OPTIONS = ("qkv_bias", "o_bias", "qk_norm", "router", "norm_topk_prob", "shared_expert_gate",
+ONNX_UNSUPPORTED_OPTIONS = ("rope_type", "qkv_bias", "o_bias", "qk_norm", "router", "norm_topk_prob", "shared_expert_gate",
                             "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 
 

@@ -213,7 +213,8 @@ def load_checkpoint(ckpt_dir, dtype: torch.dtype = torch.float32, device="cpu") 
         model = MobileMoE(cfg)
     model = model.to_empty(device=device)
     # non-persistent RoPE buffers are not in the file: recompute them
-    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                                                                         cfg.rope_scaling()))
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -28,6 +28,7 @@ FLOAT_BYTES = 4  # router and norms stay float32
 
 
 QK_NORMS = ("none", "head", "proj")
+ROPE_TYPES = ("default", "linear", "llama3")
 ROUTERS = ("topk_softmax", "softmax_topk")
 
 
@@ -45,6 +46,13 @@ class MobileMoEConfig:
     num_kv_heads: int = 2
     head_dim: int = 64
     rope_theta: float = 500000.0
+    # RoPE frequency scaling (HF rope_parameters): "default" (none) | "linear" (all frequencies / factor) |
+    # "llama3" (Llama 3.1+: low frequencies / factor, high kept, smooth between; the other rope_* fields)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
@@ -103,13 +111,20 @@ class MobileMoEConfig:
                 raise ConfigError(f"{source}: expert_hidden must be > 0 for an MoE config, got {self.expert_hidden}")
         elif self.ffn_hidden <= 0:
             raise ConfigError(f"{source}: ffn_hidden must be > 0 when num_experts == 0 (dense), got {self.ffn_hidden}")
-        for k, allowed in (("qk_norm", QK_NORMS), ("router", ROUTERS)):
+        for k, allowed in (("qk_norm", QK_NORMS), ("router", ROUTERS), ("rope_type", ROPE_TYPES)):
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"{source}: field '{k}' must be one of {list(allowed)}, got {getattr(self, k)!r}")
         if self.shared_expert_gate and not (self.is_moe and self.shared_expert_hidden):
             raise ConfigError(f"{source}: shared_expert_gate needs a shared expert (shared_expert_hidden > 0)")
         if self.logits_scaling <= 0 or self.attention_multiplier < 0:
             raise ConfigError(f"{source}: logits_scaling must be > 0 and attention_multiplier >= 0")
+
+    def rope_scaling(self) -> dict | None:
+        """mobilemoe.model.rope_table's `scaling` argument: None for plain RoPE."""
+        if self.rope_type == "default":
+            return None
+        return {"rope_type": self.rope_type, "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor, "original_max_len": self.rope_original_max_len}
 
     @property
     def is_moe(self) -> bool:

@@ -59,9 +59,25 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, D] in the rotate-half convention (as HF Llama)."""
+def scale_inv_freq(inv_freq: torch.Tensor, rope_type: str, factor: float, low_freq_factor: float,
+                   high_freq_factor: float, original_max_len: int) -> torch.Tensor:
+    """RoPE frequency scaling as HF's "linear" and "llama3" rope types (MobileMoEConfig.rope_scaling)."""
+    if rope_type == "linear":
+        return inv_freq / factor
+    low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: / factor
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, D] in the rotate-half convention (as HF Llama); scaling: cfg.rope_scaling()."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, **scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.int64).float(), inv_freq)  # [max_len, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -260,7 +276,7 @@ class MobileMoE(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling())
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -4,11 +4,11 @@ norm / embedding tensor names.
 HFConfig wraps a config.json dict so that every error names the file and the field. Its
 `llama_fields()` translates the fields every family here has (sizes, heads, RoPE, norm eps, tied
 embeddings, special tokens) and refuses what the model does not implement: a rope_type other
-than "default", partial rotary embeddings, an activation other than SiLU, a sliding window in use.
+than default / linear / llama3, partial rotary embeddings, an activation other than SiLU, a sliding window in use.
 """
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import ROPE_TYPES, ConfigError
 from .tensors import Stack
 
 MAX_SEQ_LEN = 4096  # RoPE table length for imported models (max_position_embeddings is capped to it)
@@ -44,15 +44,23 @@ class HFConfig:
             v = v[0] if v else None
         return default if v is None else int(v)
 
-    def rope_theta(self) -> float:
-        rope = self.raw.get("rope_parameters") or self.raw.get("rope_scaling") or {}
+    def rope(self) -> dict:
+        """MobileMoEConfig's rope_* fields from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
+        field = "rope_parameters" if self.raw.get("rope_parameters") else "rope_scaling"
+        rope = self.raw.get(field) or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise self.error("rope_parameters" if "rope_parameters" in self.raw else "rope_scaling",
-                             f"has rope_type {kind!r}; supported: ['default'] (plain RoPE)")
+        if kind not in ROPE_TYPES:
+            raise self.error(field, f"has rope_type {kind!r}; supported: {list(ROPE_TYPES)}")
         if rope.get("partial_rotary_factor", self.raw.get("partial_rotary_factor", 1.0)) != 1.0:
             raise self.error("partial_rotary_factor", "must be 1.0 (RoPE over the whole head)")
-        return float(rope.get("rope_theta", self.get("rope_theta", 10000.0)))
+        out = {"rope_theta": float(rope.get("rope_theta", self.get("rope_theta", 10000.0))), "rope_type": kind}
+        if kind != "default":
+            out["rope_factor"] = float(rope["factor"])
+        if kind == "llama3":
+            out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]),
+                       rope_original_max_len=int(rope["original_max_position_embeddings"]))
+        return out
 
     def check_sliding_window(self, max_seq_len: int) -> None:
         """A sliding window narrower than the context we run is not implemented."""
@@ -76,7 +84,7 @@ class HFConfig:
             num_layers=int(self.require("num_hidden_layers")), num_heads=heads,
             num_kv_heads=int(self.get("num_key_value_heads", heads)),
             head_dim=int(self.get("head_dim", hidden // heads)),
-            rope_theta=self.rope_theta(), norm_eps=float(self.get("rms_norm_eps", 1e-6)),
+            **self.rope(), norm_eps=float(self.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(self.get("tie_word_embeddings", True)), max_seq_len=max_seq_len,
             bos_token_id=self.token_id("bos_token_id", -1), eos_token_id=self.token_id("eos_token_id", -1),
             pad_token_id=self.token_id("pad_token_id", -1),
@@ -113,6 +121,17 @@ def experts_map(ours: str, hf: str, num_experts: int, names=("gate_proj", "up_pr
             for w, n in zip(("w1", "w3", "w2"), names)}
 
 
+def rope_parameters(cfg) -> dict:
+    """The inverse of HFConfig.rope: transformers' rope_parameters."""
+    out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        out["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_len)
+    return out
+
+
 def llama_hf_fields(cfg, dtype) -> dict:
     """The config.json fields every Llama-shaped family writes (the inverse of llama_fields)."""
     return {
@@ -120,7 +139,7 @@ def llama_hf_fields(cfg, dtype) -> dict:
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters(cfg),
         **{k: (None if v < 0 else v) for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                                  ("pad_token_id", cfg.pad_token_id))},
         "torch_dtype": str(dtype).removeprefix("torch."),

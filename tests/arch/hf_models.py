@@ -26,8 +26,11 @@ TINY = {
                        norm_topk_prob=False), {"max_shard_size": "40KB"}),  # sharded
     "qwen3_moe": (dict(MOE, num_experts=8, moe_intermediate_size=32, norm_topk_prob=True), {}),
     "mixtral": (dict(MOE, num_local_experts=4), {"dtype": torch.bfloat16}),  # bf16 on disk
-    "llama": (dict(attention_bias=True, tie_word_embeddings=True), {}),
-    "qwen2": (dict(), {"dtype": torch.float16}),  # fp16 on disk
+    "llama": (dict(attention_bias=True, tie_word_embeddings=True, rope_parameters=dict(  # Llama 3.1+ RoPE
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)), {}),
+    "qwen2": (dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+              {"dtype": torch.float16}),  # fp16 on disk
     "qwen3": (dict(), {}),
 }
 

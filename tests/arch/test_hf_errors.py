@@ -27,7 +27,7 @@ def qwen(tmp_path_factory):
     ({"use_sliding_window": True, "sliding_window": 64},
      r"config.json: field 'sliding_window' is 64 \(in use\); supported: none"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
-     r"config.json: field 'rope_parameters' has rope_type 'yarn'; supported: \['default'\]"),
+     r"config.json: field 'rope_parameters' has rope_type 'yarn'; supported: \['default', 'linear', 'llama3'\]"),
     ({"mlp_only_layers": [1]}, r"config.json: field 'mlp_only_layers' is \[1\]; supported: \[\[\]\]"),
     ({"hidden_act": "gelu"}, r"config.json: field 'hidden_act' is 'gelu'; supported: \['silu'\]"),
     ({"num_experts_per_tok": 9}, r"config.json: top_k must be in \[1, num_experts=8\], got 9"),
