@@ -16,6 +16,7 @@ KV cache layouts (forward takes either and returns the same kind, with the S new
 Routing (identical to HF GraniteMoeShared): logits = router(x) in float32, top-k on the logits
 (sorted), softmax over the k selected logits; the shared expert is always on:
   y = sum_j w_j * expert_{i_j}(x) + shared(x).
+Experts are stored stacked: w1 (gate) [E, I, H], w3 (up) [E, I, H], w2 (down) [E, H, I].
 
 Options for the Hugging Face families of mobilemoe/arch/ (MobileMoEConfig fields; defaults = ours):
   router="softmax_topk"   w, i = top-k of softmax(logits) over all E (OLMoE, Qwen-MoE, Mixtral),
@@ -24,9 +25,9 @@ Options for the Hugging Face families of mobilemoe/arch/ (MobileMoEConfig fields
   qk_norm                 RMSNorm of q and k before RoPE: "head" over D (Qwen3), "proj" over nh*D (OLMoE)
   qkv_bias, o_bias        attention projection biases (Qwen2, Llama attention_bias)
   embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling   (Granite)
+  rope_type "linear" / "llama3" + rope_* fields: RoPE frequency scaling (rope_table)
 They all act outside the expert einsums, so the exported MoE keeps the form the compiler's passes
 rewrite (FuseExpertGateUp, SparseMoEDispatch, QuantizeInt4Weights).
-Experts are stored stacked: w1 (gate) [E, I, H], w3 (up) [E, I, H], w2 (down) [E, H, I].
 
 The MoE layer has three numerically equivalent implementations (`MoE.impl`):
   "grouped": tokens sorted by expert, one GEMM per non-empty expert (torch._grouped_mm on CUDA bf16):
