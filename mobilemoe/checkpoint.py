@@ -192,6 +192,7 @@ def read_config(ckpt_dir) -> MobileMoEConfig:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     try:
         cfg = arch.config_from_hf(raw, str(cfg_path))
+        arch.family_for(cfg.arch, f"{cfg_path}: field 'arch'")  # a block naming an unknown family
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if not (isinstance(raw, dict) and arch.OWN_BLOCK in raw):
