@@ -79,9 +79,10 @@ def sources_digest() -> str:
 
 def model_config(preset: str | None, checkpoint: Path | None):
     """The config of a preset (a name or a config JSON path, as compiler.build --preset) or checkpoint."""
+    from mobilemoe.checkpoint import read_config
     from mobilemoe.config import MobileMoEConfig, load_config
     if preset is None:
-        return load_config(Path(checkpoint) / "config.json")
+        return read_config(checkpoint)  # ours or an imported HF architecture (mobilemoe/arch)
     if preset.endswith(".json") or Path(preset).is_file():
         return load_config(preset)
     return MobileMoEConfig.from_name(preset)

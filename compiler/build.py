@@ -138,7 +138,7 @@ def shape_only_model(preset: str):
     with torch.device("meta"):
         model = MobileMoE(cfg)
     model = model.to_empty(device="cpu")
-    model.rope_cos, model.rope_sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling())
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()

@@ -59,8 +59,20 @@ def weight_source(model, random_weights: bool):
     return lambda name: torch.from_numpy(source[tvm_param_name(alias.get(name, name))])
 
 
+# MobileMoEConfig architecture options (mobilemoe/arch) that compiler/onnx_graph.py's decoder does not
+# build yet: an imported model using one of them gets the TVM artifact only
+ONNX_UNSUPPORTED_OPTIONS = ("rope_type", "qkv_bias", "o_bias", "qk_norm", "router", "norm_topk_prob", "shared_expert_gate",
+                            "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+
+
 def check_config(cfg) -> None:
+    from mobilemoe.config import MobileMoEConfig
     from mobilemoe.quant import GROUP_SIZE
+    default = MobileMoEConfig()
+    used = [f"{k}={getattr(cfg, k)!r}" for k in ONNX_UNSUPPORTED_OPTIONS if getattr(cfg, k) != getattr(default, k)]
+    if used:
+        raise OnnxExportError(f"config {cfg.name} (arch '{cfg.arch}'): the ONNX decoder does not implement "
+                              f"{', '.join(used)}; build a TVM target instead")
     widths = {"hidden_size": cfg.hidden_size, "num_heads * head_dim": cfg.num_heads * cfg.head_dim}
     if cfg.is_moe:
         widths["expert_hidden"] = cfg.expert_hidden

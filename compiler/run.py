@@ -20,7 +20,7 @@ from compiler.artifact import ArtifactError
 from mobilemoe.checkpoint import CheckpointError, load_checkpoint
 from mobilemoe.generate import checked_prompt_ids, generate, positive_int, teacher_forced_top1
 from mobilemoe.runtime import load_artifact
-from mobilemoe.tokenizer import STOP_TOKEN_IDS
+from mobilemoe.tokenizer import load_model_tokenizer
 
 
 def produced_by(manifest: dict) -> str:
@@ -53,18 +53,18 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         rt = load_artifact(a.artifact, num_threads=a.threads)
-        tok = rt.tokenizer()
+        tok, stop = load_model_tokenizer(rt.dir / "tokenizer.json", rt.config)
         ids = checked_prompt_ids(tok, a.prompt, a.chat, rt.config.bos_token_id, a.max_new_tokens,
-                                 rt.config.max_seq_len, rt.config.vocab_size)
+                                 rt.config.max_seq_len, rt.config.vocab_size, own=rt.config.arch == "mobilemoe")
         ref = load_checkpoint(a.reference) if a.reference else None
     except (ArtifactError, CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    new, stats = rt.generate(ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=STOP_TOKEN_IDS, seed=a.seed)
+    new, stats = rt.generate(ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=stop, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{rt.backend} {a.artifact.name}: {stats}]", file=sys.stderr)
     print(f"[produced by: {produced_by(rt.manifest)}]")
     if ref is not None:
-        ref_new, _ = generate(ref, ids, a.max_new_tokens, eos_id=STOP_TOKEN_IDS)
+        ref_new, _ = generate(ref, ids, a.max_new_tokens, eos_id=stop)
         print(f"\nreference (float32 PyTorch, {a.reference}, greedy):")
         print(a.prompt + tok.decode(ref_new, skip_special_tokens=True))
         agree = teacher_forced_top1(ref, ids, new)

@@ -1,33 +1,22 @@
-"""Checkpoint I/O: a directory that Hugging Face transformers (and llama.cpp's converter) opens.
+"""Checkpoint I/O: a Hugging Face checkpoint directory, ours or one that transformers wrote.
 
-    <dir>/config.json         HF config (GraniteMoeSharedForCausalLM for MoE, LlamaForCausalLM for
-                              dense) + our own config under the "mobilemoe" key
-    <dir>/model.safetensors   weights under HF names (below), float32 or bfloat16
-    <dir>/tokenizer.json      (+ tokenizer_config.json) when a tokenizer is given
+    <dir>/config.json         HF config; ours (GraniteMoeShared for MoE, Llama for dense) also holds
+                              our own config under the "mobilemoe" key
+    <dir>/model.safetensors   weights under HF names, float32 / bfloat16 / float16; or sharded:
+    <dir>/model.safetensors.index.json + the shards it names ("weight_map": tensor -> file)
+    <dir>/tokenizer.json      (+ tokenizer_config.json) when there is a tokenizer
 
-HF tensor names (layer i) and how they map to ours:
-    model.embed_tokens.weight                              embed.weight            [V, H]
-    lm_head.weight (only when not tied)                     lm_head.weight          [V, H]
-    model.norm.weight                                       norm.weight             [H]
-    model.layers.i.input_layernorm.weight                   layers.i.attn_norm.weight
-    model.layers.i.post_attention_layernorm.weight          layers.i.ffn_norm.weight
-    model.layers.i.self_attn.{q,k,v,o}_proj.weight          layers.i.attn.w{q,k,v,o}.weight
-  MoE (GraniteMoeShared):
-    model.layers.i.block_sparse_moe.router.layer.weight     layers.i.moe.router.weight   [E, H]
-    model.layers.i.block_sparse_moe.input_linear.weight     cat(moe.w1, moe.w3, dim=1)   [E, 2I, H]
-    model.layers.i.block_sparse_moe.output_linear.weight    moe.w2                       [E, H, I]
-    model.layers.i.shared_mlp.input_linear.weight           cat(shared.w1, shared.w3)    [2S, H]
-    model.layers.i.shared_mlp.output_linear.weight          shared.w2                    [H, S]
-  dense (Llama):
-    model.layers.i.mlp.{gate,up,down}_proj.weight           layers.i.ffn.w{1,3,2}.weight
+Which architecture a directory holds, how its config.json becomes a MobileMoEConfig and which HF
+tensor makes which of our parameters is the business of its family in mobilemoe/arch/ (found by
+the config's "model_type"; the tensor names are listed in each family's docstring). Loading checks
+every tensor's name and shape against what the config implies before reading any.
 
 Writes are atomic: everything goes to a temp dir beside the target, then one rename. Only JSON and
-safetensors are read: nothing is unpickled.
+safetensors are read: nothing is unpickled, no remote code is run.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -38,66 +27,37 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import arch
+from .arch.tensors import from_hf, to_hf
 from .config import ConfigError, MobileMoEConfig
 from .model import MobileMoE, rope_table
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+# tensors a checkpoint may hold that no parameter reads (HF's RoPE buffers of old versions)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or disagrees with its config (message names which)."""
 
 
-# ---------------------------------------------------------------------------- name mapping
+# ---------------------------------------------------------------------------- name mapping (mobilemoe/arch)
+def tensor_map(cfg: MobileMoEConfig) -> dict:
+    return arch.family_for(cfg.arch).tensor_map(cfg)
+
+
 def to_hf_state_dict(model: MobileMoE) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = layer.attn_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
-        for ours, hf in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            sd[p + f"self_attn.{hf}.weight"] = getattr(layer.attn, ours).weight
-        if layer.moe is None:
-            for ours, hf in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                sd[p + f"mlp.{hf}.weight"] = getattr(layer.ffn, ours).weight
-            continue
-        moe = layer.moe
-        sd[p + "block_sparse_moe.router.layer.weight"] = moe.router.weight
-        sd[p + "block_sparse_moe.input_linear.weight"] = torch.cat([moe.w1, moe.w3], dim=1)
-        sd[p + "block_sparse_moe.output_linear.weight"] = moe.w2
-        if moe.shared is not None:
-            sd[p + "shared_mlp.input_linear.weight"] = torch.cat([moe.shared.w1.weight, moe.shared.w3.weight])
-            sd[p + "shared_mlp.output_linear.weight"] = moe.shared.w2.weight
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    sd = dict(model.named_parameters(remove_duplicate=False))
+    return to_hf(tensor_map(model.config), sd)
 
 
 def from_hf_state_dict(cfg: MobileMoEConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of to_hf_state_dict: HF names -> our state_dict (shapes checked by the caller)."""
-    sd = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    sd["lm_head.weight"] = hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
-    I, S = cfg.expert_hidden, cfg.shared_expert_hidden
-    for i in range(cfg.num_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        sd[q + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        sd[q + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        for ours, name in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            sd[q + f"attn.{ours}.weight"] = hf[p + f"self_attn.{name}.weight"]
-        if not cfg.is_moe:
-            for ours, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                sd[q + f"ffn.{ours}.weight"] = hf[p + f"mlp.{name}.weight"]
-            continue
-        sd[q + "moe.router.weight"] = hf[p + "block_sparse_moe.router.layer.weight"]
-        gate_up = hf[p + "block_sparse_moe.input_linear.weight"]
-        sd[q + "moe.w1"], sd[q + "moe.w3"] = gate_up[:, :I].clone(), gate_up[:, I:].clone()
-        sd[q + "moe.w2"] = hf[p + "block_sparse_moe.output_linear.weight"]
-        if S:
-            gu = hf[p + "shared_mlp.input_linear.weight"]
-            sd[q + "moe.shared.w1.weight"], sd[q + "moe.shared.w3.weight"] = gu[:S].clone(), gu[S:].clone()
-            sd[q + "moe.shared.w2.weight"] = hf[p + "shared_mlp.output_linear.weight"]
+    sd = from_hf(tensor_map(cfg), hf.__getitem__)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
     return sd
 
 
@@ -109,27 +69,12 @@ def expected_hf_shapes(cfg: MobileMoEConfig) -> dict[str, tuple[int, ...]]:
 
 
 def hf_config(cfg: MobileMoEConfig, dtype: torch.dtype) -> dict:
-    common = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if cfg.is_moe:
-        arch = {
-            "architectures": ["GraniteMoeSharedForCausalLM"], "model_type": "granitemoeshared",
-            "intermediate_size": cfg.expert_hidden, "shared_intermediate_size": cfg.shared_expert_hidden,
-            "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
-            "router_aux_loss_coef": cfg.router_aux_loss_coef, "embedding_multiplier": 1.0,
-            "logits_scaling": 1.0, "residual_multiplier": 1.0, "attention_multiplier": 1.0 / math.sqrt(cfg.head_dim),
-        }
-    else:
-        arch = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "intermediate_size": cfg.ffn_hidden,
-                "mlp_bias": False}
-    return {**arch, **common, "mobilemoe": cfg.to_dict()}
+    family = arch.family_for(cfg.arch)
+    if family.hf_config is None:
+        writable = sorted(t for t, f in arch.REGISTRY.items() if f.hf_config is not None)
+        raise CheckpointError(f"config field 'arch': writing '{cfg.arch}' checkpoints is not supported "
+                              f"(loading is); writable: {', '.join(writable)}")
+    return family.hf_config(cfg, dtype)
 
 
 # ---------------------------------------------------------------------------- atomic directory writes
@@ -186,8 +131,8 @@ def atomic_dir(target: Path, write) -> Path:
 def save_checkpoint(model: MobileMoE, out_dir, tokenizer=None, dtype: torch.dtype = torch.float32,
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) atomically to out_dir."""
-    sd = {k: v.to(dtype).cpu() for k, v in to_hf_state_dict(model).items()}
     config = hf_config(model.config, dtype)
+    sd = {k: v.to(dtype).cpu() for k, v in to_hf_state_dict(model).items()}
 
     def write(tmp: Path):
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mobilemoe"})
@@ -201,43 +146,90 @@ def save_checkpoint(model: MobileMoE, out_dir, tokenizer=None, dtype: torch.dtyp
     return atomic_dir(Path(out_dir), write)
 
 
-def load_state(ckpt_dir) -> tuple[MobileMoEConfig, dict[str, torch.Tensor]]:
-    """Read and validate a checkpoint: our config + our state_dict (float tensors as stored)."""
+def weight_files(d: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (one file, or the shards of an index)."""
+    single, index = d / WEIGHTS_NAME, d / INDEX_NAME
+    if single.is_file():
+        return {}
+    if not index.is_file():
+        pickled = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
+        hint = (f"; found {pickled[:2]}: pickle files are never read, re-save with safe_serialization=True"
+                if pickled else "")
+        raise CheckpointError(f"{single}: missing weights file (nor {INDEX_NAME}){hint}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+    files = {name: d / f for name, f in weight_map.items()}
+    for f in sorted(set(files.values())):
+        if not f.is_file() or f.parent != d:
+            raise CheckpointError(f"{index}: shard '{f.name}' is missing from {d}")
+    return files
+
+
+def read_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[str, torch.Tensor]:
+    """Read the expected tensors after checking every name and shape (errors name file and tensor)."""
+    files = weight_files(d)
+    by_file: dict[Path, list[str]] = {}
+    if not files:  # one file: its own table of contents
+        try:
+            with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+                by_file[d / WEIGHTS_NAME] = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{d / WEIGHTS_NAME}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    else:
+        for name, f in files.items():
+            by_file.setdefault(f, []).append(name)
+    names = {n for ns in by_file.values() for n in ns}
+    optional = {"lm_head.weight"} if "lm_head.weight" not in expected else set()  # tied: may be stored too
+    unused = {n for n in names if n.endswith(IGNORED_SUFFIXES)} | (names & optional)
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected) - unused)
+    where = d / (WEIGHTS_NAME if not files else INDEX_NAME)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match {cfg_path} — missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    hf = {}
+    for path, file_names in sorted(by_file.items()):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in sorted(set(file_names) & set(expected)):
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}, "
+                                              f"config expects {list(expected[name])}")
+                    hf[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return hf
+
+
+def read_config(ckpt_dir) -> MobileMoEConfig:
+    """The MobileMoEConfig of a checkpoint directory (ours or a supported HF architecture)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: checkpoint directory not found")
-    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing (a checkpoint needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or "mobilemoe" not in raw:
-        raise CheckpointError(f"{cfg_path}: no 'mobilemoe' block; expected a config written by save_checkpoint")
     try:
-        cfg = MobileMoEConfig.from_dict(raw["mobilemoe"], source=f"{cfg_path}:mobilemoe")
+        cfg = arch.config_from_hf(raw, str(cfg_path))
+        arch.family_for(cfg.arch, f"{cfg_path}: field 'arch'")  # a block naming an unknown family
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    if not w_path.is_file():
-        raise CheckpointError(f"{w_path}: missing weights file")
-    expected = expected_hf_shapes(cfg)
-    hf = {}
-    try:
-        with safe_open(str(w_path), framework="pt") as f:
-            names = set(f.keys())
-            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
-            if missing or unexpected:
-                raise CheckpointError(f"{w_path}: tensors do not match {cfg_path} — missing {missing[:5]}"
-                                      f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-            for name in sorted(names):
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(f"{w_path}: tensor '{name}' has shape {list(shape)}, "
-                                          f"config expects {list(expected[name])}")
-                hf[name] = f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{w_path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    if not (isinstance(raw, dict) and arch.OWN_BLOCK in raw):
+        cfg.name = d.resolve().name  # an imported model is named after its directory
+    return cfg
+
+
+def load_state(ckpt_dir) -> tuple[MobileMoEConfig, dict[str, torch.Tensor]]:
+    """Read and validate a checkpoint: our config + our state_dict (float tensors as stored)."""
+    cfg = read_config(ckpt_dir)
+    d = Path(ckpt_dir)
+    hf = read_tensors(d, expected_hf_shapes(cfg), d / CONFIG_NAME)
     return cfg, from_hf_state_dict(cfg, hf)
 
 
@@ -247,7 +239,8 @@ def load_checkpoint(ckpt_dir, dtype: torch.dtype = torch.float32, device="cpu") 
         model = MobileMoE(cfg)
     model = model.to_empty(device=device)
     # non-persistent RoPE buffers are not in the file: recompute them
-    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                                                                         cfg.rope_scaling()))
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

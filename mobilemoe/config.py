@@ -27,6 +27,11 @@ INT4_BITS_PER_WEIGHT = 4 + 16 / 32  # 4-bit codes + one fp16 scale per group of 
 FLOAT_BYTES = 4  # router and norms stay float32
 
 
+QK_NORMS = ("none", "head", "proj")
+ROPE_TYPES = ("default", "linear", "llama3")
+ROUTERS = ("topk_softmax", "softmax_topk")
+
+
 class ConfigError(ValueError):
     """A config file or field is invalid; the message names the file/field and what was expected."""
 
@@ -41,6 +46,13 @@ class MobileMoEConfig:
     num_kv_heads: int = 2
     head_dim: int = 64
     rope_theta: float = 500000.0
+    # RoPE frequency scaling (HF rope_parameters): "default" (none) | "linear" (all frequencies / factor) |
+    # "llama3" (Llama 3.1+: low frequencies / factor, high kept, smooth between; the other rope_* fields)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
@@ -57,6 +69,20 @@ class MobileMoEConfig:
     bos_token_id: int = 0
     eos_token_id: int = 1
     pad_token_id: int = 2
+    # architecture options: what the families of mobilemoe/arch/ set when they translate an HF
+    # config.json; the defaults are MobileMoE's own architecture
+    arch: str = "mobilemoe"  # the mobilemoe/arch family whose tensor names the checkpoint uses
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2, Qwen2-MoE)
+    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    qk_norm: str = "none"  # "none" | "head": RMSNorm over head_dim (Qwen3) | "proj": over the projection (OLMoE)
+    router: str = "topk_softmax"  # "topk_softmax": softmax over the top-k logits (ours, Granite) |
+    #                               "softmax_topk": top-k of the softmax over all experts (OLMoE, Qwen-MoE, Mixtral)
+    norm_topk_prob: bool = False  # softmax_topk: renormalise the k weights to sum to 1
+    shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x @ g) (Qwen2-MoE)
+    embedding_multiplier: float = 1.0  # Granite: embeddings scaled by it
+    residual_multiplier: float = 1.0  # Granite: each block's output scaled by it before the residual add
+    attention_multiplier: float = 0.0  # Granite: attention score scale (0: 1/sqrt(head_dim))
+    logits_scaling: float = 1.0  # Granite: logits divided by it
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -85,6 +111,20 @@ class MobileMoEConfig:
                 raise ConfigError(f"{source}: expert_hidden must be > 0 for an MoE config, got {self.expert_hidden}")
         elif self.ffn_hidden <= 0:
             raise ConfigError(f"{source}: ffn_hidden must be > 0 when num_experts == 0 (dense), got {self.ffn_hidden}")
+        for k, allowed in (("qk_norm", QK_NORMS), ("router", ROUTERS), ("rope_type", ROPE_TYPES)):
+            if getattr(self, k) not in allowed:
+                raise ConfigError(f"{source}: field '{k}' must be one of {list(allowed)}, got {getattr(self, k)!r}")
+        if self.shared_expert_gate and not (self.is_moe and self.shared_expert_hidden):
+            raise ConfigError(f"{source}: shared_expert_gate needs a shared expert (shared_expert_hidden > 0)")
+        if self.logits_scaling <= 0 or self.attention_multiplier < 0:
+            raise ConfigError(f"{source}: logits_scaling must be > 0 and attention_multiplier >= 0")
+
+    def rope_scaling(self) -> dict | None:
+        """mobilemoe.model.rope_table's `scaling` argument: None for plain RoPE."""
+        if self.rope_type == "default":
+            return None
+        return {"rope_type": self.rope_type, "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor, "original_max_len": self.rope_original_max_len}
 
     @property
     def is_moe(self) -> bool:
@@ -126,10 +166,10 @@ class MobileMoEConfig:
         """Parameter counts by part, computed from the config alone."""
         H, L = self.hidden_size, self.num_layers
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attn = H * q + 2 * H * kv + q * H
-        norms = 2 * H
+        attn = H * q + 2 * H * kv + q * H + self.qkv_bias * (q + 2 * kv) + self.o_bias * H
+        norms = 2 * H + {"none": 0, "head": 2 * self.head_dim, "proj": q + kv}[self.qk_norm]
         if self.is_moe:
-            router = self.num_experts * H
+            router = (self.num_experts + self.shared_expert_gate) * H  # the shared gate stays float too
             expert = 3 * H * self.expert_hidden
             routed_total, routed_active = self.num_experts * expert, self.top_k * expert
             shared = 3 * H * self.shared_expert_hidden
@@ -227,6 +267,35 @@ PRESETS: dict[str, MobileMoEConfig] = {
                        num_kv_heads=2, head_dim=16, num_experts=0, top_k=0, expert_hidden=0,
                        shared_expert_hidden=0, ffn_hidden=128, max_seq_len=256),
 }
+
+# Shapes of public Hugging Face MoE models (dims from their config.json; random weights: for shape
+# builds and speed measurements, `compiler.build --preset NAME`). Context capped at 4096 like ours.
+_GRANITE = dict(arch="granitemoe", num_kv_heads=8, head_dim=64, expert_hidden=512, top_k=8,
+                shared_expert_hidden=0, vocab_size=49155, rope_theta=10000000.0, norm_eps=1e-6,
+                embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                logits_scaling=6.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, max_seq_len=4096)
+PRESETS.update({
+    # ibm-granite/granite-3.1-1b-a400m: 24 x 1024, 16/8 heads, 32 experts of 512, top-8
+    "granite-3.1-1b-a400m": _moe("granite-3.1-1b-a400m", hidden_size=1024, num_layers=24, num_heads=16,
+                                 num_experts=32, **_GRANITE),
+    # ibm-granite/granite-3.1-3b-a800m: 32 x 1536, 24/8 heads, 40 experts of 512, top-8
+    "granite-3.1-3b-a800m": _moe("granite-3.1-3b-a800m", hidden_size=1536, num_layers=32, num_heads=24,
+                                 num_experts=40, **_GRANITE),
+    # allenai/OLMoE-1B-7B-0924: 16 x 2048, 16 heads of 128, q/k norm, 64 experts of 1024, top-8
+    "olmoe-1b-7b": _moe("olmoe-1b-7b", arch="olmoe", vocab_size=50304, hidden_size=2048, num_layers=16,
+                        num_heads=16, num_kv_heads=16, head_dim=128, num_experts=64, top_k=8,
+                        expert_hidden=1024, shared_expert_hidden=0, tie_embeddings=False,
+                        rope_theta=10000.0, qk_norm="proj", router="softmax_topk", max_seq_len=4096,
+                        bos_token_id=0, eos_token_id=50279, pad_token_id=1),
+    # Qwen/Qwen1.5-MoE-A2.7B: 24 x 2048, 16 heads of 128, qkv bias, 60 experts of 1408, top-4,
+    # shared expert of 5632 behind a sigmoid gate
+    "qwen1.5-moe-a2.7b": _moe("qwen1.5-moe-a2.7b", arch="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                              num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128, num_experts=60,
+                              top_k=4, expert_hidden=1408, shared_expert_hidden=5632, tie_embeddings=False,
+                              rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, router="softmax_topk",
+                              shared_expert_gate=True, max_seq_len=4096, bos_token_id=151643,
+                              eos_token_id=151643, pad_token_id=151643),
+})
 
 
 def load_config(path) -> MobileMoEConfig:

@@ -18,6 +18,17 @@ Routing (identical to HF GraniteMoeShared): logits = router(x) in float32, top-k
   y = sum_j w_j * expert_{i_j}(x) + shared(x).
 Experts are stored stacked: w1 (gate) [E, I, H], w3 (up) [E, I, H], w2 (down) [E, H, I].
 
+Options for the Hugging Face families of mobilemoe/arch/ (MobileMoEConfig fields; defaults = ours):
+  router="softmax_topk"   w, i = top-k of softmax(logits) over all E (OLMoE, Qwen-MoE, Mixtral),
+                          renormalised to sum 1 when norm_topk_prob
+  shared_expert_gate      shared(x) * sigmoid(x @ g), g [1, H] (Qwen2-MoE)
+  qk_norm                 RMSNorm of q and k before RoPE: "head" over D (Qwen3), "proj" over nh*D (OLMoE)
+  qkv_bias, o_bias        attention projection biases (Qwen2, Llama attention_bias)
+  embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling   (Granite)
+  rope_type "linear" / "llama3" + rope_* fields: RoPE frequency scaling (rope_table)
+They all act outside the expert einsums, so the exported MoE keeps the form the compiler's passes
+rewrite (FuseExpertGateUp, SparseMoEDispatch, QuantizeInt4Weights).
+
 The MoE layer has three numerically equivalent implementations (`MoE.impl`):
   "grouped": tokens sorted by expert, one GEMM per non-empty expert (torch._grouped_mm on CUDA bf16):
              training and eager prefill;
@@ -49,9 +60,25 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, D] in the rotate-half convention (as HF Llama)."""
+def scale_inv_freq(inv_freq: torch.Tensor, rope_type: str, factor: float, low_freq_factor: float,
+                   high_freq_factor: float, original_max_len: int) -> torch.Tensor:
+    """RoPE frequency scaling as HF's "linear" and "llama3" rope types (MobileMoEConfig.rope_scaling)."""
+    if rope_type == "linear":
+        return inv_freq / factor
+    low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: / factor
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, D] in the rotate-half convention (as HF Llama); scaling: cfg.rope_scaling()."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, **scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.int64).float(), inv_freq)  # [max_len, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -70,18 +97,30 @@ class Attention(nn.Module):
     def __init__(self, cfg: MobileMoEConfig):
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden_size, self.nh * self.d, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
-        self.wo = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
+        self.scale = cfg.attention_multiplier or self.d ** -0.5  # Granite sets its own
+        self.wq = nn.Linear(cfg.hidden_size, self.nh * self.d, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        # q/k RMSNorm before RoPE: over each head (Qwen3, "head") or the whole projection (OLMoE, "proj")
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.d if per_head else self.nh * self.d, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.d if per_head else self.nkv * self.d, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
         # x [B, S, H]; mask [B, 1, S, T] additive (0 / -max); past_k/v [B, nkv, P, D]
         # (keys_t: past_k and the returned keys are [B, nkv, D, P], the layered cache layout)
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.nh, self.d).transpose(1, 2)  # [B, nh, S, D]
-        k = self.wk(x).view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, D]
-        v = self.wv(x).view(B, S, self.nkv, self.d).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, S, nh * D], [B, S, nkv * D] x 2
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.nh, self.d).transpose(1, 2)  # [B, nh, S, D]
+        k = k.view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, D]
+        v = v.view(B, S, self.nkv, self.d).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = torch.cat([past_k, k.transpose(-1, -2)], dim=3) if keys_t else torch.cat([past_k, k], dim=2)
         v_all = torch.cat([past_v, v], dim=2)  # [B, nkv, T, D]; k_all [B, nkv, T, D] or [B, nkv, D, T]
@@ -97,7 +136,7 @@ class Attention(nn.Module):
         B, rep, (T, D) = q.shape[0], self.nh // self.nkv, k_all.shape[2:]
         kr = k_all[:, :, None].expand(B, self.nkv, rep, T, D).reshape(B, self.nh, T, D)
         vr = v_all[:, :, None].expand(B, self.nkv, rep, T, D).reshape(B, self.nh, T, D)
-        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # [B, nh, S, D]
+        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=self.scale)  # [B, nh, S, D]
 
     def _grouped(self, q, k_all, v_all, mask, keys_t: bool = False):
         """The same attention with the query heads grouped by their KV head and K/V broadcast over the
@@ -107,7 +146,7 @@ class Attention(nn.Module):
         but torch.export cannot prove that reshape for a dynamic S.)"""
         B, nh, S, D = q.shape
         rep = nh // self.nkv
-        qg = q.view(B, self.nkv, rep, S, D) * (D ** -0.5)
+        qg = q.view(B, self.nkv, rep, S, D) * self.scale
         # einsum: TVM imports it as one reduction over the cache as stored (a matmul against
         # k_all.transpose(-1, -2) materializes the transposed, broadcast cache every step)
         keys = "bgrsd,bgdt->bgrst" if keys_t else "bgrsd,bgtd->bgrst"
@@ -134,18 +173,26 @@ class MoE(nn.Module):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.expert_hidden
         self.num_experts, self.top_k = E, cfg.top_k
+        self.router_kind, self.norm_topk_prob = cfg.router, cfg.norm_topk_prob
         self.router = nn.Linear(H, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, I, H))  # gate
         self.w3 = nn.Parameter(torch.empty(E, I, H))  # up
         self.w2 = nn.Parameter(torch.empty(E, H, I))  # down
         self.shared = FeedForward(H, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None  # Qwen2-MoE
         self.impl = "auto"
 
     def route(self, x):
         # x [N, H] -> logits [N, E] (fp32), weights [N, k], ids [N, k]
         logits = self.router(x).float()
-        top_logits, ids = torch.topk(logits, self.top_k, dim=-1)
-        return logits, torch.softmax(top_logits, dim=-1).to(x.dtype), ids
+        if self.router_kind == "softmax_topk":  # OLMoE, Qwen-MoE, Mixtral
+            w, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                w = w / w.sum(dim=-1, keepdim=True)
+        else:  # "topk_softmax": ours, Granite
+            top_logits, ids = torch.topk(logits, self.top_k, dim=-1)
+            w = torch.softmax(top_logits, dim=-1)
+        return logits, w.to(x.dtype), ids
 
     def forward(self, x):
         # x [B, S, H] -> y [B, S, H], router logits [B*S, E], expert ids [B*S, k]
@@ -156,7 +203,9 @@ class MoE(nn.Module):
         if impl == "auto":
             impl = "gather" if (not self.training and x.shape[0] <= 4) else "grouped"
         y = {"dense": self._dense, "gather": self._gather, "grouped": self._grouped}[impl](x, w, ids)
-        if self.shared is not None:
+        if self.shared_gate is not None:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)  # [N, 1] * [N, H]
+        elif self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape), logits, ids
 
@@ -203,15 +252,19 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.moe = MoE(cfg) if cfg.is_moe else None
         self.ffn = None if cfg.is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden)
+        self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def residual(self, x, y):
+        return x + (y if self.residual_multiplier == 1.0 else y * self.residual_multiplier)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
         a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v, keys_t)
-        x = x + a
+        x = self.residual(x, a)
         h = self.ffn_norm(x)
         if self.moe is None:
-            return x + self.ffn(h), k, v, None
+            return self.residual(x, self.ffn(h)), k, v, None
         y, logits, ids = self.moe(h)
-        return x + y, k, v, (logits, ids)
+        return self.residual(x, y), k, v, (logits, ids)
 
 
 class MobileMoE(nn.Module):
@@ -224,7 +277,7 @@ class MobileMoE(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling())
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -234,6 +287,8 @@ class MobileMoE(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", "moe.w2")):
                 nn.init.normal_(p, 0.0, out_std)
             else:
@@ -267,6 +322,8 @@ class MobileMoE(nn.Module):
         if positions is None:
             positions = torch.arange(P, P + S, device=tokens.device).expand(B, S)
         x = self.embed(tokens)  # [B, S, H]
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         D = self.config.head_dim
         cos = torch.index_select(self.rope_cos, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
         sin = torch.index_select(self.rope_sin, 0, positions.reshape(-1)).view(B, 1, S, D).to(x.dtype)
@@ -289,6 +346,8 @@ class MobileMoE(nn.Module):
             # it); x[:, -1] imports as a negative take index. Flipping costs one copy of x.
             x = x.flip(1)[:, :1]
         logits = self.lm_head(self.norm(x))
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / self.config.logits_scaling
         kv_out = new_kv if layered else torch.stack(new_kv)
         if not return_aux:
             return logits, kv_out

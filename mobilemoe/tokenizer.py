@@ -149,6 +149,23 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     return tok
 
 
+def load_model_tokenizer(path: str | os.PathLike, config) -> tuple[Tokenizer, tuple[int, ...]]:
+    """A checkpoint's or artifact's tokenizer and the ids that end generation. Ours (config.arch
+    "mobilemoe"): load_tokenizer, STOP_TOKEN_IDS. An imported HF model (mobilemoe/arch): its
+    tokenizer.json as transformers wrote it, stopping at its config's eos_token_id."""
+    if config.arch == "mobilemoe":
+        return load_tokenizer(path), STOP_TOKEN_IDS
+    path = Path(path)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+    return tok, tuple(i for i in (config.eos_token_id,) if i >= 0)
+
+
 def _check_messages(messages: list[dict]) -> None:
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLE_TOKENS or not isinstance(m.get("content"), str):

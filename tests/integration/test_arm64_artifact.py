@@ -1,5 +1,6 @@
 """A linux-arm64 artifact of a tiny model runs prefill + decode on the emulated arm64 device through
-TVM RPC, and its logits match the host artifact built from the same checkpoint (both INT4)."""
+TVM RPC, and its logits match the host artifact built from the same checkpoint (both INT4): our
+test-moe, and a Qwen2-MoE checkpoint that transformers wrote (an imported architecture)."""
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,8 @@ import torch
 pytestmark = pytest.mark.arm64
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+@pytest.fixture(scope="module", params=["test-moe", "qwen2_moe"])
+def artifacts(tmp_path_factory, request):
     from compiler.build import build
     from mobilemoe.checkpoint import save_checkpoint
     from mobilemoe.config import MobileMoEConfig
@@ -16,7 +17,12 @@ def artifacts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("arm64")
     torch.manual_seed(0)
-    ckpt = save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), root / "ckpt")
+    if request.param == "test-moe":
+        ckpt = save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), root / "ckpt")
+    else:
+        pytest.importorskip("transformers")
+        from tests.arch.hf_models import save_tiny
+        ckpt = save_tiny(request.param, root / "ckpt")
     return (build(ckpt, "linux-arm64", root / "arm64", verbose=False),
             build(ckpt, "host", root / "host", verbose=False))
 
