@@ -223,7 +223,8 @@ def run_artifact(artifact: Path, prompts, contexts, decode_steps: int, repeats: 
                                 "single_step_tok_s": r["single_step"]["tok_s"],
                                 "faults_per_step": g["faults_per_step"],
                                 "faults_per_step_steady": g["faults_per_step_steady"], "loop_ms": g["loop_ms"],
-                                "outside_kernels_ms": (r.get("kernels") or {}).get("outside_kernels_ms")}
+                                "outside_kernels_ms": (r.get("kernels") or {}).get("outside_kernels_ms"),
+                                "new_storage_per_step": (r.get("kernels") or {}).get("new_storage_per_step")}
     return {"prefill": {r["tokens"]: r["tok_s"] for r in res["prefill"]},
             "decode": {r["context"]: r["tok_s"] for r in res["decode"]}, "decode_detail": detail,
             "cpu_per_wall": (time.process_time() - c0) / (time.perf_counter() - w0), "bench": res}

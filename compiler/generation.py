@@ -9,14 +9,16 @@
     g["loop_ms"]          per step, wall time outside the runtime's entry call (rt given): the Python
                           loop (argument tensors, logits to the host, argmax, the LayerKV)
     s = single_step(rt.step, kv, token, repeats=40)                # one step from a fixed cache
-    k = kernel_time(rt, kv, token)                                 # ms inside kernels of one step
+    k = kernel_time(rt, kv, token)                                 # ms inside kernels per step, storage
 
 Every repeat starts from the same prompt cache (`kv` at depth `context`) and feeds back the argmax
 of each step's logits, as greedy generation does. single_step is the older figure: the same step
 from the same cache again and again (the cache never grows; no new buffer sizes); it is kept
-beside the generation figure and labelled as such. kernel_time times one decode step with a VM
+beside the generation figure and labelled as such. kernel_time runs a few steps with a VM
 instrument (wall clock around each kernel call, this machine only); step time less kernel time is
-the time outside kernels per token (the VM's interpretation, allocations, the Python loop).
+the time outside kernels per token (the VM's interpretation, allocations, the Python loop). The
+same instrument counts the VM's storage requests per step and those the previous step's freed
+storage cannot serve (new memory for the pooled allocator: allocations per step).
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ import contextlib
 import resource
 import statistics
 import time
+from collections import Counter
 
 import numpy as np
 
 SKIP_PREFIXES = ("vm.builtin.", "vm.", "relax.", "runtime.")  # VM builtins are not kernels (compiler/profile.py)
-ALLOC_BUILTINS = ("vm.builtin.alloc_storage", "vm.builtin.alloc_tensor")
 
 
 def minor_faults() -> int:
@@ -117,37 +119,78 @@ def single_step(step, kv, token: int, repeats: int, warmup: int = 1) -> dict:
             "faults_per_step": sum(faults) / len(faults)}
 
 
-def kernel_time(rt, kv, token: int, steps: int = 3) -> dict | None:
-    """Median over `steps` decode steps (each from `kv`) of the wall time inside kernel calls and the
-    number of VM allocation builtins called per step; None where no instrument can run (RPC, ORT)."""
+PAGE = 4096  # TVM's pooled allocator rounds every request up to a page and keeps freed blocks by size
+STORAGE_BUILTINS = ("vm.builtin.alloc_storage", "vm.builtin.alloc_tensor")
+DTYPE_BYTES = {"float32": 4, "int32": 4, "int64": 8, "float16": 2, "uint32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _request_bytes(symbol: str, args) -> int | None:
+    """Bytes a VM allocation builtin asks the allocator for: alloc_storage(vm, size, ...), or
+    alloc_tensor(vm, shape, dtype, ...) for a tensor of its own (dynamic shapes); None for
+    alloc_tensor(storage, offset, ...): a tensor placed in a storage already requested."""
+    if len(args) < 3 or type(args[1]).__name__ != "Shape":
+        return None
+    n = int(np.prod([int(x) for x in args[1]]))
+    if symbol == "vm.builtin.alloc_storage":
+        return n
+    return n * DTYPE_BYTES.get(str(args[2]), 4)
+
+
+def _new_requests(prev: Counter, cur: Counter) -> int:
+    """Storage requests of this step that the previous step's (freed) blocks of the same size cannot serve."""
+    return sum(max(0, n - prev.get(size, 0)) for size, n in cur.items())
+
+
+def kernel_time(rt, kv, token: int, steps: int = 16) -> dict | None:
+    """`steps` consecutive decode steps from `kv` under a VM instrument -> the median wall time inside
+    kernel calls per step (less the instrument's own cost per call, measured on the VM's builtin
+    calls), the VM's allocation requests per step and its new storage requests per step after the first (page-rounded
+    sizes the previous step did not request: what the pooled allocator must get fresh memory for;
+    a growing cache makes some every step, the in-place cache none); None where no instrument can
+    run (RPC, ORT)."""
     vm = getattr(rt, "vm", None)
     if vm is None or getattr(rt, "session", None) is not None:
         return None
-    spent, allocs, started = [0.0], [0], {}
+    spent, calls, sizes, started, builtin = [0.0], [0], Counter(), {}, []
 
     def instrument(func, symbol, before, ret, *args):
         symbol = str(symbol)
-        if symbol in ALLOC_BUILTINS and before:
-            allocs[0] += 1
-        if symbol.startswith(SKIP_PREFIXES):
-            return 0
         if before:
+            if symbol in STORAGE_BUILTINS:
+                nbytes = _request_bytes(symbol, args)
+                if nbytes is not None:
+                    sizes[-(-nbytes // PAGE)] += 1
             started[symbol] = time.perf_counter()
-        elif symbol in started:
-            spent[0] += time.perf_counter() - started.pop(symbol)
+            return 0
+        if symbol not in started:
+            return 0
+        took = time.perf_counter() - started.pop(symbol)
+        if symbol.startswith(SKIP_PREFIXES):
+            builtin.append(took)  # a near-empty call: what the instrument itself adds to an interval
+        else:
+            spent[0] += took
+            calls[0] += 1
         return 0
 
-    kernel_s, alloc_calls = [], []
+    kernel_s, alloc_calls, new, prev = [], [], [], None
     vm.set_instrument(instrument)
     try:
         for _ in range(steps):
-            spent[0], allocs[0] = 0.0, 0
-            rt.decode(token, kv)
-            kernel_s.append(spent[0])
-            alloc_calls.append(allocs[0])
+            spent[0], calls[0] = 0.0, 0
+            sizes.clear()
+            builtin.clear()
+            logits, kv = rt.decode(token, kv)
+            token = int(np.argmax(np.asarray(logits)))
+            overhead = statistics.median(builtin) if builtin else 0.0
+            kernel_s.append(max(spent[0] - overhead * calls[0], 0.0))
+            alloc_calls.append(sum(sizes.values()))
+            if prev is not None:
+                new.append(_new_requests(prev, sizes))
+            prev = Counter(sizes)
     finally:
         vm.set_instrument(None)
-    return {"kernel_ms": statistics.median(kernel_s) * 1e3, "vm_alloc_calls": statistics.median(alloc_calls)}
+    return {"kernel_ms": statistics.median(kernel_s) * 1e3, "vm_alloc_calls": statistics.median(alloc_calls),
+            "new_storage_per_step": new}
 
 
 def measure_context(rt, context: int, steps: int, repeats: int, warmup: int = 1, single_repeats: int = 0) -> dict:
@@ -177,6 +220,7 @@ def describe(r: dict) -> str:
         line += f"; Python loop {g['loop_ms']:.3f} ms/token"
     if "kernels" in r:
         k = r["kernels"]
+        new = k["new_storage_per_step"]
         line += (f"; outside kernels {k['outside_kernels_ms']:.3f} of {g['step_ms_median']:.3f} ms/token "
-                 f"(VM alloc calls/step {k['vm_alloc_calls']:.0f})")
+                 f"(VM storage requests/step {k['vm_alloc_calls']:.0f}, new {sum(new) / max(len(new), 1):.1f})")
     return line
