@@ -72,6 +72,12 @@ def test_inplace_and_grow_artifacts_agree(inplace_float, grow_float):
         for _ in range(40):  # past the first capacity's end: the cache moves once
             logits, kv = rt.decode(int(np.argmax(logits)), kv)
             seq.append(np.array(logits))
+        logits, kv = rt.prefill(list(range(7, 30)), kv)  # a second prompt after decoding (chat turns)
+        seq.append(np.array(logits))
+        for _ in range(3):
+            logits, kv = rt.decode(int(np.argmax(logits)), kv)
+            seq.append(np.array(logits))
+        assert kv.length == 197 + 40 + 23 + 3
         outs.append(np.stack(seq))
     assert np.abs(outs[0] - outs[1]).max() <= 1e-4
 
