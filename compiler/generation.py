@@ -196,7 +196,10 @@ def kernel_time(rt, kv, token: int, steps: int = 16) -> dict | None:
     finally:
         vm.set_instrument(None)
     kernel_ms, step_ms = statistics.median(kernel_s) * 1e3, statistics.median(plain_s) * 1e3
-    return {"kernel_ms": kernel_ms, "step_ms": step_ms, "outside_kernels_ms": step_ms - kernel_ms,
+    # below zero when the instrumented steps ran slower than the plain ones around them (cores shared
+    # with other processes, a thread descheduled inside a kernel): no figure rather than a wrong one
+    outside = step_ms - kernel_ms if step_ms >= kernel_ms else None
+    return {"kernel_ms": kernel_ms, "step_ms": step_ms, "outside_kernels_ms": outside,
             "vm_alloc_calls": statistics.median(alloc_calls), "new_storage_per_step": new}
 
 
@@ -226,6 +229,7 @@ def describe(r: dict) -> str:
     if "kernels" in r:
         k = r["kernels"]
         new = k["new_storage_per_step"]
-        line += (f"; outside kernels {k['outside_kernels_ms']:.3f} of {k['step_ms']:.3f} ms/token "
+        out = "n/a (instrumented steps slower)" if k["outside_kernels_ms"] is None else f"{k['outside_kernels_ms']:.3f}"
+        line += (f"; outside kernels {out} of {k['step_ms']:.3f} ms/token "
                  f"(VM storage requests/step {k['vm_alloc_calls']:.0f}, new {sum(new) / max(len(new), 1):.1f})")
     return line
