@@ -248,10 +248,10 @@ def analyse(runs: dict, shapes: dict, cfg, isa: dict) -> tuple[list, dict]:
                          f"{'met' if frac >= GOAL_DECODE_BW else 'NOT met'} (>= {GOAL_DECODE_BW:.0%})"))
             rows.append((f"  {r['decode_steps']} in a row", n, None,
                          f"{d['tok_s_min']:.1f}..{d['tok_s_max']:.1f} tok/s", "", ""))
-            outside = "n/a" if d["outside_kernels_ms"] is None else f"{d['outside_kernels_ms']:.3f} ms"
+            outside = "n/a" if d["outside_kernels_ms"] is None else f"{d['outside_kernels_ms']:.3f} ms/token"
             rows.append(("  single step", n, d["single_step_tok_s"], "(fixed cache)", f"{single:.0%} of BW",
                          f"faults/step {d['faults_per_step']:.1f} (steady {d['faults_per_step_steady']:.1f}), "
-                         f"outside kernels {outside}/token"))
+                         f"outside kernels {outside}"))
         for tokens, tok_s in art["prefill"].items():
             fl = common.prefill_flops(cfg, int(tokens))
             rate = fl["needed"] * tok_s / int(tokens)
