@@ -145,9 +145,10 @@ def kernel_time(rt, kv, token: int, steps: int = 16) -> dict | None:
     """2 x `steps` consecutive decode steps from `kv`, every other one under a VM instrument -> the
     median wall time inside kernel calls per instrumented step (less the instrument's own cost per
     call, measured on the VM's builtin calls), the median time of the plain steps between them and
-    their difference (outside kernels), the VM's allocation requests per step and its new storage requests per step after the first (page-rounded
-    sizes the previous step did not request: what the pooled allocator must get fresh memory for;
-    a growing cache makes some every step, the in-place cache none); None where no instrument can
+    their difference (outside kernels), the VM's allocation requests per step and its new storage
+    requests per instrumented step after the first (page-rounded sizes the previous instrumented step
+    did not request: what the pooled allocator must get fresh memory for; a growing cache makes some
+    every few steps, the in-place cache none); None where no instrument can
     run (RPC, ORT)."""
     vm = getattr(rt, "vm", None)
     if vm is None or getattr(rt, "session", None) is not None:
