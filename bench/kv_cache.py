@@ -13,8 +13,9 @@ machine): for each context, --decode-tokens steps in a row from a prompt of that
 the median generation tok/s over the rounds with its spread, its bandwidth fraction (bench/common.py
 decode_bytes at the run's mean depth, context + (steps + 1) / 2, x tok/s / bandwidth), the ratio of
 the fraction at the longest context to the shortest (goal >= 0.9: a long cache costs no more than
-its bytes), minor page faults and new storage requests per step (compiler/generation.py
-kernel_time), and in-place / grow.
+its bytes), minor page faults per step of the first run from each context (the first time through
+those cache lengths, as generation always is: later runs find the pages already mapped) and new
+storage requests per step (compiler/generation.py kernel_time), and in-place / grow.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def main(argv=None):
 
     print(f"model {cfg.name}; {threads} thread(s); {a.decode_tokens} decode steps in a row per run, {a.rounds} "
           f"alternating rounds; read bandwidth {bw / 1e9:.1f} GB/s; {load0} at start, {common.load_note()} at end")
-    print(f"{'cache':<9}{'context':>8}{'tok/s':>9}{'spread':>16}{'BW fraction':>13}{'faults/step':>13}"
+    print(f"{'cache':<9}{'context':>8}{'tok/s':>9}{'spread':>16}{'BW fraction':>13}{'faults/step*':>13}"
           f"{'new storage/step':>18}")
     result, frac = [], {}
     for kv in CACHES:
@@ -106,6 +107,7 @@ def main(argv=None):
                            **extra})
             print(f"{kv:<9}{c:>8}{tok_s:>9.1f}{f'{min(rates):.1f}..{max(rates):.1f}':>16}{frac[kv, c]:>13.0%}"
                   f"{extra['faults']:>13.1f}{extra['new_storage']:>18.1f}")
+    print("* minor page faults per step, steady state of the first run through those cache lengths")
     lo, hi = contexts[0], contexts[-1]
     for kv in CACHES:
         ratio = frac[kv, hi] / frac[kv, lo]
