@@ -94,7 +94,7 @@ def main(argv=None):
 
     print(f"model {cfg.name}; {threads} thread(s); {a.decode_tokens} decode steps in a row per run, {a.rounds} "
           f"alternating rounds; read bandwidth {bw / 1e9:.1f} GB/s; {load0} at start, {common.load_note()} at end")
-    print(f"{'cache':<9}{'context':>8}{'tok/s':>9}{'spread':>16}{'BW fraction':>13}{'faults/step*':>13}"
+    print(f"{'cache':<9}{'context':>8}{'tok/s':>9}{'spread':>18}{'BW fraction':>13}{'faults/step*':>13}"
           f"{'new storage/step':>18}")
     result, frac = [], {}
     for kv in CACHES:
@@ -105,7 +105,7 @@ def main(argv=None):
             frac[kv, c] = b * tok_s / bw
             result.append({"cache": kv, "context": c, "tok_s": tok_s, "rounds": rates, "bw_fraction": frac[kv, c],
                            **extra})
-            print(f"{kv:<9}{c:>8}{tok_s:>9.1f}{f'{min(rates):.1f}..{max(rates):.1f}':>16}{frac[kv, c]:>13.0%}"
+            print(f"{kv:<9}{c:>8}{tok_s:>9.1f}{f'{min(rates):.1f}..{max(rates):.1f}':>18}{frac[kv, c]:>13.0%}"
                   f"{extra['faults']:>13.1f}{extra['new_storage']:>18.1f}")
     print("* minor page faults per step, steady state of the first run through those cache lengths")
     lo, hi = contexts[0], contexts[-1]
