@@ -50,7 +50,8 @@ def add_args(p: argparse.ArgumentParser, prompts: str = "128,512", contexts: str
     """Measurement options (bench/decode.py's names; --contexts takes a list)."""
     p.add_argument("--prompt-lens", type=lengths, default=lengths(prompts), help=f"prefill lengths (default {prompts})")
     p.add_argument("--contexts", type=lengths, default=lengths(contexts), help=f"decode contexts (default {contexts})")
-    p.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed per repeat (default 8)")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="decode steps in a row per repeat, the cache growing (llama-bench tg; default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the median is kept")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
@@ -115,7 +116,7 @@ def big_build_lock(cfg):
 
 
 def cached_artifact(work: Path, name: str, target: str, preset: str | None = None, checkpoint: Path | None = None,
-                    ort_accuracy_level: int | None = None, rebuild: bool = False) -> Path:
+                    ort_accuracy_level: int | None = None, rebuild: bool = False, kv_cache: str | None = None) -> Path:
     """work/name: the artifact of (target, preset | checkpoint), built by `python -m compiler.build`
     unless one is there whose manifest (backend, target, CPU, config, weights) and build key (compiler
     sources, checkpoint files, options) match."""
@@ -123,7 +124,8 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
 
     cfg = model_config(preset, checkpoint)
     out = Path(work) / name
-    key = {"target": target, "preset": preset, "ort_accuracy_level": ort_accuracy_level, "sources": sources_digest(),
+    key = {"target": target, "preset": preset, "ort_accuracy_level": ort_accuracy_level, "kv_cache": kv_cache,
+           "sources": sources_digest(),
            "checkpoint": None if preset else {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
                                               for f in sorted(Path(checkpoint).iterdir()) if f.is_file()}}
     key_file = out.parent / f"{name}.build-key.json"
@@ -151,6 +153,8 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
     cmd += ["--preset", preset] if preset else ["--checkpoint", str(checkpoint)]
     if ort_accuracy_level is not None:
         cmd += ["--ort-accuracy-level", str(ort_accuracy_level)]
+    if kv_cache is not None:  # TVM: decode's KV cache (compiler.build --kv-cache; default inplace)
+        cmd += ["--kv-cache", kv_cache]
     with big_build_lock(cfg):
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
@@ -217,13 +221,24 @@ def prefill_flops(cfg, n: int) -> dict:
 
 
 def run_artifact(artifact: Path, prompts, contexts, decode_steps: int, repeats: int, rpc=None) -> dict:
-    """compiler.bench.run (medians after a warm-up) -> {"prefill": {n: tok/s}, "decode": {ctx: tok/s},
-    "cpu_per_wall": process CPU seconds / wall seconds, "bench": the full result}."""
+    """compiler.bench.run (medians after a warm-up) -> {"prefill": {n: tok/s}, "decode": {ctx: generation
+    tok/s (decode_steps steps in a row, the cache growing)}, "decode_detail": {ctx: its spread, the
+    single-step figure, faults and overheads per step}, "cpu_per_wall": process CPU seconds / wall
+    seconds, "bench": the full result}."""
     from compiler.bench import run
     c0, w0 = time.process_time(), time.perf_counter()
     res = run(artifact, rpc, tuple(prompts), tuple(contexts), decode_steps, 1, repeats, log=log)
+    detail = {}
+    for r in res["decode"]:
+        g = r["generation"]
+        detail[r["context"]] = {"tok_s_min": g["tok_s_min"], "tok_s_max": g["tok_s_max"],
+                                "single_step_tok_s": r["single_step"]["tok_s"],
+                                "faults_per_step": g["faults_per_step"],
+                                "faults_per_step_steady": g["faults_per_step_steady"], "loop_ms": g["loop_ms"],
+                                "outside_kernels_ms": (r.get("kernels") or {}).get("outside_kernels_ms"),
+                                "new_storage_per_step": (r.get("kernels") or {}).get("new_storage_per_step")}
     return {"prefill": {r["tokens"]: r["tok_s"] for r in res["prefill"]},
-            "decode": {r["context"]: r["tok_s"] for r in res["decode"]},
+            "decode": {r["context"]: r["tok_s"] for r in res["decode"]}, "decode_detail": detail,
             "cpu_per_wall": (time.process_time() - c0) / (time.perf_counter() - w0), "bench": res}
 
 

@@ -7,7 +7,9 @@
 
 Baseline: PyTorch eager (float32, this process, same thread count) running the same checkpoint; for
 --preset, a PyTorch model of the same shapes with random weights. Prints tok/s of both and the ratio
-TVM / PyTorch for prefill (prompt lengths) and decode (tokens generated after a prompt of --context).
+TVM / PyTorch for prefill (prompt lengths) and decode (--decode-tokens steps in a row after a prompt
+of --context, the cache growing, as generation runs: compiler/generation.py; its spread and the
+single-step figure, one step from a fixed cache, are printed beside it).
 Each number is the median of --repeats runs after one warm-up run.
 """
 from __future__ import annotations
@@ -50,16 +52,15 @@ def measure(step, vocab: int, prompt_lens: list[int], context: int, decode_token
     for n in prompt_lens:
         ids = torch.randint(3, vocab, (n,), generator=g).tolist()
         out["prefill"][n] = n / median_time(lambda: step(ids, None), repeats)
-    prompt = torch.randint(3, vocab, (context,), generator=g).tolist()
-
-    def run_decode():
-        _, kv = step(prompt, None)
-        t0 = time.perf_counter()
-        for i in range(decode_tokens):
-            _, kv = step([5 + i], kv)
-        return time.perf_counter() - t0
-    run_decode()
-    out["decode"][context] = decode_tokens / statistics.median(run_decode() for _ in range(repeats))
+    # decode as generation runs (compiler/generation.py): decode_tokens steps in a row from the
+    # prompt's cache, the cache growing; the single step from a fixed cache is kept beside it
+    from compiler.generation import generation, prompt_cache, single_step
+    kv, token = prompt_cache(step, vocab, context)
+    gen = generation(step, kv, token, decode_tokens, repeats)
+    out["decode"][context] = gen["tok_s"]
+    out["decode_spread"] = {context: [gen["tok_s_min"], gen["tok_s_max"]]}
+    out["decode_single_step"] = {context: single_step(step, kv, token, max(8, 4 * repeats))["tok_s"]}
+    out["decode_faults_per_step"] = {context: gen["faults_per_step"]}
     return out
 
 
@@ -122,6 +123,11 @@ def main(argv=None):
             name = f"{phase} {'prompt' if phase == 'prefill' else 'ctx'} {n}"
             t, b = tvm_r[phase][n], pt_r[phase][n]
             print(f"{name:<22}{t:>12.1f}{b:>16.1f}{t / b:>7.2f}x")
+    for key, r in (("TVM", tvm_r), ("PyTorch", pt_r)):
+        for n, (lo, hi) in r["decode_spread"].items():
+            print(f"{key} decode ctx {n}: {a.decode_tokens} steps in a row {lo:.1f}..{hi:.1f} tok/s over "
+                  f"{a.repeats} runs; single step from a fixed cache {r['decode_single_step'][n]:.1f} tok/s; "
+                  f"minor faults/step {r['decode_faults_per_step'][n]:.1f}")
     if a.json:
         a.json.write_text(json.dumps({"model": label, "threads": threads, "tvm": tvm_r, "pytorch": pt_r}, indent=2))
 

@@ -10,7 +10,9 @@ Builds (cached in --work while manifests and compiler sources match) the host TV
 unless --ort-accuracy-level), opens both with mobilemoe.runtime.load_artifact and runs PyTorch
 eager (mobilemoe.model, float32) on the same weights, all with --threads threads. Each is timed
 with bench/decode.py's measure (same prompts, medians of --repeats after a warm-up): prefill tok/s
-per prompt length and decode tok/s over --decode-tokens steps after a prompt of each context.
+per prompt length and decode tok/s as generation runs: --decode-tokens steps in a row after a prompt
+of each context, the cache growing (compiler/generation.py), with its spread over the repeats and
+the single-step figure (one step from a fixed cache) printed beside it.
 Prints the table and the ratios TVM / ORT and TVM / PyTorch (goal: TVM faster than ORT on both).
 
 Agreement (teacher-forced next-token argmax on real text, tests/data, as bench/ort_vs_tvm.py):
@@ -43,11 +45,11 @@ SIMULATE_INT4_MAX_PARAMS = 300e6  # the INT4-dequantized PyTorch copy: only when
 
 def measure_all(step, vocab: int, prompts: list[int], contexts: list[int], decode_tokens: int, repeats: int) -> dict:
     """bench/decode.py's measure for every decode context (prefill once)."""
-    out = {"prefill": {}, "decode": {}}
+    out = {"prefill": {}, "decode": {}, "decode_spread": {}, "decode_single_step": {}, "decode_faults_per_step": {}}
     for i, ctx in enumerate(contexts):
         r = measure(step, vocab, prompts if i == 0 else [], ctx, decode_tokens, repeats)
-        out["prefill"].update(r["prefill"])
-        out["decode"].update(r["decode"])
+        for key in out:
+            out[key].update(r[key])
     return out
 
 
@@ -145,6 +147,11 @@ def main(argv=None):
                           "tvm_over_pytorch": t / pt})
             name = f"{phase} {'prompt' if phase == 'prefill' else 'ctx'} {n}"
             print(f"{name:<18}{t:>11.1f}{o:>11.1f}{pt:>15.1f}{t / o:>8.2f}x{t / pt:>12.2f}x")
+    for key in ("tvm", "ort", "pytorch"):
+        for n, (lo, hi) in res[key]["decode_spread"].items():
+            print(f"{key} decode ctx {n}: {a.decode_tokens} steps in a row {lo:.1f}..{hi:.1f} tok/s over {a.repeats} "
+                  f"runs; single step from a fixed cache {res[key]['decode_single_step'][n]:.1f} tok/s; minor "
+                  f"faults/step {res[key]['decode_faults_per_step'][n]:.1f}")
     for phase in ("prefill", "decode"):
         rows = [r for r in table if r["phase"] == phase]
         ok = all(r["tvm_over_ort"] > 1 for r in rows)

@@ -2,14 +2,20 @@
 
     python -m compiler.bench --artifact DIR
         [--rpc-tracker HOST:PORT --rpc-key KEY]   run on the device registered with the tracker
-        [--prompts 16,64,256] [--contexts 16,128,512] [--decode-steps 8]
+        [--prompts 16,64,256] [--contexts 16,128,512] [--decode-steps 64]
         [--warmup 1] [--repeats 5] [--json OUT] [--profile]
 
 Loads the artifact (hash-verified; over RPC the library is uploaded and the weights copied to the
 device), then measures:
     prefill   for each prompt length: TTFT (one prefill call, logits back on the host), prefill tok/s
-    decode    for each context length: one token's latency after a prompt of that length (the KV
-              cache stays on the device; every step starts from the same cache), decode tok/s
+    decode    for each context length, as generation runs (compiler/generation.py): after a prompt of
+              that length, --decode-steps consecutive steps with the cache growing, each step's
+              argmax fed back; tok/s = steps / their time (llama-bench's tg), the median over the
+              repeats with its spread. Beside it, labelled "single step": one step from the same
+              fixed cache, repeated (the cache never grows). Per step also: minor page faults (all
+              steps, and the steady state: each run's second half), the Python loop's time outside
+              the entry call, and (this machine only) the time outside kernels: step time less the
+              kernel time of an instrumented step, with the VM's allocation calls per step
 each as the median over --repeats runs after --warmup runs, with the spread (min..max). Also the
 load time and, when this machine runs the model, the process's peak RSS. --profile adds the
 per-kernel breakdown of one prefill and one decode call grouped by layer part (compiler/profile.py)
@@ -34,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.artifact import ArtifactError, verify
+from compiler.generation import describe, measure_context
 from targets.rpc_device import _LOST_SESSION, DeviceError
 
 DEFAULT_PROMPTS = (16, 64, 256)
@@ -83,7 +90,7 @@ def _profile(rt, entry: str, ids: list[int], kv, manifest: dict) -> dict:
     return {"entry": entry, "tokens": len(ids), "context": past, "wall_s": wall, **report}
 
 
-def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, decode_steps: int = 8,
+def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, decode_steps: int = 64,
         warmup: int = 1, repeats: int = 5, json_out=None, profile: bool = False, log=print) -> dict:
     """Benchmark `artifact` (here, or on the device of rpc=(host, port, key)); -> the results dict."""
     artifact = Path(artifact)
@@ -113,12 +120,12 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             log(f"  prefill {n:>5} tokens: TTFT {s['median_s'] * 1e3:8.2f} ms "
                 f"({s['min_s'] * 1e3:.2f}..{s['max_s'] * 1e3:.2f})  {n / s['median_s']:9.1f} tok/s")
             bench.save()
-        for c in [c for c in contexts if c + decode_steps <= cfg.max_seq_len]:
-            _, kv = rt.prefill(_prompt(cfg.vocab_size, c))
-            s = _timed(lambda: rt.decode(7, kv), warmup, repeats * decode_steps)
-            res["decode"].append({"context": c, "token": s, "tok_s": 1.0 / s["median_s"]})
-            log(f"  decode at {c:>5} context: {s['median_s'] * 1e3:8.2f} ms/token "
-                f"({s['min_s'] * 1e3:.2f}..{s['max_s'] * 1e3:.2f})  {1.0 / s['median_s']:9.1f} tok/s")
+        for c in [c for c in contexts if c + decode_steps <= cfg.max_seq_len]:  # every run starts at depth c
+            r = measure_context(rt, c, decode_steps, repeats, warmup, single_repeats=max(8, repeats * 4))
+            r["tok_s"] = r["generation"]["tok_s"]  # the headline figure: generation
+            r["token"] = r["single_step"]  # one step from a fixed cache (labelled "single step")
+            res["decode"].append(r)
+            log("  " + describe(r))
             bench.save()
         if profile and rpc is not None:  # the instrument is a host callback: TVM 0.27 RPC passes none
             res["profile"] = {"error": "per-kernel profiling needs a VM instrument callback, which TVM 0.27's RPC "
@@ -166,7 +173,7 @@ def main(argv=None):
     p.add_argument("--rpc-key", default=None)
     p.add_argument("--prompts", type=lengths, default=DEFAULT_PROMPTS)
     p.add_argument("--contexts", type=lengths, default=DEFAULT_CONTEXTS)
-    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--decode-steps", type=int, default=64, help="consecutive decode steps per run (default 64)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)

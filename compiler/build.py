@@ -7,6 +7,8 @@
                                   activations where the CPU has a dot instruction)
         [--dump-ir DIR]           IR after every pass (TVM's DumpIR instrument) + pass timings
         [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
+        [--kv-cache inplace|grow] decode's KV cache: fixed capacity written in place (default,
+                                  mobilemoe/kv_cache.py) or the grown copies of each step
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
                                   (for speed measurements of paper-scale models)
         [--fallback onnx]         if the TVM build fails, write an ONNX Runtime artifact instead
@@ -61,7 +63,7 @@ def _entry_signature(func) -> dict:
 
 def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | None = None,
                   tuning_db: str | None = None, progress=None, random_weights: bool = False,
-                  report: dict | None = None):
+                  report: dict | None = None, kv_cache: str = "inplace"):
     """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases).
 
     The executable is a tvm Executable; params are the packed parameters every entry point takes.
@@ -85,7 +87,7 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     step = progress or (lambda name: None)
 
     step("import")
-    mod, _, source = import_model(model, with_weights=not random_weights)
+    mod, _, source = import_model(model, with_weights=not random_weights, kv_cache=kv_cache)
     if random_weights:
         from .params import RandomWeights
         source = RandomWeights({p.name: tuple(int(d) for d in p.ty.shape.values)
@@ -99,6 +101,9 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
         names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
         transforms = {e: get_transforms(mod[e]) for e in ENTRY_POINTS}
         entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
+        from mobilemoe.kv_cache import BLOCK  # how the runtime holds the cache (mobilemoe/runtime.py)
+        entry_points["decode"]["kv_cache"] = ({"layout": "inplace", "block": BLOCK} if kv_cache == "inplace"
+                                              else {"layout": "grow"})
         step("lower + codegen")
         executable = tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, opts))
         for e in ENTRY_POINTS:  # for compiler.bench --profile: kernel -> layer part (compiler/profile.py)
@@ -146,7 +151,8 @@ def shape_only_model(preset: str):
 
 def build(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
           dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
-          preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None) -> Path:
+          preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None,
+          kv_cache: str = "inplace") -> Path:
     """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights.
 
     target "onnx": the ONNX Runtime artifact; any other: TVM (build_tvm). fallback="onnx": when the
@@ -164,9 +170,9 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         raise TargetError(f"unknown target '{target_name}'; known targets: "
                           f"{', '.join([*TARGETS, ONNX_TARGET, MLIR_TARGET])}")
     if fallback is None:
-        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset)
+        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset, kv_cache)
     try:
-        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset)
+        return build_tvm(checkpoint, target_name, out, quant, dump_ir, tuning_db, verbose, preset, kv_cache)
     except CheckpointError:
         raise  # the ONNX build would read the same checkpoint
     except Exception as e:  # toolchain, import, pass, codegen or link failure: anything TVM-side
@@ -179,7 +185,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
 
 def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
               dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
-              preset: str | None = None) -> Path:
+              preset: str | None = None, kv_cache: str = "inplace") -> Path:
     """The TVM artifact for `target_name` (see the module docstring for the steps)."""
     import tvm
 
@@ -207,7 +213,7 @@ def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None
     report = {}
     executable, params, entries, pipeline, target = compile_model(model, target_name, quant, dump_ir, tuning_db,
                                                                   step, random_weights=preset is not None,
-                                                                  report=report)
+                                                                  report=report, kv_cache=kv_cache)
     out = Path(out) if out else Path("dist") / f"{cfg.name}-{target_name}"
     step("write artifact")
     manifest = {
@@ -251,6 +257,8 @@ def main(argv=None):
                         "(AVX512-VNNI, arm64 dotprod), else fp32; int4-f32: INT4 weights, fp32 activations; "
                         "none: float32")
     p.add_argument("--dump-ir", type=Path, default=None)
+    p.add_argument("--kv-cache", choices=["inplace", "grow"], default="inplace",
+                   help="decode's KV cache: fixed capacity written in place (default) or grown copies each step")
     p.add_argument("--tuning-db", type=str, default=None)
     p.add_argument("--fallback", choices=[ONNX_TARGET], default=None,
                    help="if the TVM build fails, write an ONNX Runtime artifact instead (saying why)")
@@ -259,7 +267,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset,
-              fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level)
+              fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level, kv_cache=a.kv_cache)
     except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError,
             TuningDBError) as e:
         sys.exit(f"error: {e}")

@@ -7,6 +7,13 @@
     k_l [1, nkv, D, P], v_l [1, nkv, P, D] f32 (the "layers" cache layout of mobilemoe/export.py);
     k_l', v_l': with the S new tokens appended.
 
+kv_cache="inplace" (the default) imports decode in the "inplace" layout instead: k_l [1, nkv, D, C],
+v_l [1, nkv, C, D] at a fixed capacity C, the token written at slot `position` by an
+R.call_tir_inplace of compiler/kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
+buffers), attention by its prefix_attention over slots 0..position (the custom ops of
+mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
+functional decode above (each step returns grown copies).
+
 Both functions take the same parameters, in the same order, under the same names (the attribute
 "num_input" = num_inputs(config) = 2 + 2L separates user inputs from parameters). The torch.export graphs go through
 PyTorch's default decompositions except einsum, so the MoE layers reach Relax as `R.einsum` calls
@@ -23,6 +30,7 @@ from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 
 ENTRY_POINTS = ("prefill", "decode")
+KV_CACHES = ("inplace", "grow")
 
 
 def num_inputs(config) -> int:
@@ -46,10 +54,41 @@ def _decompose(ep):
     return ep.run_decompositions(table)
 
 
+def _shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape.values]
+
+
+def _kv_write(node, importer):
+    """mobilemoe::kv_write -> R.call_tir_inplace(kv_write, (k, v, k_new, v_new, pos)): outputs alias k, v."""
+    from tvm import relax
+
+    from .kernels.kv_cache import WRITE, kv_write
+    k, v, k_new, v_new, pos = importer.retrieve_args(node)
+    _, nkv, d, _ = k.ty.shape.values
+    gv = importer.block_builder.add_func(kv_write(int(nkv), int(d), str(k.ty.dtype)), WRITE)
+    return importer.block_builder.emit(relax.call_tir_inplace(gv, [k, v, k_new, v_new, pos], [0, 1], [k.ty, v.ty]))
+
+
+def _prefix_attention(node, importer):
+    """mobilemoe::prefix_attention (one decode token) -> R.call_tir(prefix_attention, (q, k, v, pos))."""
+    from tvm import relax
+
+    from .kernels.kv_cache import ATTEND, prefix_attention
+    q, k, v, pos = importer.retrieve_args(node)
+    (_, nh, s, d), nkv = _shape(q), int(k.ty.shape.values[1])
+    if s != 1 or str(q.ty.dtype) != "float32":
+        raise ImportError_(f"prefix_attention: one float32 decode token expected, got q {q.ty}")
+    gv = importer.block_builder.add_func(prefix_attention(nkv, nh // nkv, d), ATTEND)
+    return importer.block_builder.emit(relax.call_tir(gv, [q, k, v, pos], out_ty=q.ty))
+
+
+CUSTOM_OPS = {"kv_write.default": _kv_write, "prefix_attention.default": _prefix_attention}
+
+
 def _check_supported(ep, entry: str) -> None:
     """Name the first op TVM's importer lacks, with the module (layer) it came from."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-    known = set(ExportedProgramImporter().create_convert_map())
+    known = set(ExportedProgramImporter().create_convert_map()) | set(CUSTOM_OPS)
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
@@ -73,24 +112,28 @@ def _importer(with_weights: bool):
     return Importer()
 
 
-def import_model(model: MobileMoE, with_weights: bool = True):
+def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "inplace"):
     """-> (IRModule with `prefill` and `decode`, ordered param names, {name: np.ndarray}).
 
     with_weights=False imports the graph only (the values dict is empty): for shape-only builds with
     generated weights (compiler.build --random-weights), without copying gigabytes of parameters.
     """
+    import tvm
     from tvm import relax
 
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     model = model.eval()
-    funcs, names, values = {}, None, None
+    funcs, kernels, names, values = {}, {}, None, None
     for entry in ENTRY_POINTS:
-        ep = _decompose(export_entry(model, entry))
+        layout = "inplace" if entry == "decode" and kv_cache == "inplace" else "layers"
+        ep = _decompose(export_entry(model, entry, cache=layout))
         _check_supported(ep, entry)
         importer = _importer(with_weights)
         importer.params = {id(p) for p in ep.parameters()}
         try:
             mod = importer.from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                                 no_bind_return_tuple=False, custom_convert_map=None)
+                                                 no_bind_return_tuple=False, custom_convert_map=CUSTOM_OPS)
         except Exception as e:  # the importer raises bare AssertionErrors: add context
             raise ImportError_(f"{entry}: TVM import failed: {e}") from e
         mod, params = relax.frontend.detach_params(mod)
@@ -102,8 +145,8 @@ def import_model(model: MobileMoE, with_weights: bool = True):
         elif p_names != names:
             raise ImportError_(f"{entry}: parameter list differs from {ENTRY_POINTS[0]}'s")
         funcs[entry] = func.with_attr("global_symbol", entry)
-    import tvm
-    out = tvm.IRModule({tvm.ir.GlobalVar(k): v for k, v in funcs.items()})
+        kernels.update({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"})  # kv cache kernels
+    out = tvm.IRModule({**{tvm.ir.GlobalVar(k): v for k, v in funcs.items()}, **kernels})
     return out, names, values
 
 

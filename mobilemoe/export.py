@@ -11,6 +11,11 @@ cache="layers" (the TVM artifact): the cache is 2L inputs and 2L outputs, one pe
 
 cache="stacked" (the MLIR export): one kv input [L, 2, 1, nkv, P, D] and one kv output [L, 2, 1, nkv, P+S, D].
 
+cache="inplace" (decode only; the TVM artifact's decode by default): the same 2L caches at a fixed
+capacity C (Dim "capacity"), k_l [1, nkv, D, C], v_l [1, nkv, C, D]; the token is written at slot
+`position` and attends to slots 0..position (mobilemoe/kv_cache.py's custom ops, which the importer
+maps onto in-place kernels); the outputs are the written caches (in the artifact: the same buffers).
+
 logits are those of the last position (what generation needs). S is a named dynamic dim ("seq"),
 the cache length P is one unbounded Dim("past") shared by the per-layer inputs (Dim.DYNAMIC for the
 stacked one; a bounded Dim(min, max) on P trips torch.export's guards). The MoE layers export in the "dense" form
@@ -26,7 +31,7 @@ from torch.export import Dim, ExportedProgram
 from .model import MobileMoE
 
 
-CACHE_LAYOUTS = ("layers", "stacked")
+CACHE_LAYOUTS = ("layers", "stacked", "inplace")
 
 # torch 2.13's own export and decomposition code (dynamo, pytree copies) still uses the LeafSpec it
 # deprecated: a FutureWarning per export that no user of ours can act on
@@ -50,13 +55,20 @@ class _LayersEntry(_Entry):
         return (logits[:, 0], *[t for pair in kv for t in pair])
 
 
+class _InplaceEntry(_Entry):
+    def forward(self, tokens, positions, cache):  # cache: [k_0, v_0, ...] at a fixed capacity
+        pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
+        logits, kv = self.model(tokens, positions, pairs, last_only=True, inplace=True)
+        return (logits[:, 0], *[t for pair in kv for t in pair])
+
+
 def example_inputs(model: MobileMoE, seq: int, past: int, cache: str = "stacked"):
     """(tokens, positions, kv) in the given cache layout (kv: a list of 2L tensors for "layers")."""
     c = model.config
     tokens = torch.zeros(1, seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq, dtype=torch.int64)[None]
     kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, past, c.head_dim, dtype=model.embed.weight.dtype)
-    if cache == "layers":
+    if cache in ("layers", "inplace"):
         kv = [kv[i, j].transpose(-1, -2).contiguous() if j == 0 else kv[i, j].clone()
               for i in range(c.num_layers) for j in range(2)]
     return tokens, positions, kv
@@ -69,6 +81,8 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
         raise ValueError(f"entry point must be 'prefill' or 'decode', got {kind!r}")
     if cache not in CACHE_LAYOUTS:
         raise ValueError(f"cache layout must be one of {CACHE_LAYOUTS}, got {cache!r}")
+    if cache == "inplace" and kind != "decode":
+        raise ValueError("the in-place cache layout is exported for decode only")
     was = [layer.moe.impl for layer in model.layers if layer.moe is not None]
     model.set_moe_impl("dense")
     for layer in model.layers:
@@ -76,13 +90,16 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
     try:
         # one named dim for every layer's cache length (Dim.DYNAMIC per input would give each layer
         # its own symbol, which TVM cannot prove equal to the mask's)
-        p = Dim("past") if cache == "layers" else Dim.DYNAMIC
+        p = {"layers": Dim("past"), "inplace": Dim("capacity"), "stacked": Dim.DYNAMIC}[cache]
         seq, c = (5 if kind == "prefill" else 1), model.config
-        args = example_inputs(model, seq=seq, past=3, cache=cache)
-        kv = [{3: p}, {2: p}] * c.num_layers if cache == "layers" else {4: p}
+        from .kv_cache import BLOCK  # in place: a capacity of two blocks, the token at slot 3
+        args = example_inputs(model, seq=seq, past=2 * BLOCK if cache == "inplace" else 3, cache=cache)
+        if cache == "inplace":
+            args = (args[0], torch.full_like(args[1], 3), args[2])
+        kv = [{3: p}, {2: p}] * c.num_layers if cache != "stacked" else {4: p}
         s = Dim("seq", min=2, max=model.config.max_seq_len) if kind == "prefill" else None
-        shapes = {"tokens": s and {1: s}, "positions": s and {1: s}, ("cache" if cache == "layers" else "kv"): kv}
-        entry = (_LayersEntry if cache == "layers" else _Entry)(model.eval())
+        shapes = {"tokens": s and {1: s}, "positions": s and {1: s}, ("kv" if cache == "stacked" else "cache"): kv}
+        entry = {"layers": _LayersEntry, "inplace": _InplaceEntry, "stacked": _Entry}[cache](model.eval())
         with torch.no_grad():
             return torch.export.export(entry, args, dynamic_shapes=shapes)
     finally:

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kv_cache
 from .config import MobileMoEConfig
 
 
@@ -109,9 +110,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d if per_head else self.nh * self.d, cfg.norm_eps)
             self.k_norm = RMSNorm(self.d if per_head else self.nkv * self.d, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
+    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False, slots=None):
         # x [B, S, H]; mask [B, 1, S, T] additive (0 / -max); past_k/v [B, nkv, P, D]
-        # (keys_t: past_k and the returned keys are [B, nkv, D, P], the layered cache layout)
+        # (keys_t: past_k and the returned keys are [B, nkv, D, P], the layered cache layout;
+        # slots [B, S]: a fixed-capacity layered cache, the new K/V written there: mobilemoe/kv_cache.py)
         B, S, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, S, nh * D], [B, S, nkv * D] x 2
         if self.qk_norm == "proj":
@@ -122,6 +124,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slots is not None:
+            return kv_cache.write_and_attend(self, q, k, v, past_k, past_v, slots)
         k_all = torch.cat([past_k, k.transpose(-1, -2)], dim=3) if keys_t else torch.cat([past_k, k], dim=2)
         v_all = torch.cat([past_v, v], dim=2)  # [B, nkv, T, D]; k_all [B, nkv, T, D] or [B, nkv, D, T]
         if self.grouped:
@@ -257,8 +261,8 @@ class Block(nn.Module):
     def residual(self, x, y):
         return x + (y if self.residual_multiplier == 1.0 else y * self.residual_multiplier)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False):
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v, keys_t)
+    def forward(self, x, cos, sin, mask, past_k, past_v, keys_t: bool = False, slots=None):
+        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v, keys_t, slots)
         x = self.residual(x, a)
         h = self.ffn_norm(x)
         if self.moe is None:
@@ -306,18 +310,24 @@ class MobileMoE(nn.Module):
         return torch.zeros(c.num_layers, 2, batch, c.num_kv_heads, 0, c.head_dim,
                            dtype=dtype or self.embed.weight.dtype, device=device or self.embed.weight.device)
 
-    def forward(self, tokens, positions=None, kv=None, *, return_aux: bool = False, last_only: bool = False):
+    def forward(self, tokens, positions=None, kv=None, *, return_aux: bool = False, last_only: bool = False,
+                inplace: bool = False):
         """tokens [B, S] int64; positions [B, S] int64 (default P..P+S-1); kv [L, 2, B, nkv, P, D]
         or a list of L (k [B, nkv, D, P], v [B, nkv, P, D]) pairs (the layouts of the module docstring).
 
         Returns (logits [B, S, V], kv with P+S positions, in the layout given) and, with return_aux, a dict with
         the load-balancing loss, router z-loss and per-expert token share [L, E].
         last_only: logits of the last position only ([B, 1, V]): what generation needs.
+        inplace: kv is a layered cache of fixed capacity P (mobilemoe/kv_cache.py): the S new tokens'
+        K/V are written at `positions` (required) and each attends to the cache up to its position;
+        returns the written caches (capacity P).
         """
         B, S = tokens.shape
         if kv is None:
             kv = self.empty_kv(B)
         layered = isinstance(kv, (list, tuple))
+        if inplace and (positions is None or not layered):
+            raise ValueError("inplace: a layered cache of fixed capacity and the positions to write are required")
         P = kv[0][0].shape[3] if layered else kv.shape[4]
         if positions is None:
             positions = torch.arange(P, P + S, device=tokens.device).expand(B, S)
@@ -330,14 +340,14 @@ class MobileMoE(nn.Module):
         key_pos = torch.arange(P + S, device=tokens.device)
         visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, T]
         # additive mask [B, 1, S, T]: 0 where visible, -finfo.max where not (TVM imports float masks)
-        mask = ((visible.to(x.dtype) - 1) * torch.finfo(x.dtype).max)[:, None]
+        mask = None if inplace else ((visible.to(x.dtype) - 1) * torch.finfo(x.dtype).max)[:, None]
         new_kv, routing = [], []
         for i, layer in enumerate(self.layers):
             past_k, past_v = kv[i] if layered else (kv[i, 0], kv[i, 1])
             if layered:  # one cache length for all layers: torch.export then gives them one symbol
                 torch._check(past_k.shape[3] == P)
                 torch._check(past_v.shape[2] == P)
-            x, k, v, r = layer(x, cos, sin, mask, past_k, past_v, keys_t=layered)
+            x, k, v, r = layer(x, cos, sin, mask, past_k, past_v, keys_t=layered, slots=positions if inplace else None)
             new_kv.append((k, v) if layered else torch.stack([k, v]))
             routing.append(r)
         if last_only:

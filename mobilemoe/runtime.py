@@ -6,7 +6,14 @@
     ids, stats = rt.generate(prompt_ids, max_new_tokens=32)
 
 The KV cache lives on the device between calls as a LayerKV: a K [1, nkv, D, P] and a V [1, nkv, P, D]
-tensor per layer (the "layers" layout of mobilemoe/export.py); each step is one Relax VM call. Artifacts built for another CPU (android-arm64, linux-arm64) are
+tensor per layer (the "layers" layout of mobilemoe/export.py); each step is one Relax VM call.
+Artifacts whose decode takes the in-place cache (manifest entry_points.decode.kv_cache.layout
+"inplace", mobilemoe/kv_cache.py) hold it at a capacity C instead (K [1, nkv, D, C], V [1, nkv, C, D],
+LayerKV.capacity): allocated once per prefill, zeroed, at twice the length reached (kv_capacity:
+a fixed capacity), each decode step writing its slot in those buffers; a step past the capacity
+moves the cache to one twice as large. The decode loop makes no per-step copy and no allocation:
+its token and position tensors are reused and the logits are a view of the VM's output (this
+machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device through `python -m compiler.bench --rpc-tracker ...`.
 
 ONNX artifacts (manifest backend "onnx", compiler/onnx_export.py) run in an onnxruntime CPU session
@@ -23,6 +30,7 @@ import numpy as np
 
 from .config import MobileMoEConfig
 from .generate import GenerationStats, generate_with
+from .kv_cache import capacity_for
 
 
 def check_ids(config: MobileMoEConfig, ids: list[int], past: int) -> None:
@@ -54,10 +62,11 @@ class TVMRuntime(_Generation):
 
     backend = "tvm"
 
-    def __init__(self, artifact_dir, num_threads: int | None = None):
+    def __init__(self, artifact_dir, num_threads: int | None = None, kv_capacity: int | None = None):
         from compiler.artifact import ArtifactError, verify
 
         self.dir = Path(artifact_dir)
+        self.kv_capacity = kv_capacity
         self.manifest = verify(self.dir)
         if self.manifest.get("backend") != "tvm":
             raise ArtifactError(f"{self.dir}: backend {self.manifest.get('backend')!r}, expected 'tvm'")
@@ -101,22 +110,83 @@ class TVMRuntime(_Generation):
         k = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, c.head_dim, 0), "float32"), self.device)
         v = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
         self._empty_kv = LayerKV([k, v] * c.num_layers, 0, kv_shape(c, 0), keys_t=True)
+        layout = (self.manifest["entry_points"]["decode"].get("kv_cache") or {}).get("layout", "grow")
+        self.kv_inplace = layout == "inplace"
+        # decode's token and position, reused every step (copied into, never reallocated)
+        self._step_in = [tvm.runtime.tensor(np.zeros((1, 1), "int64"), self.device) for _ in range(2)]
+        self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
 
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
         import tvm
         check_ids(self.config, ids, kv.length)
+        if len(ids) == 1:
+            tokens, positions = self._step_in
+            tokens.copyfrom(np.asarray([ids], dtype="int64"))
+            positions.copyfrom(np.asarray([[kv.length]], dtype="int64"))
+            return [tokens, positions, *kv.values, *self.params["decode"]]
         tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
         positions = tvm.runtime.tensor(np.arange(kv.length, kv.length + len(ids), dtype="int64")[None], self.device)
-        entry = "decode" if len(ids) == 1 else "prefill"
-        return [tokens, positions, *kv.values, *self.params[entry]]
+        return [tokens, positions, *kv.values, *self.params["prefill"]]
+
+    def _logits(self, t) -> np.ndarray:
+        if self._zero_copy:
+            return np.from_dlpack(t)[0]
+        return t.numpy()[0]
 
     def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
+        if self.kv_inplace:
+            return self._step_inplace(ids, kv)
         out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
         total = kv.length + len(ids)
-        return out[0].numpy()[0], LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True)
+        return self._logits(out[0]), LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True)
+
+    # -- the in-place cache (mobilemoe/kv_cache.py)
+    def _capacity(self, length: int) -> int:
+        """Slots to allocate for a cache about to hold `length` positions (a multiple of BLOCK)."""
+        top = capacity_for(self.config.max_seq_len)
+        want = self.kv_capacity or max(2 * length, 256)
+        return min(top, max(capacity_for(want), capacity_for(length)))
+
+    def _with_capacity(self, values: list, length: int, capacity: int) -> LayerKV:
+        """New zeroed capacity buffers holding the first `length` positions of `values` (length-sized
+        tensors, or capacity buffers)."""
+        import tvm
+        c, out = self.config, []
+        for i, t in enumerate(values):
+            a = t.numpy() if length else None
+            if i % 2 == 0:  # K [1, nkv, D, *]
+                buf = np.zeros((1, c.num_kv_heads, c.head_dim, capacity), np.float32)
+                if length:
+                    buf[..., :length] = a[..., :length]
+            else:  # V [1, nkv, *, D]
+                buf = np.zeros((1, c.num_kv_heads, capacity, c.head_dim), np.float32)
+                if length:
+                    buf[:, :, :length] = a[:, :, :length]
+            out.append(tvm.runtime.tensor(buf, self.device))
+        return LayerKV(out, length, kv_shape(c, length), keys_t=True, capacity=capacity)
+
+    def _step_inplace(self, ids: list[int], kv: LayerKV):
+        total = kv.length + len(ids)
+        if len(ids) > 1:  # prefill: the functional entry on the valid prefix, then into capacity buffers
+            if kv.capacity is not None:
+                kv = LayerKV([self._prefix(t, i, kv.length) for i, t in enumerate(kv.values)], kv.length,
+                             kv.shape, keys_t=True)
+            out = self._invoke("prefill", self.entry_args(ids, kv))
+            return self._logits(out[0]), self._with_capacity(out[1:], total, self._capacity(total))
+        if kv.capacity is None or total > kv.capacity:  # empty or full: a larger cache, the prefix copied
+            kv = self._with_capacity(kv.values, kv.length, self._capacity(total))
+        out = self._invoke("decode", self.entry_args(ids, kv))  # writes slot kv.length of kv's buffers
+        return self._logits(out[0]), LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True,
+                                             capacity=kv.capacity)
+
+    def _prefix(self, t, i: int, length: int):
+        import tvm
+        a = t.numpy()
+        return tvm.runtime.tensor(np.ascontiguousarray(a[..., :length] if i % 2 == 0 else a[:, :, :length]),
+                                  self.device)
 
     def decode(self, token: int, kv: LayerKV):
         return self.prefill([token], kv)
@@ -134,12 +204,15 @@ class LayerKV:
     length: int  # P
     shape: tuple  # (L, 2, 1, nkv, P, D): the stacked layout's shape (mobilemoe/model.py)
     keys_t: bool = False
+    capacity: int | None = None  # the in-place cache: the buffers hold C slots, the first P valid
 
     def numpy(self) -> np.ndarray:
         """The stacked layout [L, 2, 1, nkv, P, D] (a copy; for checks, not the hot path)."""
         if not self.length:
             return np.zeros(self.shape, np.float32)
         arrays = [v.numpy() for v in self.values]
+        if self.capacity is not None:
+            arrays = [a[..., :self.length] if i % 2 == 0 else a[:, :, :self.length] for i, a in enumerate(arrays)]
         if self.keys_t:
             arrays[0::2] = [k.swapaxes(-1, -2) for k in arrays[0::2]]
         return np.stack(arrays).reshape(self.shape)
@@ -213,12 +286,12 @@ class OrtRuntime(_Generation):
         return self.prefill([token], kv)
 
 
-def load_artifact(artifact_dir, num_threads: int | None = None):
-    """Open an artifact with the runtime its manifest names."""
+def load_artifact(artifact_dir, num_threads: int | None = None, kv_capacity: int | None = None):
+    """Open an artifact with the runtime its manifest names (kv_capacity: TVM's in-place cache, fixed)."""
     from compiler.artifact import ArtifactError, read_manifest
     backend = read_manifest(artifact_dir).get("backend")
     if backend == "tvm":
-        return TVMRuntime(artifact_dir, num_threads)
+        return TVMRuntime(artifact_dir, num_threads, kv_capacity)
     if backend == "onnx":
         return OrtRuntime(artifact_dir, num_threads)
     if backend == "iree":  # MLIR artifact (compiler/mlir_export.py)

@@ -11,7 +11,7 @@ def imported():
     from mobilemoe.model import MobileMoE
     torch.manual_seed(0)
     model = MobileMoE(MobileMoEConfig.from_name("test-moe")).eval()
-    mod, names, values = import_model(model)
+    mod, names, values = import_model(model, kv_cache="grow")  # run_entry feeds a growing cache
     return model, mod, values
 
 

@@ -1,0 +1,113 @@
+"""The in-place KV cache's kernels (mobilemoe/kv_cache.py): the slot write and prefix attention.
+
+    kv_write(k [1, nkv, D, C], v [1, nkv, C, D], k_new [1, nkv, D, S], v_new [1, nkv, S, D], pos [1, S])
+        writes k_new / v_new at slots pos of k / v, in place (R.call_tir_inplace: outputs = k, v)
+    prefix_attention(q [1, nh, 1, D], k, v, pos [1, 1]) -> out [1, nh, 1, D]
+        decode attention of one token at position p over cache slots 0..p (grouped-query: the
+        nh / nkv query heads of a KV head together), reading only those slots
+
+prefix_attention is one pass over the valid prefix in blocks of BLOCK slots with an online softmax
+(running max and sum, the accumulator rescaled when the max grows): per block and query head, the
+scores are BLOCK-lane vector FMAs down the transposed key rows, exp is softmax.py's polynomial
+(exp_le0, vectorized), masked slots (past p in the last block) get probability 0, and each value
+row is added in D-lane vectors. The block count is read from pos at run time, so a cache of
+capacity C costs what p + 1 slots cost; C must be a multiple of BLOCK (the runtime allocates it
+so). KV heads run in parallel. No temporaries are assigned inside the parallel body (int4_dot.py's
+_STACK_NOTE): the small per-head buffers live on the stack. Scheduled by hand
+(``tirx.is_scheduled``), CPU only; compiler/importer.py maps the custom ops onto these kernels.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mobilemoe.kv_cache import BLOCK
+
+from .softmax import _lane_reduce, exp_le0
+
+WRITE, ATTEND = "kv_write", "prefix_attention"
+_NEG = -3.4028234663852886e38
+
+
+def _check(nkv: int, d: int, rep: int = 1) -> None:
+    if not all(isinstance(x, int) and x > 0 for x in (nkv, d, rep)):
+        raise ValueError(f"kv cache kernels: expected positive static nkv, head_dim, group size, got {nkv}, {d}, {rep}")
+
+
+def kv_write(nkv: int, d: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc (k, v, k_new, v_new, pos) writing the S new slots into k and v (no outputs: in place)."""
+    _check(nkv, d)
+
+    @T.prim_func(private=True)
+    def func(k_h: T.handle, v_h: T.handle, kn_h: T.handle, vn_h: T.handle, pos_h: T.handle):
+        T.func_attr({"mobilemoe.kernel": WRITE, "op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        c = T.int64()
+        s = T.int64()
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(nkv), T.int64(d), c), dtype)
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(nkv), c, T.int64(d)), dtype)
+        kn = T.match_buffer(kn_h, (T.int64(1), T.int64(nkv), T.int64(d), s), dtype)
+        vn = T.match_buffer(vn_h, (T.int64(1), T.int64(nkv), s, T.int64(d)), dtype)
+        pos = T.match_buffer(pos_h, (T.int64(1), s), "int64")
+        for i in range(s):
+            for g in range(T.int64(nkv)):
+                for e in range(T.int64(d)):
+                    k[0, g, e, pos[0, i]] = kn[0, g, e, i]
+                for e in range(T.int64(d)):
+                    v[0, g, pos[0, i], e] = vn[0, g, i, e]
+
+    return func
+
+
+def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK) -> tirx.PrimFunc:
+    """PrimFunc (q, k, v, pos) -> out: one decode token's attention over cache slots 0..pos (float32)."""
+    _check(nkv, d, rep)
+    nh, b, scale = nkv * rep, block, float(d) ** -0.5
+
+    def lanes_b(start):
+        return tirx.Ramp(start, 1, b)
+
+    def lanes_d():
+        return tirx.Ramp(0, 1, d)
+
+    def bcast(x, n):
+        return tirx.Broadcast(x, n)
+
+    @T.prim_func(private=True)
+    def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
+        T.func_attr({"mobilemoe.kernel": ATTEND, "op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        c = T.int64()
+        q = T.match_buffer(q_h, (T.int64(1), T.int64(nh), T.int64(1), T.int64(d)), "float32")
+        k = T.match_buffer(k_h, (T.int64(1), T.int64(nkv), T.int64(d), c), "float32")
+        v = T.match_buffer(v_h, (T.int64(1), T.int64(nkv), c, T.int64(d)), "float32")
+        pos = T.match_buffer(pos_h, (T.int64(1), T.int64(1)), "int64")
+        out = T.match_buffer(out_h, (T.int64(1), T.int64(nh), T.int64(1), T.int64(d)), "float32")
+        for g in T.parallel(T.int64(nkv)):
+            s = T.alloc_buffer((rep, b), "float32")  # default scope: on the stack (int4_dot._STACK_NOTE)
+            acc = T.alloc_buffer((rep, d), "float32")
+            st = T.alloc_buffer((rep, 3), "float32")  # running max, running sum, this block's max
+            for r in range(rep):
+                st[r, 0] = T.float32(_NEG)
+                st[r, 1] = T.float32(0)
+                acc[r, lanes_d()] = bcast(T.float32(0), d)
+            for blk in range((pos[0, 0] + T.int64(b)) // T.int64(b)):
+                for r in range(rep):
+                    s[r, lanes_b(0)] = bcast(T.float32(0), b)
+                    for e in range(d):
+                        s[r, lanes_b(0)] = s[r, lanes_b(0)] + bcast(
+                            q[0, g * rep + r, 0, e] * T.float32(scale), b) * k[0, g, e, lanes_b(blk * b)]
+                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b), s[r, lanes_b(0)],
+                                                bcast(T.float32(_NEG), b))
+                    st[r, 2] = T.max(st[r, 0], _lane_reduce(s[r, lanes_b(0)], b, tirx.Max))
+                    st[r, 1] = st[r, 1] * exp_le0(st[r, 0] - st[r, 2], 1)
+                    acc[r, lanes_d()] = acc[r, lanes_d()] * bcast(exp_le0(st[r, 0] - st[r, 2], 1), d)
+                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b),
+                                                exp_le0(s[r, lanes_b(0)] - bcast(st[r, 2], b), b),
+                                                bcast(T.float32(0), b))
+                    st[r, 1] = st[r, 1] + _lane_reduce(s[r, lanes_b(0)], b, tirx.Add)
+                    for j in range(b):
+                        acc[r, lanes_d()] = acc[r, lanes_d()] + bcast(s[r, j], d) * v[0, g, blk * b + j, lanes_d()]
+                    st[r, 0] = st[r, 2]
+            for r in range(rep):
+                out[0, g * rep + r, 0, lanes_d()] = acc[r, lanes_d()] / bcast(st[r, 1], d)
+
+    return func
