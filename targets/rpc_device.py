@@ -2,7 +2,7 @@
 
     with EmulatedArm64Device() as device:              # targets/arm64_device.sh setup + start ... stop
         sess = request_session(device.tracker_host, device.tracker_port, device.key, timeout=60)
-        mod = upload_and_load(sess, "model_aarch64.so")  # a .so linked by aarch64-linux-gnu-g++
+        mod = upload_and_load(sess, "model_aarch64.so")  # a .so linked by linux-arm64's zig cc
         with remote_errors(sess, "main"):                # a dropped device -> DeviceError, no hang
             mod["main"](*args)
 
@@ -184,7 +184,7 @@ def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
     """Upload a shared library linked for the device and load it there; returns the remote Module.
 
     The device has no compiler, so `lib_path` must be a .so exported with the cross toolchain
-    (export_library(path, fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))).
+    (export_library(path, fcompile=get_target("linux-arm64").toolchain.fcompile())).
     `machine` is the device's ELF e_machine (default AArch64; elf_machine(target json)).
     """
     lib_path = Path(lib_path)
@@ -194,7 +194,7 @@ def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
         head = f.read(20)
     if head[:4] != b"\x7fELF":
         raise ValueError(f"{lib_path}: not an ELF shared object (the device cannot link a .tar; "
-                         "export with fcompile=cross_compiler('aarch64-linux-gnu-g++'))")
+                         "export with fcompile=get_target('linux-arm64').toolchain.fcompile())")
     found = struct.unpack("<H", head[18:20])[0]
     if found != machine:
         want = _MACHINE_NAMES.get(machine, str(machine))

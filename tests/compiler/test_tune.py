@@ -56,6 +56,7 @@ def _tune_cmd(ckpt, db, trials):
             str(trials), "--db", str(db), "--tasks", TASK, "--per-iter", "1"]
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_resume_after_sigkill_keeps_records_and_measures_only_the_rest(ckpt, tmp_path):
     db = tmp_path / "db"
     proc = subprocess.Popen(_tune_cmd(ckpt, db, 4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -136,6 +137,7 @@ def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned,
     assert any(k["kernel"] == kernel for k in decode["kernels"])  # the tuned LM head, timed
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_bucket_records_are_timed_replayed_and_the_build_replays_one_with_same_numerics(ckpt, untuned, tmp_path):
     """compiler.tune times each bucket's record replayed on the whole dynamic kernel at every check
     shape; a record nowhere slower is replayed by the build, and the logits stay the same."""

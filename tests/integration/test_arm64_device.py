@@ -27,11 +27,13 @@ def _softmax_silu_ref(x, w):
 
 @pytest.fixture(scope="module")
 def aarch64_lib(tmp_path_factory) -> Path:
-    """A Relax module with a dynamic first dim, built for aarch64 and linked by the cross g++."""
+    """A Relax module with a dynamic first dim, built for aarch64 and linked by linux-arm64's toolchain
+    (zig cc from the ziglang wheel: no system cross compiler)."""
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm.script import ir as I  # pylint: disable=import-outside-toplevel
     from tvm.script import relax as R  # pylint: disable=import-outside-toplevel
-    from tvm.support import cc  # pylint: disable=import-outside-toplevel
+
+    from targets import get_target  # pylint: disable=import-outside-toplevel
 
     # pylint: disable=invalid-name,missing-class-docstring,no-self-argument
     @I.ir_module
@@ -53,7 +55,7 @@ def aarch64_lib(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("arm64") / "relax_aarch64.so"
     exe = tvm.compile(Model, target=tvm.target.Target(TARGET))
-    exe.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    exe.export_library(str(path), fcompile=get_target("linux-arm64").toolchain.fcompile())
     return path
 
 

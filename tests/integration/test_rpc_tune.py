@@ -79,6 +79,7 @@ def test_tune_over_rpc_times_candidates_in_the_server(local_rpc, ckpt, tmp_path)
     assert local_rpc.log("server").count("load_module") - before >= 4
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_sigkill_then_resume_over_rpc(local_rpc, ckpt, tmp_path):
     db = tmp_path / "db"
     proc = _tune(ckpt, db, local_rpc, 4, 1, log=tmp_path / "1.log")
@@ -96,6 +97,7 @@ def test_sigkill_then_resume_over_rpc(local_rpc, ckpt, tmp_path):
     assert after[:len(before)] == before and len(after) == 4 and len(_traces(after)) == 4
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_server_killed_mid_session_comes_back_and_tuning_goes_on(local_rpc, ckpt, tmp_path):
     db, log = tmp_path / "db", tmp_path / "tune.log"
     proc = _tune(ckpt, db, local_rpc, 6, 2, "--device-wait", "120", log=log)
@@ -118,6 +120,7 @@ def test_server_killed_mid_session_comes_back_and_tuning_goes_on(local_rpc, ckpt
     assert session["tasks"][0]["trials"] == 6 and session["tasks"][0]["best_s"]
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_server_gone_for_good_ends_tuning_with_a_clear_error(local_rpc, ckpt, tmp_path):
     db, log = tmp_path / "db", tmp_path / "tune.log"
     proc = _tune(ckpt, db, local_rpc, 8, 2, "--device-wait", "3", log=log)
