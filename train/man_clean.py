@@ -30,7 +30,7 @@ _ESCAPES = [
     (re.compile(r"\\[hvwoHSlLDNXxbRkZz]'[^']*'"), ""),
     (re.compile(r"\\n(?:\(..|\[[^\]]*\]|.)"), ""),
     (re.compile(r"\\[&|^%:\ncdp),/]"), ""),
-    (re.compile(r"\\[-e]"), lambda m: "-" if m.group(0) == "\\-" else "\\"),
+    (re.compile(r"\\-"), "-"),
     (re.compile(r"\\[ ~0]"), " "),
     (re.compile(r"\\(.)"), r"\1"),
 ]
@@ -42,9 +42,10 @@ _PARA = {"PP", "LP", "P", "sp", "br", "Sp", "RE", "RS", "in", "ti"}
 
 def unescape(text: str) -> str:
     """Replace roff escapes in one line of text by plain characters."""
+    text = text.replace("\\\\", "\0").replace("\\e", "\0")  # literal backslashes, restored last
     for pat, rep in _ESCAPES:
         text = pat.sub(rep, text)
-    return text
+    return text.replace("\0", "\\")
 
 
 def _args(rest: str) -> list[str]:
