@@ -62,6 +62,23 @@ SOURCES: dict[str, dict] = {
     "python-setuptools-doc": _sphinx("python-setuptools-doc", "MIT", "The setuptools packaging library's documentation."),
     "python-werkzeug-doc": _sphinx("python-werkzeug-doc", "BSD-3-Clause", "The Werkzeug WSGI library's documentation."),
     "python-mpmath-doc": _sphinx("python-mpmath-doc", "BSD-3-Clause", "The mpmath arbitrary-precision library's documentation."),
+    # --- API reference pages that Sphinx generated (autodoc/autosummary: text only in the HTML)
+    "python-pandas-api": _html("python-pandas-doc", ["usr/share/doc/python-pandas-doc/html/reference/api/*.html",
+                                                     "usr/share/doc/python-pandas-doc/html/generated/*.html"],
+                               "BSD-3-Clause", "pandas' API reference (generated HTML pages)."),
+    "python-sklearn-api": _html("python-sklearn-doc", ["usr/share/doc/python-sklearn-doc/html/modules/generated/*.html",
+                                                       "usr/share/doc/python-sklearn-doc/html/auto_examples/**/*.html"],
+                                "BSD-3-Clause", "scikit-learn's API reference and examples (generated HTML pages)."),
+    "python-astropy-api": _html("python-astropy-doc", ["usr/share/doc/python-astropy-doc/html/api/*.html"],
+                                "BSD-3-Clause", "Astropy's API reference (generated HTML pages)."),
+    "python-statsmodels-api": _html("python-statsmodels-doc",
+                                    ["usr/share/doc/python-statsmodels-doc/html/generated/*.html",
+                                     "usr/share/doc/python-statsmodels-doc/html/examples/notebooks/generated/*.html"],
+                                    "BSD-3-Clause", "statsmodels' API reference and example notebooks (HTML)."),
+    "python-dask-api": _html("python-dask-doc", ["usr/share/doc/python-dask-doc/html/generated/*.html"],
+                             "BSD-3-Clause", "Dask's API reference (generated HTML pages)."),
+    "python-sympy-api": _html("python-sympy-doc", ["usr/share/doc/python-sympy-doc/html/modules/**/*.html"],
+                              "BSD-3-Clause", "SymPy's module reference (HTML, with the docstrings)."),
     # --- reStructuredText tree
     "linux-doc": {
         "package": "linux-source-6.1", "packages": ["linux-source-6.1"], "kind": "rst",

@@ -13,7 +13,7 @@ API pages that differ in one name.
 
 Quality: :func:`quality_problem` names why a document is dropped ("" when it is kept):
 too short, too few letters (tables of numbers, hex dumps), too few distinct lines
-(boilerplate), or very long lines (minified or generated data).
+(boilerplate), or mostly very long "words" (base64, minified or generated data).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ _WORD = re.compile(r"\w+")
 MIN_CHARS = 200
 MIN_ALPHA = 0.45  # letters / non-space characters
 MIN_DISTINCT_LINES = 0.3  # distinct non-empty lines / non-empty lines
-MAX_MEAN_LINE = 400  # characters per non-empty line
+MAX_LONG_WORDS = 0.25  # share of characters in whitespace-free runs of 40+ characters
 
 
 def normalize(text: str) -> str:
@@ -98,7 +98,7 @@ class Deduper:
 
 def quality_problem(text: str, min_chars: int = MIN_CHARS) -> str:
     """Why text fails the quality filter ("too short", "few letters", "repetitive",
-    "long lines"), or "" when it passes."""
+    "long words"), or "" when it passes."""
     if len(text) < min_chars:
         return "too short"
     compact = re.sub(r"\s", "", text)
@@ -107,6 +107,6 @@ def quality_problem(text: str, min_chars: int = MIN_CHARS) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) >= 10 and len(set(lines)) < MIN_DISTINCT_LINES * len(lines):
         return "repetitive"
-    if sum(map(len, lines)) / max(len(lines), 1) > MAX_MEAN_LINE:
-        return "long lines"
+    if sum(len(w) for w in text.split() if len(w) >= 40) > MAX_LONG_WORDS * len(compact):
+        return "long words"
     return ""

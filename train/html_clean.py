@@ -153,21 +153,23 @@ class _Converter(HTMLParser):
 
 
 def _main_marker(html: str):
-    """The first marker of MAIN_MARKERS that the page contains (cheap regex checks), else None."""
+    """(marker, offset of its tag) for the first marker of MAIN_MARKERS that the page holds, else (None, 0)."""
     for tag, key, value in MAIN_MARKERS:
         if key is None:
-            if re.search(rf"<{tag}[\s>]", html):
-                return (tag, key, value)
-        elif re.search(rf"<{tag or '[a-z]+'}\b[^>]*\b{key}=\"[^\"]*\b{value}\b", html):
-            return (tag, key, value)
-    return None
+            m = re.search(rf"<{tag}[\s>]", html)
+        else:
+            m = re.search(rf"<{tag or '[a-z]+'}\b[^>]*\b{key}=\"[^\"]*\b{value}\b", html)
+        if m:
+            return (tag, key, value), m.start()
+    return None, 0
 
 
 def clean_html(html: str) -> str:
     """Text of one HTML page (see the module docstring); ends in a newline, or "" when empty."""
-    conv = _Converter(_main_marker(html))
+    marker, start = _main_marker(html)
+    conv = _Converter(marker)
     try:
-        conv.feed(html)
+        conv.feed(html[start:])  # nothing before the main content's tag is kept: skip parsing it
         conv.close()
     except (AssertionError, ValueError):  # a broken page: keep what was converted so far
         pass

@@ -43,7 +43,9 @@ PROJECT_NAMES = {"python3.11-doc": "Python", "sphinx-doc": "Sphinx", "python-fla
                  "python-django-doc": "Django", "python-scipy-doc": "SciPy", "python-sqlalchemy-doc": "SQLAlchemy",
                  "postgresql-doc-15": "PostgreSQL", "debian-reference-en": "Debian", "debian-handbook": "Debian",
                  "nodejs-doc": "Node.js", "git-doc": "Git", "octave-doc": "GNU Octave", "bash-doc": "Bash",
-                 "openjdk-17-doc": "Java", "perl-doc": "Perl", "manpages": "Linux", "tool-manpages": "Linux"}
+                 "openjdk-17-doc": "Java", "perl-doc": "Perl", "manpages": "Linux", "tool-manpages": "Linux",
+                 "python-pandas-api": "pandas", "python-sklearn-api": "scikit-learn", "python-astropy-api": "Astropy",
+                 "python-statsmodels-api": "statsmodels", "python-dask-api": "Dask", "python-sympy-api": "SymPy"}
 MAN_SOURCES = {"perl-doc", "manpages", "tool-manpages"}  # manual pages: train.qa_pairs.man_pairs
 SKIP_PATHS = re.compile(r"(^|/)(whatsnew|changes|changelog)(/|\.|$)")  # change logs make poor answers
 MAX_ANSWER_CHARS = 700
