@@ -115,7 +115,7 @@ def test_quality_problem():
     assert quality_problem("short") == "too short"
     assert quality_problem("0x1f 0x2e 0x3d 12 34 56 " * 40) == "few letters"
     assert quality_problem("same line here\n" * 50) == "repetitive"
-    assert quality_problem("".join(f"QUJD{i:03d}" * 8 + " and\n" for i in range(10))) == "long words"
+    assert quality_problem("".join(f"QUJD{i:03d}" * 16 + " and\n" for i in range(10))) == "long words"
     assert quality_problem("word " * 200 + "\n") == ""  # one long line of prose (an HTML paragraph) is fine
     assert quality_problem(_text(5, 60).replace(" ", "\n", 30)) == ""
 

@@ -33,7 +33,7 @@ _WORD = re.compile(r"\w+")
 MIN_CHARS = 200
 MIN_ALPHA = 0.45  # letters / non-space characters
 MIN_DISTINCT_LINES = 0.3  # distinct non-empty lines / non-empty lines
-MAX_LONG_WORDS = 0.25  # share of characters in whitespace-free runs of 40+ characters
+MAX_LONG_WORDS = 0.25  # share of characters in whitespace-free runs of 80+ characters (API names stay below)
 
 
 def normalize(text: str) -> str:
@@ -107,6 +107,6 @@ def quality_problem(text: str, min_chars: int = MIN_CHARS) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) >= 10 and len(set(lines)) < MIN_DISTINCT_LINES * len(lines):
         return "repetitive"
-    if sum(len(w) for w in text.split() if len(w) >= 40) > MAX_LONG_WORDS * len(compact):
+    if sum(len(w) for w in text.split() if len(w) >= 80) > MAX_LONG_WORDS * len(compact):
         return "long words"
     return ""
