@@ -79,6 +79,8 @@ SOURCES: dict[str, dict] = {
                              "BSD-3-Clause", "Dask's API reference (generated HTML pages)."),
     "python-sympy-api": _html("python-sympy-doc", ["usr/share/doc/python-sympy-doc/html/modules/**/*.html"],
                               "BSD-3-Clause", "SymPy's module reference (HTML, with the docstrings)."),
+    "cmake-doc": _sphinx("cmake-doc", "BSD-3-Clause", "The CMake build system's documentation.",
+                         licence_file="usr/share/doc/cmake-data/copyright"),
     # --- reStructuredText tree
     "linux-doc": {
         "package": "linux-source-6.1", "packages": ["linux-source-6.1"], "kind": "rst",
@@ -118,6 +120,14 @@ SOURCES: dict[str, dict] = {
                                     r"serialized-form|help-doc|constant-values|search|index|new-list|"
                                     r"system-properties|external-specs)\.html$",
                             licence_file=_doc("openjdk-17-jre-headless")),
+    "sqlite3-doc": _html("sqlite3-doc", ["usr/share/doc/sqlite3/**/*.html"], "blessing",  # public domain
+                         "The SQLite documentation (SQL dialect, C interface, release notes).",
+                         exclude=r"(^|/)(sitemap|keyword_index|toc)\.html$"),
+    "erlang-doc": _html("erlang-doc", ["usr/share/doc/erlang-doc/**/*.html"], "Apache-2.0",
+                        "The Erlang/OTP documentation (reference manual, libraries).",
+                        exclude=r"(^|/)(java|js|index|search|release_notes)(/|\.html$)"),
+    "apache2-doc": _html("apache2-doc", ["usr/share/doc/apache2-doc/manual/en/**/*.html"], "Apache-2.0",
+                         "The Apache HTTP Server manual (English).", exclude=r"(^|/)(index|sitemap|quickreference)\.html$"),
     # --- manual pages
     "perl-doc": _man(["perl-doc"], "GPL-1.0-or-later OR Artistic-1.0-Perl",
                      "Perl's documentation (perlfunc, perlop, FAQs, core modules) as manual pages."),
@@ -125,4 +135,8 @@ SOURCES: dict[str, dict] = {
                      "The Linux man-pages project: system calls, library functions, files, conventions."),
     "tool-manpages": _man(TOOL_PACKAGES, "GPL-3.0-or-later AND GPL-2.0-or-later AND others (see licences/)",
                           "Manual pages of common command-line tools (coreutils, grep, tar, git, ssh, ...)."),
+    "libssl-doc": _man(["libssl-doc"], "Apache-2.0", "OpenSSL's API manual pages (libssl, libcrypto)."),
+    "systemd-man": _man(["systemd"], "LGPL-2.1-or-later", "systemd's manual pages (units, services, tools)."),
+    "tcl8.6-doc": _man(["tcl8.6-doc"], "TCL", "The Tcl 8.6 manual pages (commands and C API).",
+                       include=["usr/share/man/man3/*", "usr/share/man/mann/*"]),
 }

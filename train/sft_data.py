@@ -45,8 +45,11 @@ PROJECT_NAMES = {"python3.11-doc": "Python", "sphinx-doc": "Sphinx", "python-fla
                  "nodejs-doc": "Node.js", "git-doc": "Git", "octave-doc": "GNU Octave", "bash-doc": "Bash",
                  "openjdk-17-doc": "Java", "perl-doc": "Perl", "manpages": "Linux", "tool-manpages": "Linux",
                  "python-pandas-api": "pandas", "python-sklearn-api": "scikit-learn", "python-astropy-api": "Astropy",
-                 "python-statsmodels-api": "statsmodels", "python-dask-api": "Dask", "python-sympy-api": "SymPy"}
-MAN_SOURCES = {"perl-doc", "manpages", "tool-manpages"}  # manual pages: train.qa_pairs.man_pairs
+                 "python-statsmodels-api": "statsmodels", "python-dask-api": "Dask", "python-sympy-api": "SymPy",
+                 "cmake-doc": "CMake", "sqlite3-doc": "SQLite", "erlang-doc": "Erlang", "apache2-doc": "Apache httpd",
+                 "libssl-doc": "OpenSSL", "systemd-man": "systemd", "tcl8.6-doc": "Tcl"}
+# manual pages: their pairs come from train.qa_pairs.man_pairs
+MAN_SOURCES = {"perl-doc", "manpages", "tool-manpages", "libssl-doc", "systemd-man", "tcl8.6-doc"}
 SKIP_PATHS = re.compile(r"(^|/)(whatsnew|changes|changelog)(/|\.|$)")  # change logs make poor answers
 MAX_ANSWER_CHARS = 700
 MIN_ANSWER_CHARS = 80
