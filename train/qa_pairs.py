@@ -45,6 +45,7 @@ COMMAND_REVERSE = {"1": "Which command does this: {desc}?", "8": "Which administ
                    "2": "Which system call does this: {desc}?", "3": "Which C library function does this: {desc}?",
                    "3perl": "Which Perl module is this: {desc}?", "": "Which manual page is about this: {desc}?"}
 API_REVERSE = ("Which {project} function does this: {desc}?", "Name the {project} API that does this: {desc}?")
+NAME_REVERSE = ("Which {project} name is described as: {desc}?", "In {project}, what is this called: {desc}?")
 
 
 def _pick(options, *key: str) -> str:
@@ -185,6 +186,6 @@ def api_reverse_pairs(doc: dict, project: str, module: str = "") -> Iterator[dic
         name = m.group(1)
         full = f"{cur_module}.{name}" if cur_module and not name.startswith(cur_module + ".") else name
         call = "()" if m.group(2) else ""
-        q = _pick(API_REVERSE, doc.get("path", ""), full).format(project=project, desc=clause)
+        q = _pick(API_REVERSE if call else NAME_REVERSE, doc.get("path", ""), full).format(project=project, desc=clause)
         keys = list(dict.fromkeys([full, name]))
         yield _record(q, f"`{full}{call}`.", {"any_of": keys}, "api", f"api:{full}", doc)
