@@ -88,6 +88,8 @@ def test_clean_html_main_content_and_api_entries():
         assert noise not in out, noise
     assert clean_html("<html><body><nav>only nav</nav></body></html>") == ""
     assert clean_html("<p>no main marker: <b>kept</b></p>") == "no main marker: kept\n"
+    page = '<div id="page-header">Menu</div><div id="page-content"><p>Apache-style page text.</p></div>'
+    assert clean_html(page) == "Apache-style page text.\n"  # "page-content" is not the marker id "content"
 
 
 def _text(seed: int, n: int = 200) -> str:

@@ -158,7 +158,7 @@ def _main_marker(html: str):
         if key is None:
             m = re.search(rf"<{tag}[\s>]", html)
         else:
-            m = re.search(rf"<{tag or '[a-z]+'}\b[^>]*\b{key}=\"[^\"]*\b{value}\b", html)
+            m = re.search(rf"<{tag or '[a-z]+'}\b[^>]*\b{key}=\"([^\"]*\s)?{value}[\s\"]", html)  # a whole class/id
         if m:
             return (tag, key, value), m.start()
     return None, 0
