@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Issue 17 on one GPU: MoE vs its dense twin at equal active parameters, one epoch of the ~55M-token
-# corpus, all four stages (pretrain -> midtrain -> sft -> qat), for each SIZE and SEED; then the
-# candidate bundled model (mobilemoe-small, ~45M params, bf16 ~90 MB) exported to OUT/default-model.
+# Issue 17 on one GPU: MoE vs its dense twin at equal active parameters, one epoch of the ~52M-token
+# corpus, all four stages (pretrain -> midtrain -> sft -> qat), for each SIZE and SEED; or (BUNDLED=1) the
+# candidate bundled model alone (mobilemoe-small, ~45M params, bf16 ~90 MB), exported to OUT/default-model.
 #
 #   train/issue17_runs.sh OUT [sizes] [seeds]      e.g. train/issue17_runs.sh runs/i17 "mini 50m" "0 1"
 #   BUNDLED=1 train/issue17_runs.sh OUT            the bundled-model run only
 #
 # Needs data/corpus (python -m train.corpus) and data/sft (python -m train.sft_data); set CORPUS/SFT
-# to use others. The MoE and the dense twin of one size and seed train at the same time on the GPU.
+# to use others, TOKENIZER for another tokenizer.json (default: train/runs/issue17/tokenizer-8192.json).
+# The MoE and the dense twin of one size and seed train at the same time on the GPU.
 # Pre-training: epochs=1 (each token seen once); mid-training anneals on 5M tokens of the quality
 # subset (a ~9% second look at data already seen); SFT one epoch of data/sft/train.jsonl; QAT 2M tokens.
 # Every stage checkpoints every 200 steps; rerun the same command with RESUME=1 after an interruption.
@@ -19,6 +20,8 @@ SEEDS=${3:-0}
 PY=${PYTHON:-python3}
 CORPUS=${CORPUS:-data/corpus}
 SFT=${SFT:-data/sft}
+TOKENIZER=${TOKENIZER:-train/runs/issue17/tokenizer-8192.json}  # BPE 8192 retrained on the new corpus
+QA_LIMIT=${QA_LIMIT:-500}  # held-out questions for the exact-answer check
 LIMIT=${TIME_LIMIT:-0}
 mkdir -p "$OUT"
 
@@ -36,7 +39,8 @@ lr_of() {  # peak pre-training LR by size (smaller models take larger steps)
 
 run() {  # run MODEL SEED DIR [extra args...]
   local model=$1 seed=$2 dir=$3; shift 3
-  local a=(--model "$model" --out "$dir" --corpus "$CORPUS" --sft-data "$SFT"
+  local a=(--model "$model" --out "$dir" --corpus "$CORPUS" --sft-data "$SFT" --qa-limit "$QA_LIMIT"
+           --set "all.tokenizer=$TOKENIZER"
            --set "all.seed=$seed" --set "pretrain.lr=$(lr_of "$model")" --set "midtrain.lr=$(lr_of "$model")")
   for s in "${SETS[@]}"; do a+=(--set "$s"); done
   [ "${RESUME:-0}" = 1 ] && a+=(--resume)
