@@ -68,7 +68,8 @@ def check_answer(answer: str, check: dict) -> bool:
 
 
 def read_qa(path, limit: int = 0) -> list[dict]:
-    """Records with a "check" from a JSONL file (first `limit` of them when limit > 0)."""
+    """Records with a "check" from a JSONL file; with limit > 0, `limit` of them spread evenly over the
+    file (the file is ordered by source: the first records alone would all come from one source)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -78,10 +79,10 @@ def read_qa(path, limit: int = 0) -> list[dict]:
             if "check" not in rec or "messages" not in rec:
                 raise ValueError(f"{path}:{n}: expected a record with 'messages' and 'check' (train.sft_data output)")
             out.append(rec)
-            if limit and len(out) >= limit:
-                break
     if not out:
         raise ValueError(f"{path}: no question/answer records")
+    if 0 < limit < len(out):
+        out = [out[i * len(out) // limit] for i in range(limit)]
     return out
 
 

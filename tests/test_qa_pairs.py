@@ -143,6 +143,8 @@ def test_exact_answer_rate_and_build_sft_data(tmp_path):
     res = exact_answer_rate(lambda q: oracle[q], qa)
     assert res["rate"] == 1.0 and res["n"] == len(qa) and len(res["samples"]) == min(5, len(qa))
     assert exact_answer_rate(lambda q: "no idea", qa)["rate"] == 0.0
+    two = read_qa(tmp_path / "sft" / "heldout_qa.jsonl", limit=2)  # spread over the file, in order
+    assert len(two) == 2 and two[0] == qa[0] and two[1] == qa[len(qa) // 2]
     with pytest.raises(ValueError, match="'check'"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"messages": []}) + "\n")
