@@ -255,6 +255,27 @@ PRESETS: dict[str, MobileMoEConfig] = {
     "mobilemoe-tiny-dense": _moe("mobilemoe-tiny-dense", vocab_size=8192, hidden_size=256, num_layers=4,
                                  num_heads=4, num_kv_heads=2, head_dim=64, num_experts=0, top_k=0,
                                  expert_hidden=0, shared_expert_hidden=0, ffn_hidden=448, max_seq_len=1024),
+    # Issue 17's MoE-vs-dense pairs on the ~55M-token corpus (vocab 8192, 1024 context). Each dense twin
+    # has the MoE's active parameters per token (FFN = shared expert + top_k x expert width).
+    # mini: ~22M total / ~10M active.
+    "mobilemoe-mini": _moe("mobilemoe-mini", vocab_size=8192, hidden_size=384, num_layers=6,
+                           num_heads=6, num_kv_heads=2, head_dim=64, num_experts=16, top_k=2,
+                           expert_hidden=128, shared_expert_hidden=384, max_seq_len=1024),
+    "mobilemoe-mini-dense": _moe("mobilemoe-mini-dense", vocab_size=8192, hidden_size=384, num_layers=6,
+                                 num_heads=6, num_kv_heads=2, head_dim=64, num_experts=0, top_k=0,
+                                 expert_hidden=0, shared_expert_hidden=0, ffn_hidden=640, max_seq_len=1024),
+    # 50m: ~55M total / ~22M active (16 experts of 192, top-2, shared 512).
+    "mobilemoe-50m": _moe("mobilemoe-50m", vocab_size=8192, hidden_size=512, num_layers=8,
+                          num_heads=8, num_kv_heads=4, head_dim=64, num_experts=16, top_k=2,
+                          expert_hidden=192, shared_expert_hidden=512, max_seq_len=1024),
+    # small: the next bundled default model candidate, 50m with 12 experts: ~45M total (bf16 ~90 MB),
+    # the same ~22M active, so mobilemoe-small-dense is the twin of both.
+    "mobilemoe-small": _moe("mobilemoe-small", vocab_size=8192, hidden_size=512, num_layers=8,
+                            num_heads=8, num_kv_heads=4, head_dim=64, num_experts=12, top_k=2,
+                            expert_hidden=192, shared_expert_hidden=512, max_seq_len=1024),
+    "mobilemoe-small-dense": _moe("mobilemoe-small-dense", vocab_size=8192, hidden_size=512, num_layers=8,
+                                  num_heads=8, num_kv_heads=4, head_dim=64, num_experts=0, top_k=0,
+                                  expert_hidden=0, shared_expert_hidden=0, ffn_hidden=896, max_seq_len=1024),
     # Test presets: seconds to build and run.
     "test-moe": _moe("test-moe", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, num_experts=8, top_k=2, expert_hidden=32,

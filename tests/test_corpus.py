@@ -1,6 +1,7 @@
 """train.corpus / train.rst_clean on small fake Sphinx trees: no apt, dpkg or network needed."""
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,14 @@ def _fake_tree(root: Path, docs: dict[str, str]) -> Path:
 
 
 def _docs(n: int) -> dict[str, str]:
-    body = "Some prose about Python, repeated so that the document is long enough. " * 4
-    docs = {f"sec{i % 3}/page{i}.rst.txt": f"Page {i}\n=======\n\n{body}\n" for i in range(n)}
+    """n distinct pages (the corpus drops exact and near duplicates, so each page has its own words)."""
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+
+    def body(i: int) -> str:
+        rng = random.Random(i)
+        return " ".join(rng.choice(words) + rng.choice(words) for _ in range(60)) + "."
+
+    docs = {f"sec{i % 3}/page{i}.rst.txt": f"Page {i}\n=======\n\n{body(i)}\n" for i in range(n)}
     docs["tiny.rst.txt"] = ".. toctree::\n\n   a\n"  # empty after clean-up: dropped
     return docs
 

@@ -14,7 +14,9 @@ finished stages and resumes the interrupted one.
 
 report.json: per stage the summary (tokens, losses), and held-out losses of every stage's final
 model on the text held-out split, plus float vs INT4 (dequant(quantize(w))) for sft (post-training
-quantization, no QAT) and qat.
+quantization, no QAT) and qat; "exact_answers": greedy answers of sft and qat (float, INT4) to the
+held-out questions of sft-data/heldout_qa.jsonl (--qa-limit of them), checked by
+mobilemoe.answer_check (rate, per kind, samples).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mobilemoe.answer_check import evaluate_checkpoint as evaluate_answers
 from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
 from mobilemoe.tokenizer import load_tokenizer
 from train.evaluate import evaluate_checkpoint
@@ -74,8 +77,10 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def report(cfgs: dict[str, StageConfig], out: Path, device: str) -> dict:
-    """Held-out losses of every stage's final model (float32 math), float vs INT4 for sft and qat."""
+def report(cfgs: dict[str, StageConfig], out: Path, device: str, qa_limit: int = 300) -> dict:
+    """Held-out losses of every stage's final model (float32 math), float vs INT4 for sft and qat;
+    and, when the SFT data has heldout_qa.jsonl, the exact-answer rate of sft and qat (float, INT4)
+    on its first qa_limit questions (mobilemoe.answer_check)."""
     text = cfgs["pretrain"].heldout_data
     seq = cfgs["pretrain"].seq_len
     chat = cfgs["sft"].heldout_data
@@ -91,6 +96,15 @@ def report(cfgs: dict[str, StageConfig], out: Path, device: str) -> dict:
                 rep["heldout_chat"][key] = evaluate_checkpoint(final, chat, "examples", cfg.seq_len, int4,
                                                                device=device, cache_dir=cfg.cache_dir)["loss"]
     rep["tokens"] = {n: s["tokens"] for n, s in rep["stages"].items()}
+    qa = Path(chat[0]).with_name("heldout_qa.jsonl") if chat else None
+    if qa is not None and qa.is_file() and qa_limit > 0:  # exact answers on held-out questions (greedy)
+        rep["exact_answers"] = {}
+        for name in CHAT_STAGES:
+            final = Path(cfgs[name].out_dir) / "final"
+            for int4 in (False, True):
+                res = evaluate_answers(final, qa, qa_limit, device=device, int4=int4)
+                rep["exact_answers"][f"{name}{'_int4' if int4 else ''}"] = {
+                    k: res[k] for k in ("rate", "n", "by_kind", "samples")}
     return rep
 
 
@@ -117,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--export", type=Path, help="write the final (QAT) model here as bf16 + tokenizer")
     p.add_argument("--compare-with", type=Path, help="another pipeline --out: joint loss plot + table")
     p.add_argument("--device", default="auto")
+    p.add_argument("--qa-limit", type=int, default=300, help="held-out questions for the exact-answer check (0: skip)")
     a = p.parse_args(argv)
 
     d = init_dist(a.device)  # once for all stages (a no-op without torchrun)
@@ -141,12 +156,14 @@ def main(argv=None) -> int:
             run_stage(cfg, STAGES[name][1]())
         if d.main and wanted == list(STAGES):
             device = "cuda" if d.device.type == "cuda" else "cpu"
-            rep = report(cfgs, a.out, device)
+            rep = report(cfgs, a.out, device, a.qa_limit)
             (a.out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
             curves = stage_curves({n: Path(c.out_dir) for n, c in cfgs.items()})
             plot_losses(curves, a.out / "loss.png", f"pipeline: {a.model}")
             print(json.dumps({"tokens": rep["tokens"], "heldout_text": rep["heldout_text"],
-                              "heldout_chat": rep["heldout_chat"]}, indent=1))
+                              "heldout_chat": rep["heldout_chat"],
+                              "exact_answers": {k: v["rate"] for k, v in rep.get("exact_answers", {}).items()}},
+                             indent=1))
             if a.export:
                 final = Path(cfgs["qat"].out_dir) / "final"
                 save_checkpoint(load_checkpoint(final), a.export, tokenizer=load_tokenizer(final),

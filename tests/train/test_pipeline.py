@@ -21,7 +21,7 @@ def test_four_stages_with_falling_loss_and_export(corpus_dir, tokenizer_path, tm
             "all.seq_len=64", "all.batch_size=4", "all.eval_tokens=512", "all.log_every=2",
             "all.eval_every=10", "all.ckpt_every=10", "all.warmup_steps=3",
             "pretrain.max_steps=40", "midtrain.max_steps=10", "sft.max_steps=16", "qat.max_steps=6",
-            "sft.lr=2e-3"]
+            "sft.lr=2e-3", "qat.eval_tokens=0"]  # qat: all held-out chats, as the report
     args = ["--model", "test-moe", "--corpus", str(corpus_dir), "--out", str(out), "--export", str(export)]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
 
@@ -42,6 +42,9 @@ def test_four_stages_with_falling_loss_and_export(corpus_dir, tokenizer_path, tm
     assert abs(qat["eval_loss_int4"] - rep["heldout_chat"]["qat_int4"]) < 0.05  # bf16 autocast-free on CPU
     assert rep["heldout_chat"]["qat_int4"] < _evals(out / "sft")[0]  # still far better than before SFT
     assert (out / "loss.png").is_file() and (out / "sft-data" / "train.jsonl").is_file()
+    ex = rep["exact_answers"]  # greedy answers to sft-data/heldout_qa.jsonl, checked (mobilemoe.answer_check)
+    assert set(ex) == {"sft", "sft_int4", "qat", "qat_int4"}
+    assert all(0 <= v["rate"] <= 1 and v["n"] > 0 and v["samples"] for v in ex.values())
 
     # the exported default-model layout: bf16 safetensors + tokenizer, generates
     with safe_open(str(export / "model.safetensors"), "pt") as f:
