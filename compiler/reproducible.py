@@ -1,55 +1,38 @@
 """What of an artifact is byte-reproducible, and a tool to see where two builds' lib.so differ.
 
 Rebuilding the same checkpoint with the same target and options gives byte-identical
-params.safetensors, config.json, tokenizer files and manifest fields, and a lib.so whose kernels are
-identical. Not byte-stable (TVM 0.27, measured): the Relax VM shape functions (`shape_func*`, a few
-stores each that compute symbolic shapes on the host) come out of TVM's LLVM code generation with
-their stores in a different order from run to run, although the TIR given to LLVM is identical
-(every IR dump of two builds compares equal); the lib's GNU build id, a hash of its contents,
-follows. The manifest records this under "reproducibility", and `differing_symbols` (used by the
-test that builds twice) checks that nothing else differs.
+params.safetensors, config.json, tokenizer files and manifest fields, and the same program: the IR
+handed to code generation is identical (every `--dump-ir` file of two builds compares equal; its
+structural hash is the manifest's "program_hash"). Not byte-stable (TVM 0.27, measured): lib.so.
+TVM's LLVM code generation emits the same IR with a different layout from run to run (the Relax VM
+shape functions' stores reordered, sometimes functions placed differently), and the GNU build id
+follows. The manifest says so under "reproducibility"; the test that builds twice checks everything
+else, the program hash and lib.so's exported symbols.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-UNSTABLE = {
-    "unstable": ["lib.so"],
-    "unstable_functions": ["__tvm_ffi_shape_func", "shape_func_compute_", "__tvm_ffi_shape_func1",
-                           "shape_func1_compute_"],
-    "why": ("TVM 0.27's LLVM code generation orders the stores of the Relax VM shape functions "
-            "differently from run to run (same TIR in, see compiler/reproducible.py); every other byte of "
-            "lib.so and every other file is identical across rebuilds"),
-}
+WHY = ("TVM 0.27's LLVM code generation lays out the host code differently from run to run (seen in the "
+       "Relax VM shape functions' store order and in function placement) although the IR given to it is identical; "
+       "'program_hash' (the structural hash of that IR) is identical across rebuilds, and so is every other file")
 
 
-def differing_symbols(a: Path, b: Path) -> list[str]:
-    """Names of the functions (or sections, where no symbol covers the bytes) in which two builds of
-    one ELF shared object differ; [] when they are byte-identical. Needs equal section layouts."""
+def reproducibility(program_hash: str) -> dict:
+    """The manifest's "reproducibility" field: what a rebuild does not reproduce byte for byte, and why."""
+    return {"unstable": ["lib.so"], "why": WHY, "program_hash": program_hash}
+
+
+def program_hash(mod) -> str:
+    """Structural hash of the module given to code generation: equal IR, equal hash, in any process."""
+    import tvm_ffi
+    return f"{tvm_ffi.structural_hash(mod) & (2**64 - 1):016x}"
+
+
+def exported_symbols(path: Path) -> list[str]:
+    """The names an ELF shared object exports (its kernels and entry points), sorted."""
     from elftools.elf.elffile import ELFFile  # test/diagnostic use only: pyelftools is a test extra
 
-    da, db = Path(a).read_bytes(), Path(b).read_bytes()
-    if da == db:
-        return []
-    if len(da) != len(db):
-        return ["<file size>"]
-    with open(a, "rb") as f:
-        elf = ELFFile(f)
-        ranges = []
-        for sym in (elf.get_section_by_name(".symtab") or elf.get_section_by_name(".dynsym")).iter_symbols():
-            sec = sym["st_shndx"]
-            if sym["st_size"] and isinstance(sec, int):
-                s = elf.get_section(sec)
-                off = s["sh_offset"] + sym["st_value"] - s["sh_addr"]
-                ranges.append((off, off + sym["st_size"], sym.name))
-        sections = [(s["sh_offset"], s["sh_offset"] + s["sh_size"], s.name) for s in elf.iter_sections()
-                    if s["sh_type"] != "SHT_NOBITS"]
-    names = set()
-    diff = np.nonzero(np.frombuffer(da, np.uint8) != np.frombuffer(db, np.uint8))[0]
-    for i in diff.tolist():
-        hit = next((n for lo, hi, n in ranges if lo <= i < hi), None)
-        hit = hit or next((n for lo, hi, n in sections if lo <= i < hi), f"<offset {i:#x}>")
-        names.add(hit)
-    return sorted(names)
+    with open(path, "rb") as f:
+        dynsym = ELFFile(f).get_section_by_name(".dynsym")
+        return sorted(s.name for s in dynsym.iter_symbols() if s.name and s["st_shndx"] != "SHN_UNDEF")
