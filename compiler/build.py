@@ -7,8 +7,9 @@
                                   activations where the CPU has a dot instruction)
         [--dump-ir DIR]           IR after every pass (TVM's DumpIR instrument) + pass timings
         [--tuning-db DIR]         apply a MetaSchedule database (compiler.tune)
-        [--kv-cache inplace|grow] decode's KV cache: fixed capacity written in place (default,
-                                  mobilemoe/kv_cache.py) or the grown copies of each step
+        [--kv-cache inplace|grow] decode's KV cache: fixed capacity written in place (default on CPU
+                                  targets, mobilemoe/kv_cache.py) or the grown copies of each step
+                                  (default on GPU targets: the in-place kernels have CPU schedules only)
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
                                   (for speed measurements of paper-scale models)
         [--fallback onnx]         if the TVM build fails, write an ONNX Runtime artifact instead
@@ -63,7 +64,7 @@ def _entry_signature(func) -> dict:
 
 def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | None = None,
                   tuning_db: str | None = None, progress=None, random_weights: bool = False,
-                  report: dict | None = None, kv_cache: str = "inplace"):
+                  report: dict | None = None, kv_cache: str | None = None):
     """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases).
 
     The executable is a tvm Executable; params are the packed parameters every entry point takes.
@@ -80,6 +81,11 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
 
     spec = get_target(target_name)
     spec.check_toolchain()
+    if kv_cache is None:  # the in-place cache kernels (compiler/kernels/kv_cache.py) have CPU schedules only
+        kv_cache = "inplace" if spec.lowering == "cpu" else "grow"
+    elif kv_cache == "inplace" and spec.lowering != "cpu":
+        raise TargetError(f"--kv-cache inplace: its kernels (compiler/kernels/kv_cache.py) have CPU schedules only; "
+                          f"target '{target_name}' lowers for {spec.lowering}: use --kv-cache grow")
     target = spec.tvm_target()
     report = {} if report is None else report
     opts = PipelineOptions(quant=quant, tuning_db=tuning_db, lowering=spec.lowering, gpu_rules=spec.gpu_rules,
@@ -153,7 +159,7 @@ def shape_only_model(preset: str):
 def build(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
           dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
           preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None,
-          kv_cache: str = "inplace") -> Path:
+          kv_cache: str | None = None) -> Path:
     """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights.
 
     target "onnx": the ONNX Runtime artifact; any other: TVM (build_tvm). fallback="onnx": when the
@@ -186,7 +192,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
 
 def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None, quant: str = "int4",
               dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
-              preset: str | None = None, kv_cache: str = "inplace") -> Path:
+              preset: str | None = None, kv_cache: str | None = None) -> Path:
     """The TVM artifact for `target_name` (see the module docstring for the steps)."""
     import tvm
 
@@ -258,8 +264,9 @@ def main(argv=None):
                         "(AVX512-VNNI, arm64 dotprod), else fp32; int4-f32: INT4 weights, fp32 activations; "
                         "none: float32")
     p.add_argument("--dump-ir", type=Path, default=None)
-    p.add_argument("--kv-cache", choices=["inplace", "grow"], default="inplace",
-                   help="decode's KV cache: fixed capacity written in place (default) or grown copies each step")
+    p.add_argument("--kv-cache", choices=["inplace", "grow"], default=None,
+                   help="decode's KV cache: fixed capacity written in place (default on CPU targets) or grown copies "
+                        "each step (default on GPU targets)")
     p.add_argument("--tuning-db", type=str, default=None)
     p.add_argument("--fallback", choices=[ONNX_TARGET], default=None,
                    help="if the TVM build fails, write an ONNX Runtime artifact instead (saying why)")

@@ -49,6 +49,13 @@ def pocl():
     return ctx
 
 
+def test_inplace_kv_cache_is_refused_on_gpu_targets(model):
+    from compiler.build import compile_model
+    from targets import TargetError
+    with pytest.raises(TargetError, match="--kv-cache inplace: .* CPU schedules only; target 'android-adreno'"):
+        compile_model(model, "android-adreno", random_weights=True, kv_cache="inplace")
+
+
 def test_specs_are_opencl_with_an_android_host():
     for name, device in (("android-adreno", "adreno"), ("android-mali", "mali")):
         spec = get_target(name)
