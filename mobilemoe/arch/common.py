@@ -73,6 +73,12 @@ class HFConfig:
         if in_use and window and window < max_seq_len:
             raise self.error("sliding_window", f"is {window} (in use); supported: none (full attention only)")
 
+    def moe_fields(self, hidden: str, aux_default: float, experts=("num_experts", "num_local_experts")) -> dict:
+        """The routed-expert fields every MoE family reads: count, top-k, width, load-balancing coef."""
+        return {"num_experts": int(self.require(*experts)), "top_k": int(self.require("num_experts_per_tok")),
+                "expert_hidden": int(self.require(hidden)),
+                "router_aux_loss_coef": float(self.get("router_aux_loss_coef", aux_default))}
+
     def llama_fields(self) -> dict:
         """MobileMoEConfig fields every Llama-shaped family shares."""
         hidden, heads = int(self.require("hidden_size")), int(self.require("num_attention_heads"))
@@ -119,6 +125,17 @@ def experts_map(ours: str, hf: str, num_experts: int, names=("gate_proj", "up_pr
     """Our stacked experts (ours.w1/w3/w2 [E, ...]) from per-expert HF Linear layers hf.{e}.<name>."""
     return {f"{ours}.{w}": Stack(tuple(f"{hf}.{e}.{n}.weight" for e in range(num_experts)))
             for w, n in zip(("w1", "w3", "w2"), names)}
+
+
+def routed_moe_map(cfg, layer: str, router: str, experts: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
+    """Base map + each layer's router and per-expert SwiGLU weights; `layer` is formatted with the
+    layer index, `router` and `experts` are HF names under it."""
+    m = base_tensor_map(cfg)
+    for i in range(cfg.num_layers):
+        p, q = layer.format(i), f"layers.{i}.moe"
+        m[q + ".router.weight"] = p + router
+        m.update(experts_map(q, p + experts, cfg.num_experts, names))
+    return m
 
 
 def rope_parameters(cfg) -> dict:

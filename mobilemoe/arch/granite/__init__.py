@@ -25,11 +25,9 @@ def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
     bias = bool(c.get("attention_bias", False))
     return MobileMoEConfig.from_dict(dict(
         name=model_type, arch=model_type, **c.llama_fields(),
-        num_experts=int(c.require("num_local_experts")), top_k=int(c.require("num_experts_per_tok")),
-        expert_hidden=int(c.require("intermediate_size")),
+        **c.moe_fields("intermediate_size", 0.01, experts=("num_local_experts",)),
         shared_expert_hidden=int(c.get("shared_intermediate_size", 0)) if model_type == "granitemoeshared" else 0,
         qkv_bias=bias, o_bias=bias, router="topk_softmax",
-        router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.01)),
         embedding_multiplier=float(c.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(c.get("residual_multiplier", 1.0)),
         attention_multiplier=float(c.get("attention_multiplier", 1.0)),

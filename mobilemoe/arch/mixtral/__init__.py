@@ -9,27 +9,20 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields
+from ..common import HFConfig, llama_hf_fields, routed_moe_map
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
     c = HFConfig(raw, source)
     return MobileMoEConfig.from_dict(dict(
         name="mixtral", arch="mixtral", **c.llama_fields(),
-        num_experts=int(c.require("num_local_experts", "num_experts")), top_k=int(c.require("num_experts_per_tok")),
-        expert_hidden=int(c.require("intermediate_size")), shared_expert_hidden=0,
-        router="softmax_topk", norm_topk_prob=True,
-        router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)),
+        **c.moe_fields("intermediate_size", 0.001, experts=("num_local_experts", "num_experts")),
+        shared_expert_hidden=0, router="softmax_topk", norm_topk_prob=True,
     ), source)
 
 
 def tensor_map(cfg: MobileMoEConfig) -> dict:
-    m = base_tensor_map(cfg)
-    for i in range(cfg.num_layers):
-        p, q = f"model.layers.{i}.block_sparse_moe.", f"layers.{i}.moe"
-        m[q + ".router.weight"] = p + "gate.weight"
-        m.update(experts_map(q, p + "experts", cfg.num_experts, names=("w1", "w3", "w2")))
-    return m
+    return routed_moe_map(cfg, "model.layers.{}.block_sparse_moe.", "gate.weight", "experts", names=("w1", "w3", "w2"))
 
 
 def hf_config(cfg: MobileMoEConfig, dtype) -> dict:

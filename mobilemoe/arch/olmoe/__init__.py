@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields
+from ..common import HFConfig, llama_hf_fields, routed_moe_map
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
@@ -19,21 +19,14 @@ def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
     bias = bool(c.get("attention_bias", False))
     return MobileMoEConfig.from_dict(dict(
         name="olmoe", arch="olmoe", **c.llama_fields(),
-        num_experts=int(c.require("num_experts", "num_local_experts")), top_k=int(c.require("num_experts_per_tok")),
-        expert_hidden=int(c.require("intermediate_size")), shared_expert_hidden=0,
+        **c.moe_fields("intermediate_size", 0.01), shared_expert_hidden=0,
         qkv_bias=bias, o_bias=bias, qk_norm="proj", router="softmax_topk",
         norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-        router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.01)),
     ), source)
 
 
 def tensor_map(cfg: MobileMoEConfig) -> dict:
-    m = base_tensor_map(cfg)
-    for i in range(cfg.num_layers):
-        p, q = f"model.layers.{i}.mlp.", f"layers.{i}.moe"
-        m[q + ".router.weight"] = p + "gate.weight"
-        m.update(experts_map(q, p + "experts", cfg.num_experts))
-    return m
+    return routed_moe_map(cfg, "model.layers.{}.mlp.", "gate.weight", "experts")
 
 
 def hf_config(cfg: MobileMoEConfig, dtype) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ...config import MobileMoEConfig
 from .. import Family
-from ..common import HFConfig, base_tensor_map, experts_map, llama_hf_fields, swiglu_map
+from ..common import HFConfig, llama_hf_fields, routed_moe_map, swiglu_map
 
 
 def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
@@ -30,20 +30,16 @@ def config_from_hf(raw: dict, source: str) -> MobileMoEConfig:
         qk_norm, shared = "head", 0
     return MobileMoEConfig.from_dict(dict(
         name=model_type, arch=model_type, **c.llama_fields(),
-        num_experts=int(c.require("num_experts", "num_local_experts")), top_k=int(c.require("num_experts_per_tok")),
-        expert_hidden=int(c.require("moe_intermediate_size")), shared_expert_hidden=shared,
+        **c.moe_fields("moe_intermediate_size", 0.001), shared_expert_hidden=shared,
         shared_expert_gate=shared > 0, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
         router="softmax_topk", norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-        router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)),
     ), source)
 
 
 def tensor_map(cfg: MobileMoEConfig) -> dict:
-    m = base_tensor_map(cfg)
+    m = routed_moe_map(cfg, "model.layers.{}.mlp.", "gate.weight", "experts")
     for i in range(cfg.num_layers):
         p, q = f"model.layers.{i}.mlp.", f"layers.{i}.moe"
-        m[q + ".router.weight"] = p + "gate.weight"
-        m.update(experts_map(q, p + "experts", cfg.num_experts))
         if cfg.shared_expert_hidden:
             m.update(swiglu_map(q + ".shared", p + "shared_expert"))
             m[q + ".shared_gate.weight"] = p + "shared_expert_gate.weight"
