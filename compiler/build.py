@@ -37,7 +37,7 @@ from targets import TARGETS, TargetError, get_target
 
 from .artifact import ArtifactError, write_artifact
 from .importer import ENTRY_POINTS, ImportError_, import_model
-from .reproducible import program_hash, reproducibility
+from .reproducible import reproducibility
 from .tuning_db import TuningDBError
 from .onnx_export import TARGET_NAME as ONNX_TARGET
 from .onnx_export import OnnxExportError, build_onnx
@@ -104,7 +104,6 @@ def compile_model(model, target_name: str, quant: str = "int4", dump_ir: Path | 
     with tvm.transform.PassContext(opt_level=3, instruments=instruments):
         step("graph passes")
         mod = graph_phases(opts)(mod)
-        report["program_hash"] = program_hash(mod)
         names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
         transforms = {e: get_transforms(mod[e]) for e in ENTRY_POINTS}
         entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
@@ -241,7 +240,7 @@ def build_tvm(checkpoint: Path | None, target_name: str, out: Path | None = None
         "config": cfg.to_dict(),
         "weights": "random (shape-only build)" if preset else "checkpoint",
         "tuning": report.get("tuning"),  # records applied from --tuning-db (None: untuned)
-        "reproducibility": reproducibility(report["program_hash"]),  # what a rebuild does not reproduce, and why
+        "reproducibility": reproducibility(),  # what a rebuild does not reproduce, and why
     }
     path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
                           manifest=manifest, checkpoint_dir=Path(checkpoint) if checkpoint else None)

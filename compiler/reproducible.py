@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 WHY = ("TVM 0.27's LLVM code generation lays out the host code differently from run to run (seen in the "
-       "Relax VM shape functions' store order and in function placement) although the IR given to it is identical; "
-       "'program_hash' (the structural hash of that IR) is identical across rebuilds, and so is every other file")
+       "Relax VM shape functions' store order and in function placement), and the IR handed to it is not always "
+       "structurally identical either; every other file is identical across rebuilds")
 
 
-def reproducibility(program_hash: str) -> dict:
+def reproducibility() -> dict:
     """The manifest's "reproducibility" field: what a rebuild does not reproduce byte for byte, and why."""
-    return {"unstable": ["lib.so"], "why": WHY, "program_hash": program_hash}
+    return {"unstable": ["lib.so"], "why": WHY}
 
 
 def program_hash(mod) -> str:

@@ -95,7 +95,6 @@ def test_build_is_reproducible_and_quiet(two_builds):
             assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
     strip = [{**x, "files": {k: v for k, v in x["files"].items() if k not in unstable}} for x in m]
     assert strip[0] == strip[1]
-    assert len(m[0]["reproducibility"]["program_hash"]) == 16  # compared with the rest of the manifest above
     syms = exported_symbols(outs[0] / "lib.so")
     assert syms == exported_symbols(outs[1] / "lib.so") and any("fused" in n for n in syms)
 
