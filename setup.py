@@ -14,9 +14,9 @@ INSTALL_REQUIRES = [
     "cloudpickle",
     "psutil",
     "matplotlib",
-    "scipy",  # mobilemoe.scaling fit (L-BFGS-B); threadpoolctl, when present, keeps its BLAS on one thread
+    "scipy",  # train.scaling fit (L-BFGS-B); threadpoolctl, when present, keeps its BLAS on one thread
     "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
-    "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/onnx_graph.py)
+    "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/backends/onnx_graph.py)
     "ziglang==0.17.1",  # zig cc = clang + lld in a wheel: links android-arm64 / linux-arm64 .so (no system toolchain)
     "onnxruntime==1.32.0",  # CPU contrib ops QMoE (router_weights input), MatMulNBits, GQA verified on 1.32
 ]
@@ -25,6 +25,7 @@ EXTRAS = {
     "test": [
         "pytest",
         "pytest-timeout",
+        "import-linter",  # tests/test_layering.py: the package layering (.importlinter)
         "pyelftools",  # compiler.reproducible.differing_symbols: where two builds' lib.so differ
         "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints
         # OpenCL kernels of android-adreno/-mali compiled and run on POCL (tests/compiler/pocl_runner.py)
@@ -33,7 +34,7 @@ EXTRAS = {
     ],
     # mobilemoe.lm_eval_adapter; lm-eval itself needs no torch (its [hf] extra would pull one)
     "eval": ["lm-eval>=0.4.13,<0.5"],
-    # --target mlir (compiler/mlir_export.py) and its IREE runtime; no torch dependency of their own
+    # --target mlir (compiler/backends/mlir.py) and its IREE runtime; no torch dependency of their own
     # (torch-mlir 20261001 works with torch 2.13). Wheels: ~80 + ~84 + ~15 MB, ~690 MB installed.
     "mlir": ["torch-mlir==20261001", "iree-base-compiler==3.13.0", "iree-base-runtime==3.13.0"],
 }
@@ -42,7 +43,7 @@ setup(
     name="mobilemoe",
     version="0.1.0",
     description=__doc__,
-    packages=find_packages(include=["mobilemoe*", "compiler*", "passes*", "targets*", "train*"]),
+    packages=find_packages(include=["mobilemoe*", "kernels*", "compiler*", "passes*", "targets*", "train*"]),
     package_data={"mobilemoe": ["assets/*", "assets/**/*"], "targets": ["*.json", "*.sh"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

@@ -3,11 +3,9 @@
 - cached builds: `cached_artifact` builds an artifact once into a work directory (in a subprocess,
   holding /tmp/mobilemoe-big.lock for paper-size models) and reuses it while its manifest and the
   compiler sources still match;
-- threads: `pin_threads` sets one thread count for TVM, PyTorch and ONNX Runtime;
 - accounting: `decode_bytes` (what one decode step must read: weights, scales, KV cache) and
-  `prefill_flops`, both from an artifact's parameter shapes and config;
-- `run_artifact`: compiler.bench.run with the process's CPU time / wall time (did it use the threads
-  it was given?).
+  `prefill_flops`, both from an artifact's parameter shapes and config.
+How they measure (threads, timing, the conditions printed with a result) is bench/measure.py.
 """
 from __future__ import annotations
 
@@ -23,16 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mobilemoe.artifact import PARAMS_NAME, ArtifactError, read_manifest, verify
+from mobilemoe.checkpoint import read_config
+from mobilemoe.config import MobileMoEConfig, load_config
+from targets import get_target
 
-from bench.decode import set_threads  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BIG_LOCK = Path("/tmp/mobilemoe-big.lock")
 BIG_PARAMS = 500e6  # builds of models above this (~9 min, ~8 GB RSS) never run two at once
 DEFAULT_WORK = ROOT / ".cache" / "bench"
 # what a build depends on besides its inputs: a change here makes cached artifacts stale
-BUILD_SOURCES = ("compiler", "passes", "targets", "mobilemoe/model.py", "mobilemoe/quant.py",
+BUILD_SOURCES = ("compiler", "kernels", "passes", "targets", "mobilemoe/model.py", "mobilemoe/quant.py",
                  "mobilemoe/export.py", "mobilemoe/config.py")
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8}
 KV_BYTES = 4  # the KV cache is float32 ([L, 2, 1, nkv, P, D], mobilemoe/model.py)
@@ -59,16 +59,6 @@ def add_args(p: argparse.ArgumentParser, prompts: str = "128,512", contexts: str
     p.add_argument("--rebuild", action="store_true", help="rebuild artifacts even if the cached ones match")
 
 
-def pin_threads(a) -> int:
-    """One thread count for PyTorch (bench/decode.py's set_threads), TVM and ONNX Runtime.
-
-    TVM's thread pool reads TVM_NUM_THREADS once, at its first use: call this before any TVM work
-    (TVM's default on x86 is half the logical cores)."""
-    threads = set_threads(a)
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    return threads
-
-
 def sources_digest() -> str:
     h = hashlib.sha256()
     for top in BUILD_SOURCES:
@@ -80,8 +70,6 @@ def sources_digest() -> str:
 
 def model_config(preset: str | None, checkpoint: Path | None):
     """The config of a preset (a name or a config JSON path, as compiler.build --preset) or checkpoint."""
-    from mobilemoe.checkpoint import read_config
-    from mobilemoe.config import MobileMoEConfig, load_config
     if preset is None:
         return read_config(checkpoint)  # ours or an imported HF architecture (mobilemoe/arch)
     if preset.endswith(".json") or Path(preset).is_file():
@@ -120,7 +108,6 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
     """work/name: the artifact of (target, preset | checkpoint), built by `python -m compiler.build`
     unless one is there whose manifest (backend, target, CPU, config, weights) and build key (compiler
     sources, checkpoint files, options) match."""
-    from compiler.artifact import ArtifactError, read_manifest, verify
 
     cfg = model_config(preset, checkpoint)
     out = Path(work) / name
@@ -137,7 +124,6 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
         have = {"backend": m.get("backend"), "config": m.get("config"),
                 "weights": "random" if "random" in str(m.get("weights", "")) else "checkpoint"}
         if target == "host":
-            from targets import get_target
             want["cpu"], have["cpu"] = get_target("host").json().get("mcpu"), m["target"]["tvm"].get("mcpu")
         old_key = json.loads(key_file.read_text()) if key_file.is_file() else None
         why = why or next((f"manifest {k} differs" for k in want if want[k] != have[k]), None)
@@ -168,7 +154,6 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
 
 def param_shapes(artifact: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, safetensors dtype)} of an artifact's params.safetensors (header only)."""
-    from compiler.artifact import PARAMS_NAME, ArtifactError
     path = Path(artifact) / PARAMS_NAME
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (decode bytes are counted from a TVM artifact's parameters)")
@@ -220,49 +205,3 @@ def prefill_flops(cfg, n: int) -> dict:
     return {"config_x_tokens": per_token * n, "needed": (per_token - head) * n + head}
 
 
-def run_artifact(artifact: Path, prompts, contexts, decode_steps: int, repeats: int, rpc=None) -> dict:
-    """compiler.bench.run (medians after a warm-up) -> {"prefill": {n: tok/s}, "decode": {ctx: generation
-    tok/s (decode_steps steps in a row, the cache growing)}, "decode_detail": {ctx: its spread, the
-    single-step figure, faults and overheads per step}, "cpu_per_wall": process CPU seconds / wall
-    seconds, "bench": the full result}."""
-    from compiler.bench import run
-    c0, w0 = time.process_time(), time.perf_counter()
-    res = run(artifact, rpc, tuple(prompts), tuple(contexts), decode_steps, 1, repeats, log=log)
-    detail = {}
-    for r in res["decode"]:
-        g = r["generation"]
-        detail[r["context"]] = {"tok_s_min": g["tok_s_min"], "tok_s_max": g["tok_s_max"],
-                                "single_step_tok_s": r["single_step"]["tok_s"],
-                                "faults_per_step": g["faults_per_step"],
-                                "faults_per_step_steady": g["faults_per_step_steady"], "loop_ms": g["loop_ms"],
-                                "outside_kernels_ms": (r.get("kernels") or {}).get("outside_kernels_ms"),
-                                "new_storage_per_step": (r.get("kernels") or {}).get("new_storage_per_step")}
-    return {"prefill": {r["tokens"]: r["tok_s"] for r in res["prefill"]},
-            "decode": {r["context"]: r["tok_s"] for r in res["decode"]}, "decode_detail": detail,
-            "cpu_per_wall": (time.process_time() - c0) / (time.perf_counter() - w0), "bench": res}
-
-
-def thread_check(cpu_per_wall: float, threads: int) -> str:
-    """Did a run use the threads it was given? (process CPU time / wall time)"""
-    if cpu_per_wall > threads + 0.25:
-        return f"WARNING: CPU/wall {cpu_per_wall:.2f} > {threads} threads: more threads ran than asked"
-    if cpu_per_wall < 0.8 * threads:
-        return f"note: CPU/wall {cpu_per_wall:.2f} < {threads}: the cores were shared with other processes"
-    return f"CPU/wall {cpu_per_wall:.2f} for {threads} thread(s): ok"
-
-
-def load_note() -> str:
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-
-
-def machine() -> dict:
-    """CPU model, cores, load average (a shared machine's numbers are only as good as its load)."""
-    from tvm.target import codegen
-    flags = ""
-    with contextlib.suppress(OSError):
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").is_file() else "?"
-    return {"cpu": model, "llvm_mcpu": codegen.llvm_get_system_cpu(), "cores": os.cpu_count(),
-            "flags": flags.split(), "load_average": os.getloadavg()}

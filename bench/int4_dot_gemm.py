@@ -1,8 +1,8 @@
-"""Prefill INT4 dot-product GEMMs: the M-tiled kernels (compiler/kernels/int4_dot_gemm.py) against the
+"""Prefill INT4 dot-product GEMMs: the M-tiled kernels (kernels/int4_dot_gemm.py) against the
 kernels they replace, side by side in one process, on mobilemoe-s shapes, as fractions of the int8
 dot peak (bench/roofline.py's register-blocked vpdpbusd/sdot kernel).
 
-    TVM_NUM_THREADS=1 python bench/int4_dot_gemm.py [--m 1 128 512] [--rounds 5] [--mt 4] [--rt 4]
+    TVM_NUM_THREADS=1 python -m bench.int4_dot_gemm [--m 1 128 512] [--rounds 5] [--mt 4] [--rt 4]
 
 Times are process CPU seconds (time.process_time; the host is shared), the best of --rounds
 interleaved rounds. GOP/s counts 2 m n k (dense) or 2 T top_k n k (grouped) multiply-adds.
@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import tvm
+from tvm.target import Target, codegen
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tvm  # noqa: E402
-from tvm.target import Target, codegen  # noqa: E402
-
-from bench.roofline import DOT_ISAS, REG_BLOCKS, dot_kernel  # noqa: E402
-from compiler.kernels import int4_dot, int4_dot_gemm, moe_grouped  # noqa: E402
-from compiler.kernels.schedules import lanes_for  # noqa: E402
-from mobilemoe.config import MobileMoEConfig  # noqa: E402
-from mobilemoe.quant import interleave_int4, pack_int4, quantize_int4  # noqa: E402
+from bench.roofline import DOT_ISAS, REG_BLOCKS, dot_kernel
+from kernels import int4_dot, int4_dot_gemm, moe_grouped
+from kernels.schedules import lanes_for
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.quant import interleave_int4, pack_int4, quantize_int4
 
 DEV = tvm.cpu()
 

@@ -1,6 +1,6 @@
-"""Time the INT4 TVM kernels (compiler/kernels) unscheduled vs scheduled against fp32 numpy/torch.
+"""Time the INT4 TVM kernels (kernels) unscheduled vs scheduled against fp32 numpy/torch.
 
-    python bench/int4_kernels.py [--mcpu znver4] [--shapes 1024x1024 4096x4096] [--m 1 64]
+    python -m bench.int4_kernels [--mcpu znver4] [--shapes 1024x1024 4096x4096] [--m 1 64]
 
 GB/s counts the INT4 weight bytes a call reads (packed codes + fp16 scales).
 """
@@ -13,7 +13,7 @@ import torch
 import tvm
 from tvm.target import Target, codegen
 
-from compiler.kernels import int4_matmul, moe_gemv, schedule_int4_kernels
+from kernels import int4_matmul, moe_gemv, schedule_int4_kernels
 from mobilemoe.quant import dequantize_int4, pack_int4, quantize_int4
 
 

@@ -1,10 +1,10 @@
 """Prefill and decode tokens/s: the IREE module of the MLIR artifact vs the host TVM artifact, one run.
 
-    python bench/iree_vs_tvm.py                          # the bundled default model (if present)
-    python bench/iree_vs_tvm.py --checkpoint DIR
-    python bench/iree_vs_tvm.py --preset test-moe        # preset shapes, random weights
-    python bench/iree_vs_tvm.py --mlir DIR --tvm DIR     # reuse built artifacts (one TVM artifact)
-    python bench/iree_vs_tvm.py --tvm-quant none         # only the like-for-like float32 TVM build
+    python -m bench.iree_vs_tvm                          # the bundled default model (if present)
+    python -m bench.iree_vs_tvm --checkpoint DIR
+    python -m bench.iree_vs_tvm --preset test-moe        # preset shapes, random weights
+    python -m bench.iree_vs_tvm --mlir DIR --tvm DIR     # reuse built artifacts (one TVM artifact)
+    python -m bench.iree_vs_tvm --tvm-quant none         # only the like-for-like float32 TVM build
 
 Builds, from the same checkpoint: the MLIR artifact (compiler.build --target mlir: torch-mlir ->
 linalg -> IREE llvm-cpu for this CPU, float32 weights) and host TVM artifacts for each --tvm-quant
@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.decode import add_measure_args, measure, set_threads  # noqa: E402
-from bench.ort_vs_tvm import timed_build  # noqa: E402
+from bench.measure import add_measure_args, conditions, measure, set_threads
+from bench.ort_vs_tvm import timed_build
+from compiler.build import build
+from mobilemoe.artifact import read_manifest
+from mobilemoe.generate import DEFAULT_MODEL_DIR
+from mobilemoe.runtimes import load_artifact
 
 
 def max_logit_difference(a, b, vocab: int, n: int = 48) -> float:
@@ -47,12 +48,6 @@ def max_logit_difference(a, b, vocab: int, n: int = 48) -> float:
 
 
 def main(argv=None):
-    from compiler.artifact import read_manifest
-    from compiler.build import build
-    from compiler.mlir_export import build_mlir
-    from mobilemoe.generate import DEFAULT_MODEL_DIR
-    from mobilemoe.runtime import load_artifact
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--preset", default=None, help="preset shapes with random weights (default when no model)")
@@ -72,8 +67,8 @@ def main(argv=None):
             print(f"no {DEFAULT_MODEL_DIR}: using --preset {a.preset} (random weights)", file=sys.stderr)
     label = f"{a.preset} (random weights)" if a.preset else str(checkpoint)
     work = Path(tempfile.mkdtemp(prefix="bench-iree-"))
-    mlir_dir = a.mlir or timed_build("MLIR/IREE", lambda: build_mlir(checkpoint, work / "mlir", preset=a.preset,
-                                                                     iree_targets=("host",), verbose=False))
+    mlir_dir = a.mlir or timed_build("MLIR/IREE", lambda: build(checkpoint, "mlir", work / "mlir", preset=a.preset,
+                                                                iree_targets=("host",), verbose=False))
     if a.tvm:
         tvm_dirs = {"int4" if read_manifest(a.tvm).get("quantization") else "none": a.tvm}
     else:
@@ -92,7 +87,7 @@ def main(argv=None):
     diff = max_logit_difference(iree_rt, tvm_rts["none"], cfg.vocab_size) if "none" in tvm_rts else None
 
     cols = list(results)
-    print(f"model: {label}; threads: {threads}; IREE llvm-cpu float32 vs TVM host "
+    print(f"model: {label}; {conditions(threads, a.repeats)}; IREE llvm-cpu float32 vs TVM host "
           f"({', '.join('float32' if q == 'none' else q.upper() for q in tvm_rts)})")
     head = "".join(f"{c + ' tok/s':>16}" for c in cols) + "".join(f"{'IREE/' + c[4:]:>12}" for c in cols[1:])
     print(f"{'phase':<20}{head}")

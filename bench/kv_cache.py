@@ -1,7 +1,7 @@
 """The in-place KV cache vs the growing one: decode as generation runs, alternating in one process.
 
-    python bench/kv_cache.py --preset mobilemoe-s [--contexts 128,1024] [--decode-tokens 128] [--rounds 5]
-    python bench/kv_cache.py --artifacts GROW_DIR INPLACE_DIR [--threads 1]
+    python -m bench.kv_cache --preset mobilemoe-s [--contexts 128,1024] [--decode-tokens 128] [--rounds 5]
+    python -m bench.kv_cache --artifacts GROW_DIR INPLACE_DIR [--threads 1]
 
 Builds (cached in --work) the host artifact twice, `compiler.build --kv-cache grow` (decode returns
 grown copies of the cache) and `--kv-cache inplace` (fixed capacity, the slot written in place,
@@ -26,11 +26,14 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import tvm
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, measure
+from bench.common import log
+from bench.roofline import _best_s, _compile, sum_kernel
+from compiler.generation import generation, kernel_time, prompt_cache
+from mobilemoe.runtimes import load_artifact
 
 CACHES = ("grow", "inplace")
 GOAL_LONG_OVER_SHORT = 0.9
@@ -38,10 +41,7 @@ GOAL_LONG_OVER_SHORT = 0.9
 
 def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     """Bytes/s of bench/roofline.py's streaming TVM sum over a `gib` GiB buffer (best of 5)."""
-    import torch
-    import tvm
 
-    from bench.roofline import _best_s, _compile, sum_kernel
     width, chunks = 64, 64 * threads
     rows = int(gib * 2**30) // 4 // width // chunks
     x = torch.ones(chunks, rows, width)
@@ -51,8 +51,6 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
 
 
 def main(argv=None):
-    from compiler.generation import generation, kernel_time, prompt_cache
-    from mobilemoe.runtime import load_artifact
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +62,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.preset is None) == (a.artifacts is None):
         p.error("give --preset or --artifacts")
-    threads = common.pin_threads(a)
+    threads = measure.pin_threads(a)
     if a.artifacts is None:
         name = Path(a.preset).stem
         a.artifacts = [common.cached_artifact(a.work, f"{name}-host-{kv}", "host", a.preset, rebuild=a.rebuild,
@@ -76,7 +74,7 @@ def main(argv=None):
     contexts = [c for c in a.contexts if c + a.decode_tokens <= cfg.max_seq_len]
     if not contexts:
         sys.exit(f"error: no --contexts fits max_seq_len {cfg.max_seq_len} with {a.decode_tokens} decode tokens")
-    load0 = common.load_note()
+    load0 = measure.load_note()
     bw = read_bandwidth(threads, a.buffer_gib)
     log(f"read bandwidth {bw / 1e9:.1f} GB/s ({threads} thread(s))")
     shapes = common.param_shapes(a.artifacts[1])
@@ -90,10 +88,10 @@ def main(argv=None):
     for r in range(a.rounds):
         for (kv, c), (cache, token) in caches.items():
             runs[kv, c].append(generation(rts[kv].step, cache, token, a.decode_tokens, 1, warmup=0)["tok_s"])
-        log(f"round {r + 1}/{a.rounds} done ({common.load_note()})")
+        log(f"round {r + 1}/{a.rounds} done ({measure.load_note()})")
 
     print(f"model {cfg.name}; {threads} thread(s); {a.decode_tokens} decode steps in a row per run, {a.rounds} "
-          f"alternating rounds; read bandwidth {bw / 1e9:.1f} GB/s; {load0} at start, {common.load_note()} at end")
+          f"alternating rounds; read bandwidth {bw / 1e9:.1f} GB/s; {load0} at start, {measure.load_note()} at end")
     print(f"{'cache':<9}{'context':>8}{'tok/s':>9}{'spread':>18}{'BW fraction':>13}{'faults/step*':>13}"
           f"{'new storage/step':>18}")
     result, frac = [], {}

@@ -1,6 +1,6 @@
 """Prefill MoE expert kernels: grouped by expert (moe_grouped.py) vs the per-token GEMV baseline.
 
-    python bench/moe_prefill.py [--tokens 128 512] [--experts 32] [--top-k 4] [--hidden 1024]
+    python -m bench.moe_prefill [--tokens 128 512] [--experts 32] [--top-k 4] [--hidden 1024]
                                 [--expert-hidden 512] [--rounds 5] [--skew 0]
 
 Baseline (what prefill ran before grouping): moe_gemv (gate/up) + moe_gemv_weighted_sum (down and
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import tvm
 
-from compiler.kernels import moe_gemv, moe_gemv_weighted_sum, schedule_int4_kernels
-from compiler.kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
+from kernels import moe_gemv, moe_gemv_weighted_sum, schedule_int4_kernels
+from kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
 from mobilemoe.quant import pack_int4, quantize_int4
 from targets import get_target
 

@@ -1,9 +1,9 @@
 """MoE vs dense: mobilemoe-s and the dense mobilellm-pro-like baseline, same target and threads, one run.
 
-    python bench/moe_vs_dense.py                               # host, random INT4 weights, cached builds
-    python bench/moe_vs_dense.py --threads 1 --json OUT
-    python bench/moe_vs_dense.py --moe A.json --dense B.json   # any presets / config JSONs
-    python bench/moe_vs_dense.py --target linux-arm64 --rpc-tracker HOST:PORT --rpc-key KEY
+    python -m bench.moe_vs_dense                               # host, random INT4 weights, cached builds
+    python -m bench.moe_vs_dense --threads 1 --json OUT
+    python -m bench.moe_vs_dense --moe A.json --dense B.json   # any presets / config JSONs
+    python -m bench.moe_vs_dense --target linux-arm64 --rpc-tracker HOST:PORT --rpc-key KEY
 
 Builds both presets with random INT4 weights (`python -m compiler.build --preset`, the speed of a
 model does not depend on its weights) into --work and reuses them while their manifests and the
@@ -23,11 +23,12 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, measure
+from bench.common import log
+from mobilemoe.artifact import ArtifactError, read_manifest
+from mobilemoe.config import ConfigError
+from targets import TargetError, get_target
+from targets.rpc_device import parse_tracker
 
 GOALS = {"prefill": 3.8, "decode": 3.4}
 
@@ -43,10 +44,6 @@ def describe(artifact: Path, cfg, contexts, prompts) -> dict:
 
 
 def main(argv=None):
-    from compiler.artifact import ArtifactError, read_manifest
-    from compiler.tune import parse_tracker
-    from mobilemoe.config import ConfigError
-    from targets import TargetError, get_target
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +70,7 @@ def main(argv=None):
     if not cfgs["moe"].is_moe or cfgs["dense"].is_moe:
         log(f"warning: --moe {a.moe} has {cfgs['moe'].num_experts} experts and --dense {a.dense} "
             f"{cfgs['dense'].num_experts}; expected an MoE model and a dense one")
-    threads = common.pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
+    threads = measure.pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
 
     arts, res = {}, {}
     for role, name in (("moe", a.moe), ("dense", a.dense)):
@@ -84,7 +81,7 @@ def main(argv=None):
         try:
             if read_manifest(arts[role]).get("config") != cfgs[role].to_dict():
                 raise ArtifactError(f"{arts[role]}: its config is not {cfgs[role].name}'s")
-            res[role] = common.run_artifact(arts[role], a.prompt_lens, a.contexts, a.decode_tokens, a.repeats, rpc)
+            res[role] = measure.run_artifact(arts[role], a.prompt_lens, a.contexts, a.decode_tokens, a.repeats, rpc)
         except (ArtifactError, ValueError) as e:
             sys.exit(f"error: {e}")
         res[role]["bench"] = {k: res[role]["bench"].get(k) for k in ("where", "load_s", "peak_rss_mb")}
@@ -94,7 +91,7 @@ def main(argv=None):
     moe, dense = res["moe"], res["dense"]
     names = cfgs["moe"].name, cfgs["dense"].name
     print(f"{names[0]} (MoE) vs {names[1]} (dense baseline); target {a.target} on {moe['bench']['where']}; "
-          f"{threads} thread(s); random INT4 weights; {common.load_note()}")
+          f"{threads} thread(s); random INT4 weights; {measure.load_note()}")
     w = max(16, *(len(n) + 2 for n in names))
     print(f"{'':<34}{names[0]:>{w}}{names[1]:>{w}}")
     rows = (("INT4 weight memory MB (config)", "int4_weight_mb_config", "{:.1f}"),
@@ -121,10 +118,10 @@ def main(argv=None):
     print("accounting: the speedup if both ran at the same bandwidth (decode: bytes/token incl. KV cache) or "
           "FLOP/s (prefill)")
     for role in ("moe", "dense") if rpc is None else ():  # on a device: its own threads, not this process's
-        print(f"{cfgs[role].name}: {common.thread_check(res[role]['cpu_per_wall'], threads)}; "
+        print(f"{cfgs[role].name}: {measure.thread_check(res[role]['cpu_per_wall'], threads)}; "
               f"process peak RSS so far {res[role]['bench']['peak_rss_mb']:.0f} MB")
     if a.json:
-        out = {"target": a.target, "threads": threads, "machine": common.machine() | {"flags": None},
+        out = {"target": a.target, "threads": threads, "machine": measure.machine() | {"flags": None},
                "artifacts": {k: str(v) for k, v in arts.items()}, "results": res, "table": table}
         a.json.write_text(json.dumps(out, indent=1) + "\n")
 

@@ -1,9 +1,9 @@
 """Prefill and decode tokens/s: the ONNX Runtime artifact vs the host TVM artifact, same weights, one run.
 
-    python bench/ort_vs_tvm.py                          # the bundled default model (if present)
-    python bench/ort_vs_tvm.py --checkpoint DIR
-    python bench/ort_vs_tvm.py --preset mobilemoe-s     # preset shapes, random weights
-    python bench/ort_vs_tvm.py --tvm DIR --onnx DIR     # reuse built artifacts
+    python -m bench.ort_vs_tvm                          # the bundled default model (if present)
+    python -m bench.ort_vs_tvm --checkpoint DIR
+    python -m bench.ort_vs_tvm --preset mobilemoe-s     # preset shapes, random weights
+    python -m bench.ort_vs_tvm --tvm DIR --onnx DIR     # reuse built artifacts
 
 The artifacts are built here from the same checkpoint (compiler.build --target host / --target onnx,
 one ONNX artifact per --accuracy-levels entry: 0 float32 compute, the default build; 4 int8
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.measure import add_measure_args, conditions, measure, set_threads
+from compiler.build import build
+from mobilemoe.generate import DEFAULT_MODEL_DIR
+from mobilemoe.runtimes import load_artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "heldout_sample.txt"
-sys.path.insert(0, str(ROOT))
-
-from bench.decode import add_measure_args, measure, set_threads  # noqa: E402
 
 
 def timed_build(label: str, fn) -> Path:
@@ -52,11 +54,6 @@ def top1_agreement(a, b, n: int = 128) -> float:
 
 
 def main(argv=None):
-    from compiler.build import build
-    from compiler.onnx_export import build_onnx
-    from mobilemoe.generate import DEFAULT_MODEL_DIR
-    from mobilemoe.runtime import load_artifact
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--preset", default=None, help="preset shapes with random weights (default when no model)")
@@ -81,8 +78,8 @@ def main(argv=None):
                                                               verbose=False))
     onnx_dirs = a.onnx or [
         timed_build(f"ONNX accuracy_level {level}",
-                    lambda level=level: build_onnx(checkpoint, work / f"onnx-{level}", preset=a.preset,
-                                                   accuracy_level=level, verbose=False))
+                    lambda level=level: build(checkpoint, "onnx", work / f"onnx-{level}", preset=a.preset,
+                                              ort_accuracy_level=level, verbose=False))
         for level in (int(x) for x in a.accuracy_levels.split(","))]
     tvm_rt = load_artifact(tvm_dir, num_threads=threads)
     ort_rts = []
@@ -99,7 +96,7 @@ def main(argv=None):
     ort_r = {level: measure(rt.step, *args) for level, rt in zip(levels, ort_rts)}
     agree = {level: top1_agreement(rt, tvm_rt) for level, rt in zip(levels, ort_rts)}
 
-    print(f"model: {label}; threads: {threads}; ONNX Runtime INT4 (accuracy_level {', '.join(map(str, levels))}) "
+    print(f"model: {label}; {conditions(threads, a.repeats)}; ONNX Runtime INT4 (accuracy_level {', '.join(map(str, levels))}) "
           f"vs TVM host INT4 (baseline)")
     header = f"{'phase':<22}{'TVM tok/s':>11}" + "".join(f"{f'ORT-{lv} tok/s':>14}{'ORT/TVM':>9}" for lv in levels)
     print(header)

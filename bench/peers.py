@@ -1,15 +1,15 @@
 """Peers: one model through our TVM artifact, our ONNX Runtime artifact and PyTorch eager, one run.
 
-    python bench/peers.py                               # the bundled default model
-    python bench/peers.py --checkpoint DIR
-    python bench/peers.py --preset mobilemoe-s          # preset shapes, random weights
-    python bench/peers.py --threads 1 --json OUT
+    python -m bench.peers                               # the bundled default model
+    python -m bench.peers --checkpoint DIR
+    python -m bench.peers --preset mobilemoe-s          # preset shapes, random weights
+    python -m bench.peers --threads 1 --json OUT
 
 Builds (cached in --work while manifests and compiler sources match) the host TVM artifact
 (`compiler.build --target host`) and the ONNX Runtime artifact (`--target onnx`, float32 compute
-unless --ort-accuracy-level), opens both with mobilemoe.runtime.load_artifact and runs PyTorch
+unless --ort-accuracy-level), opens both with mobilemoe.runtimes.load_artifact and runs PyTorch
 eager (mobilemoe.model, float32) on the same weights, all with --threads threads. Each is timed
-with bench/decode.py's measure (same prompts, medians of --repeats after a warm-up): prefill tok/s
+with bench/measure.py's measure (same prompts, medians of --repeats after a warm-up): prefill tok/s
 per prompt length and decode tok/s as generation runs: --decode-tokens steps in a row after a prompt
 of each context, the cache growing (compiler/generation.py), with its spread over the repeats and
 the single-step figure (one step from a fixed cache) printed beside it.
@@ -32,19 +32,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
-from bench.decode import measure, torch_step  # noqa: E402
-from bench.ort_vs_tvm import SAMPLE, top1_agreement  # noqa: E402
+from bench import common
+from bench.common import log
+from bench.measure import load_note, measure, pin_threads, torch_step
+from bench.ort_vs_tvm import SAMPLE, top1_agreement
 
 SIMULATE_INT4_MAX_PARAMS = 300e6  # the INT4-dequantized PyTorch copy: only when a float copy is cheap
 
 
 def measure_all(step, vocab: int, prompts: list[int], contexts: list[int], decode_tokens: int, repeats: int) -> dict:
-    """bench/decode.py's measure for every decode context (prefill once)."""
+    """bench/measure.py's measure for every decode context (prefill once)."""
     out = {"prefill": {}, "decode": {}, "decode_spread": {}, "decode_single_step": {}, "decode_faults_per_step": {}}
     for i, ctx in enumerate(contexts):
         r = measure(step, vocab, prompts if i == 0 else [], ctx, decode_tokens, repeats)
@@ -63,12 +60,12 @@ def prefill_agreement(a, b, n: int = 64) -> dict:
 
 
 def main(argv=None):
-    from compiler.artifact import ArtifactError
+    from mobilemoe.artifact import ArtifactError
     from compiler.build import shape_only_model
     from mobilemoe.checkpoint import CheckpointError, load_checkpoint
     from mobilemoe.config import ConfigError
     from mobilemoe.generate import DEFAULT_MODEL_DIR
-    from mobilemoe.runtime import load_artifact
+    from mobilemoe.runtimes import load_artifact
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +81,7 @@ def main(argv=None):
     if ckpt is not None and not (ckpt / "config.json").is_file():
         sys.exit(f"error: checkpoint {ckpt}: no config.json there (a checkpoint is a directory with config.json + "
                  f"model.safetensors; or use --preset NAME)")
-    threads = common.pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
+    threads = pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
     name = Path(a.preset).stem if a.preset else ckpt.name
     label = f"{a.preset} (random weights)" if a.preset else str(ckpt)
     level = a.ort_accuracy_level
@@ -137,7 +134,7 @@ def main(argv=None):
 
     ort_desc = f"ORT INT4 (accuracy_level {ort_rt.manifest['onnx']['accuracy_level']})"
     print(f"model: {label}; threads: {threads}; TVM host INT4 vs {ort_desc} vs PyTorch eager float32; "
-          f"{common.load_note()}")
+          f"{load_note()}")
     print(f"{'phase':<18}{'TVM tok/s':>11}{'ORT tok/s':>11}{'PyTorch tok/s':>15}{'TVM/ORT':>9}{'TVM/PyTorch':>13}")
     table = []
     for phase in ("prefill", "decode"):

@@ -1,8 +1,8 @@
 """Roofline: an artifact's decode bandwidth and prefill FLOP/s as fractions of this machine's measured peaks.
 
-    python bench/roofline.py --artifact DIR                  # a host TVM artifact
-    python bench/roofline.py --preset mobilemoe-s            # build it (cached in --work), random INT4 weights
-    python bench/roofline.py --checkpoint DIR [--thread-counts 1,2] [--json OUT]
+    python -m bench.roofline --artifact DIR                  # a host TVM artifact
+    python -m bench.roofline --preset mobilemoe-s            # build it (cached in --work), random INT4 weights
+    python -m bench.roofline --checkpoint DIR [--thread-counts 1,2] [--json OUT]
 
 For each thread count (a fresh subprocess each: TVM's pool reads TVM_NUM_THREADS once) it measures
   memory read bandwidth   a streaming sum over a --buffer-gib buffer (far larger than L3): a TVM
@@ -39,11 +39,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import tvm
+from tvm.script import tirx as T
+from tvm.target import codegen
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, measure
+from bench.common import log
+from mobilemoe.artifact import ArtifactError, read_manifest
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.generate import DEFAULT_MODEL_DIR
 
 GOAL_DECODE_BW, GOAL_PREFILL_PEAK, GOAL_PREFILL_LEN = 0.80, 0.50, 512
 REG_BLOCKS = 12  # independent accumulators of the peak kernels (hide the FMA / dot latency)
@@ -51,15 +57,12 @@ REG_BLOCKS = 12  # independent accumulators of the peak kernels (hide the FMA / 
 
 # ------------------------------------------------------------------ micro kernels (TVMScript)
 def _compile(func):
-    import tvm
-    from tvm.target import codegen
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod
 
 
 def sum_kernel(chunks: int, rows: int, width: int):
     """out[c, :] = sum over r of a[c, r, :]: a streaming read of `a`, parallel over chunks."""
-    from tvm.script import tirx as T
 
     @T.prim_func
     def func(a: T.Buffer((chunks, rows, width), "float32"), out: T.Buffer((chunks, width), "float32")):
@@ -78,7 +81,6 @@ def sum_kernel(chunks: int, rows: int, width: int):
 
 def fma_kernel(par: int, lanes: int):
     """Each of `par` parallel tasks: n iterations of REG_BLOCKS independent vector FMAs on registers."""
-    from tvm.script import tirx as T
     width = lanes * REG_BLOCKS
 
     @T.prim_func
@@ -106,7 +108,6 @@ DOT_ISAS = {  # flag -> (intrinsic, int32 lanes of the accumulator, int8 operand
 
 def dot_kernel(par: int, isa: str):
     """Like fma_kernel with the int8 dot-product instruction (u8 x s8 -> i32 on x86, s8 x s8 on arm64)."""
-    from tvm.script import tirx as T
     intrin, lanes, operand, _ = DOT_ISAS[isa]
     width = lanes * REG_BLOCKS
 
@@ -139,9 +140,6 @@ def _best_s(fn, repeats: int = 5) -> tuple[float, float]:
 
 
 def measure_peaks(threads: int, buffer_gib: float, flags: list[str]) -> dict:
-    import numpy as np
-    import torch
-    import tvm
     dev, out = tvm.cpu(), {}
 
     nbytes = int(buffer_gib * 2**30)
@@ -218,11 +216,10 @@ def kernel_isa(artifact: Path, manifest: dict) -> dict:
 
 # ------------------------------------------------------------------ one thread count (a subprocess)
 def child(a) -> None:
-    threads = common.pin_threads(a)
-    m = common.machine()
+    threads = measure.pin_threads(a)
+    m = measure.machine()
     res = {"threads": threads, "peaks": measure_peaks(threads, a.buffer_gib, m["flags"])}
-    res["artifact"] = common.run_artifact(a.artifact, a.prompt_lens, a.contexts, a.decode_tokens, a.repeats)
-    import tvm
+    res["artifact"] = measure.run_artifact(a.artifact, a.prompt_lens, a.contexts, a.decode_tokens, a.repeats)
     res["tvm_num_threads"] = tvm.runtime.num_threads()
     res["artifact"].pop("bench")
     res["decode_steps"] = a.decode_tokens
@@ -286,9 +283,6 @@ def main(argv=None):
     if a.threads:
         a.thread_counts = [a.threads]
 
-    from compiler.artifact import ArtifactError, read_manifest
-    from mobilemoe.config import MobileMoEConfig
-    from mobilemoe.generate import DEFAULT_MODEL_DIR
     if a.artifact is None:
         ckpt = None if a.preset else (a.checkpoint or DEFAULT_MODEL_DIR)
         name = Path(a.preset).stem if a.preset else Path(ckpt).name
@@ -303,7 +297,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     cfg = MobileMoEConfig.from_dict(manifest["config"], source=f"{a.artifact}/manifest.json")
     isa = kernel_isa(a.artifact, manifest)
-    mach = common.machine()
+    mach = measure.machine()
     runs = {}
     for n in a.thread_counts:
         log(f"measuring with {n} thread(s) in a fresh process")
@@ -348,7 +342,7 @@ def main(argv=None):
         print(f"{name:<18}{n:>8}{rate:>10}{ach:>16}{frac:>20}   {goal}")
     for n, r in runs.items():
         print(f"{n} thread(s): TVM pool {r['tvm_num_threads']} thread(s); artifact run "
-              f"{common.thread_check(r['artifact']['cpu_per_wall'], n)}")
+              f"{measure.thread_check(r['artifact']['cpu_per_wall'], n)}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
 

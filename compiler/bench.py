@@ -29,6 +29,7 @@ run with an error naming it, and the JSON keeps every result measured before ("e
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -39,9 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.artifact import ArtifactError, verify
-from compiler.generation import describe, measure_context
-from targets.rpc_device import _LOST_SESSION, DeviceError
+from mobilemoe.artifact import ArtifactError, verify
+from mobilemoe.runtimes import load_artifact
+from mobilemoe.runtimes.rpc_session import LOST_SESSION, DeviceError
+from targets.rpc_device import parse_tracker, request_session
+
+from .generation import describe, measure_context
+from .profile import format_report, group, profile_call
 
 DEFAULT_PROMPTS = (16, 64, 256)
 DEFAULT_CONTEXTS = (16, 128, 512)
@@ -83,7 +88,6 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 
 def _profile(rt, entry: str, ids: list[int], kv, manifest: dict) -> dict:
-    from .profile import group, profile_call
     past = kv.length
     rows, wall = profile_call(rt.vm, rt.lib, rt.device, entry, rt.entry_args(ids, kv))
     report = group(rows, manifest["entry_points"][entry].get("kernel_calls"))
@@ -101,14 +105,10 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
     try:
         start = time.perf_counter()
         if rpc is None:
-            from mobilemoe.runtime import load_artifact
             rt, session, res["where"] = load_artifact(artifact), None, "this machine"
         else:
-            from targets.rpc_device import request_session
-
-            from .remote import RemoteRuntime
             session = request_session(*rpc, timeout=60)
-            rt, res["where"] = RemoteRuntime(session, artifact), session.device_name
+            rt, res["where"] = load_artifact(artifact, session=session), session.device_name
         res["load_s"] = time.perf_counter() - start
         log(f"{artifact.name} on {res['where']}: loaded in {res['load_s']:.2f}s")
         bench.save()
@@ -137,7 +137,6 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             _, kv = rt.prefill(_prompt(cfg.vocab_size, max(fits))) if fits else rt.prefill(ids)
             empty = rt._empty_kv
             res["profile"] = [_profile(rt, "prefill", ids, empty, manifest), _profile(rt, "decode", [7], kv, manifest)]
-            from .profile import format_report
             for p in res["profile"]:
                 log(format_report(f"profile {p['entry']} ({p['tokens']} tokens, context {p['context']})", p))
             bench.save()
@@ -146,7 +145,7 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             log(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
         res["complete"] = True
     except Exception as err:  # noqa: BLE001 - keep what was measured, say why it stopped
-        if rpc is not None and not isinstance(err, DeviceError) and any(m in str(err) for m in _LOST_SESSION):
+        if rpc is not None and not isinstance(err, DeviceError) and any(m in str(err) for m in LOST_SESSION):
             last = str(err).strip().splitlines()[-1]
             err = DeviceError(f"{res.get('where', 'the RPC device')} was lost during the benchmark (server killed, "
                               f"crashed or session timed out): {last}")
@@ -156,14 +155,11 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
     finally:
         bench.save()
         rt = session = None  # noqa: F841 - frees the RPC session: the device is free for the next client
-        import gc
         gc.collect()
     return res
 
 
 def main(argv=None):
-    from .tune import parse_tracker
-
     def lengths(value: str) -> tuple[int, ...]:
         return tuple(int(v) for v in value.split(",") if v)
 

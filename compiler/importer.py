@@ -9,7 +9,7 @@
 
 kv_cache="inplace" (the default) imports decode in the "inplace" layout instead: k_l [1, nkv, D, C],
 v_l [1, nkv, C, D] at a fixed capacity C, the token written at slot `position` by an
-R.call_tir_inplace of compiler/kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
+R.call_tir_inplace of kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
 buffers), attention by its prefix_attention over slots 0..position (the custom ops of
 mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
 functional decode above (each step returns grown copies).
@@ -25,7 +25,11 @@ import re
 
 import numpy as np
 import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from kernels.kv_cache import ATTEND, WRITE, kv_write, prefix_attention
 from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 
@@ -60,9 +64,6 @@ def _shape(expr) -> list[int]:
 
 def _kv_write(node, importer):
     """mobilemoe::kv_write -> R.call_tir_inplace(kv_write, (k, v, k_new, v_new, pos)): outputs alias k, v."""
-    from tvm import relax
-
-    from .kernels.kv_cache import WRITE, kv_write
     k, v, k_new, v_new, pos = importer.retrieve_args(node)
     _, nkv, d, _ = k.ty.shape.values
     gv = importer.block_builder.add_func(kv_write(int(nkv), int(d), str(k.ty.dtype)), WRITE)
@@ -71,9 +72,6 @@ def _kv_write(node, importer):
 
 def _prefix_attention(node, importer):
     """mobilemoe::prefix_attention (one decode token) -> R.call_tir(prefix_attention, (q, k, v, pos))."""
-    from tvm import relax
-
-    from .kernels.kv_cache import ATTEND, prefix_attention
     q, k, v, pos = importer.retrieve_args(node)
     (_, nh, s, d), nkv = _shape(q), int(k.ty.shape.values[1])
     if s != 1 or str(q.ty.dtype) != "float32":
@@ -87,7 +85,6 @@ CUSTOM_OPS = {"kv_write.default": _kv_write, "prefix_attention.default": _prefix
 
 def _check_supported(ep, entry: str) -> None:
     """Name the first op TVM's importer lacks, with the module (layer) it came from."""
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
     known = set(ExportedProgramImporter().create_convert_map()) | set(CUSTOM_OPS)
     for node in ep.graph.nodes:
         if node.op != "call_function":
@@ -99,8 +96,6 @@ def _check_supported(ep, entry: str) -> None:
 
 
 def _importer(with_weights: bool):
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-
     class Importer(ExportedProgramImporter):
         """Without weights, parameters become 1-element placeholders: only their types matter."""
         params: set = set()
@@ -118,9 +113,6 @@ def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "i
     with_weights=False imports the graph only (the values dict is empty): for shape-only builds with
     generated weights (compiler.build --random-weights), without copying gigabytes of parameters.
     """
-    import tvm
-    from tvm import relax
-
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     model = model.eval()

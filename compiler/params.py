@@ -1,6 +1,7 @@
 """Replay the passes' parameter transforms on the checkpoint tensors (see passes/common.py).
 
     transforms: [{"out": name, "op": "concat" | "transpose" | "int4_codes" | "int4_scales", "inputs": [...], ...}]
+                (int4_codes may carry "interleave": [rows, lanes], the dot kernels' word order)
     params = materialize(names, transforms, source)   # {name: np.ndarray} for exactly `names`
 
 INT4 ops use mobilemoe.quant (quantize_int4 + pack_int4): the one implementation shared with QAT
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from mobilemoe.quant import pack_int4, quantize_int4
+from mobilemoe.quant import interleave_int4, pack_int4, quantize_int4
 
 
 class ParamError(RuntimeError):
@@ -63,12 +65,31 @@ def materialize(names: list[str], transforms: list[dict], source, progress: bool
             return np.concatenate([get(i) for i in inputs], axis=rule["axis"])
         if op == "transpose":
             return get(inputs[0]).T
-        if op == "int4_codes":
-            return int4(inputs[0])[0]
+        if op == "int4_codes":  # interleaved: the word order of the dot-product kernels (passes/select_dot_kernels.py)
+            codes = int4(inputs[0])[0]
+            return interleave_int4(codes, *rule["interleave"]) if "interleave" in rule else codes
         if op == "int4_scales":
             return int4(inputs[0])[1]
         raise ParamError(f"unknown parameter transform op '{op}' for '{rule['out']}'")
 
-    from tqdm import tqdm
     return {n: np.ascontiguousarray(get(n)) for n in tqdm(names, desc="pack params", unit="tensor",
                                                           disable=not progress, leave=False)}
+
+
+def tvm_param_name(name: str) -> str:
+    """Our state_dict name -> the TVM importer's parameter name ("layers.0.moe.w1" ->
+    "p_model_layers_0_moe_w1"): shape-only builds draw the same random weights as TVM's."""
+    return "p_model_" + name.replace(".", "_")
+
+
+def weight_source(model, random_weights: bool):
+    """name -> float32 tensor: the model's parameters, or (shape-only builds) compiler.params.RandomWeights
+    under the TVM names, generated one tensor at a time."""
+    if not random_weights:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return lambda name: params[name].detach().float()
+    shapes = {tvm_param_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    source = RandomWeights(shapes)
+    # a tied table reaches TVM once, under the LM head's name
+    alias = {"embed.weight": "lm_head.weight"} if model.config.tie_embeddings else {}
+    return lambda name: torch.from_numpy(source[tvm_param_name(alias.get(name, name))])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tvm_ffi
+
 WHY = ("TVM 0.27's LLVM code generation lays out the host code differently from run to run (seen in the "
        "Relax VM shape functions' store order and in function placement), and the IR handed to it is not always "
        "structurally identical either; every other file is identical across rebuilds")
@@ -25,7 +27,6 @@ def reproducibility() -> dict:
 
 def program_hash(mod) -> str:
     """Structural hash of the module given to code generation: equal IR, equal hash, in any process."""
-    import tvm_ffi
     return f"{tvm_ffi.structural_hash(mod) & (2**64 - 1):016x}"
 
 

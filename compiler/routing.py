@@ -137,7 +137,7 @@ def load_stats(path) -> dict:
 
 def write_outputs(stats: dict, out: Path) -> tuple[Path, Path]:
     """routing.json (atomically) and routing.png under `out`."""
-    import matplotlib
+    import matplotlib  # deferred on purpose: the plot is the only use, and the backend must be set first
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,6 +1,6 @@
 """`python -m compiler.run --artifact DIR --prompt "..."`: generate text from a host artifact.
 
-Verifies the manifest hashes, loads the artifact with mobilemoe.runtime, and prints the text, what
+Verifies the manifest hashes, loads the artifact with mobilemoe.runtimes, and prints the text, what
 produced it (backend, target, weight and activation formats) and the prefill / decode tokens/s.
 Options as mobilemoe.generate: --max-new-tokens, --temperature, --top-p, --seed, --chat, --threads.
 
@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from compiler.artifact import ArtifactError
+from mobilemoe.artifact import ArtifactError
 from mobilemoe.checkpoint import CheckpointError, load_checkpoint
 from mobilemoe.generate import checked_prompt_ids, generate, positive_int, teacher_forced_top1
-from mobilemoe.runtime import load_artifact
+from mobilemoe.runtimes import load_artifact
 from mobilemoe.tokenizer import load_model_tokenizer
 
 

@@ -105,6 +105,8 @@ def exact_answer_rate(answer_fn: Callable[[str], str], records: list[dict], samp
 
 def torch_answerer(model, tokenizer, max_new_tokens: int = 48) -> Callable[[str], str]:
     """Greedy chat answers from a MobileMoE model (stops at <|end|> or <|eos|>)."""
+    # deferred on purpose here and below: train's corpus tools import the answer matching above,
+    # which needs neither torch nor the model
     from .generate import generate, prompt_ids
     from .tokenizer import BOS_ID, STOP_TOKEN_IDS
 
@@ -125,10 +127,10 @@ def evaluate_checkpoint(ckpt_dir, qa_path, limit: int = 0, device: str = "cpu", 
     import torch
 
     from .checkpoint import load_checkpoint
+    from .quant import simulate_int4
     from .tokenizer import load_tokenizer
     model = load_checkpoint(ckpt_dir)
     if int4:  # every INT4 weight replaced by dequant(quantize(w)), as train.evaluate does
-        from train.qat import simulate_int4
         model = simulate_int4(model)
     model = model.to(device).eval()
     with torch.no_grad():

@@ -100,6 +100,19 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
+def shape_only_model(preset: str):
+    """A model of a preset's shapes (a name or a config JSON path) whose weights are never
+    initialised (pages untouched): for random-weight builds of paper-scale presets."""
+    cfg = MobileMoEConfig.from_name(preset)  # a preset name or a config JSON path
+    with torch.device("meta"):
+        model = MobileMoE(cfg)
+    model = model.to_empty(device="cpu")
+    model.rope_cos, model.rope_sin = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling())
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
 def atomic_dir(target: Path, write) -> Path:
     """Run write(tmp_dir), then move tmp_dir to `target` in one rename (an old target is replaced).
     Temp dirs of earlier writers of the same target that were killed are removed first."""

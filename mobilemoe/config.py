@@ -3,7 +3,7 @@
 `python -m mobilemoe.config list` prints the presets table. Every count here is computed from the
 config alone; tests check it against the parameters of the instantiated model.
 
-Conventions used by the accounting (and by `mobilemoe.scaling` budgets):
+Conventions used by the accounting (and by `train.scaling` budgets):
 - total params: every parameter once (a tied embedding / LM head matrix counts once);
   `total_nonembed` leaves the embedding and LM head out.
 - active params per token: what one token touches: attention, norms, router, the top-k routed
@@ -151,7 +151,7 @@ class MobileMoEConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "MobileMoEConfig":
-        """A preset by name, or a config.json path (e.g. one `python -m mobilemoe.scaling design` wrote)."""
+        """A preset by name, or a config.json path (e.g. one `python -m train.scaling design` wrote)."""
         if str(name).endswith(".json"):
             return load_config(name)
         if name not in PRESETS:

@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .kv_cache import BLOCK
 from .model import MobileMoE
 
 
@@ -92,7 +93,7 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
         # its own symbol, which TVM cannot prove equal to the mask's)
         p = {"layers": Dim("past"), "inplace": Dim("capacity"), "stacked": Dim.DYNAMIC}[cache]
         seq, c = (5 if kind == "prefill" else 1), model.config
-        from .kv_cache import BLOCK  # in place: a capacity of two blocks, the token at slot 3
+        # in place: a capacity of two blocks, the token at slot 3
         args = example_inputs(model, seq=seq, past=2 * BLOCK if cache == "inplace" else 3, cache=cache)
         if cache == "inplace":
             args = (args[0], torch.full_like(args[1], 3), args[2])

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, load_checkpoint
 from .model import MobileMoE
+from .tokenizer import chat_template, load_model_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
@@ -114,7 +116,6 @@ def teacher_forced_top1(model: MobileMoE, prompt: list[int], tokens: list[int]) 
 def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, own: bool = True) -> list[int]:
     """Token ids for a prompt: BOS + text, or the chat template with a generation prompt.
     own=False (an imported HF model's tokenizer): the tokenizer's own post-processor adds BOS."""
-    from .tokenizer import chat_template
     if not own:
         if chat:
             raise ValueError("--chat: the chat templates of imported tokenizers (tokenizer_config.json, Jinja) "
@@ -164,9 +165,6 @@ def checked_prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, max_new_to
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .tokenizer import load_model_tokenizer
-
     p = argparse.ArgumentParser(prog="python -m mobilemoe.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint dir (default: bundled model)")
     p.add_argument("--prompt", required=True)

@@ -42,7 +42,7 @@ def _flag(value) -> bool:
 
 @register_model("mobilemoe")
 class MobileMoELM(TemplateLM):
-    """lm-eval LM over mobilemoe.scoring.Scorer (PyTorch checkpoint or mobilemoe.runtime artifact)."""
+    """lm-eval LM over mobilemoe.scoring.Scorer (PyTorch checkpoint or mobilemoe.runtimes artifact)."""
 
     def __init__(self, checkpoint: str | None = None, artifact: str | None = None, int4=False,
                  threads: int | None = None, max_gen_toks: int = 256, scorer: Scorer | None = None, **unused):

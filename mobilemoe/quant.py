@@ -29,7 +29,7 @@ row order. (A row-major GEMV over R rows at once reads R streams 512 B apart and
 one znver4 core; interleaved, the same kernel read 21.8 GB/s, numpy's sum 24.)
 
 Activations (``ACT_INT8_LAYOUT = "g32_sym_i8"``, the int8 x int4 dot-product kernels of
-compiler/kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
+kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
 ``q = round_half_even(x * fp32(127 / amax))`` (0 if amax = 0), int8 in [-127, 127], and the float32
 scale ``amax / 127``. ``int8_int4_matmul`` is the reference those kernels are checked against.
 
@@ -39,6 +39,7 @@ equals ``dequantize_int4(*quantize_int4(w))`` bit for bit, for float32 weights.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -208,6 +209,24 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return math.inf if noise == 0 else 20 * math.log10(signal / noise)
 
 
+FLOAT_ONLY = ("router",)  # weights that stay float (with the norms): the compiler and QAT both read this
+
+
+def is_int4_weight(name: str, p: torch.Tensor) -> bool:
+    """Weights the compiler stores as INT4: 2-D / stacked 3-D, K % 32 == 0, not a router."""
+    return p.dim() in (2, 3) and p.shape[-1] % GROUP_SIZE == 0 and not any(t in name for t in FLOAT_ONLY)
+
+
+@torch.no_grad()
+def simulate_int4(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a (converted) model whose INT4 weights are dequant(quantize(w)): the compiled model."""
+    sim = copy.deepcopy(model)
+    for name, p in sim.named_parameters():
+        if is_int4_weight(name, p):
+            p.copy_(dequantize_int4(*quantize_int4(p.float(), name=name)).to(p.dtype))
+    return sim
+
+
 def torchao_qat_weight_config():
     """torchao QAT weight config that simulates this format exactly (float32 weights).
 
@@ -215,7 +234,7 @@ def torchao_qat_weight_config():
     torchao's IntxFakeQuantizer takes 2-D weights only: fake-quantize stacked experts [E, N, K] as
     [E * N, K] (groups run along K, so the result is the same).
     """
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import IntxFakeQuantizeConfig  # deferred: QAT only, and torchao may not import
 
     return IntxFakeQuantizeConfig(
         torch.int4,

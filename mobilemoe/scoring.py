@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint
 from .generate import sample
+from .quant import simulate_int4
+from .runtimes import load_artifact
 from .tokenizer import BOS_ID, STOP_TOKEN_IDS, load_tokenizer
 
 
 class TorchLM:
-    """A PyTorch MobileMoE (float, or INT4 simulated with train.qat.simulate_int4)."""
+    """A PyTorch MobileMoE (float, or INT4 simulated with mobilemoe.quant.simulate_int4)."""
 
     def __init__(self, model):
         self.model = model.eval()
@@ -49,7 +52,7 @@ class TorchLM:
 
 
 class ArtifactLM:
-    """A compiled artifact opened with mobilemoe.runtime (TVM host, ONNX Runtime, IREE)."""
+    """A compiled artifact opened with mobilemoe.runtimes (TVM host, ONNX Runtime, IREE)."""
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -172,20 +175,17 @@ def rolling_windows(ids: list[int], max_len: int) -> list[tuple[list[int], list[
 
 def open_scorer(path, int4: bool = False, num_threads: int | None = None) -> Scorer:
     """A Scorer for a checkpoint or artifact directory (kind_of decides). int4: checkpoints only,
-    every INT4 weight replaced by dequant(quantize(w)) (train.qat.simulate_int4)."""
+    every INT4 weight replaced by dequant(quantize(w)) (mobilemoe.quant.simulate_int4)."""
     path = Path(path)
     kind = kind_of(path)
     if kind == "artifact":
         if int4:
             raise ValueError(f"{path}: int4 simulation applies to checkpoints; an artifact is already compiled")
-        from .runtime import load_artifact
         rt = load_artifact(path, num_threads)
         backend = json.loads((path / "manifest.json").read_text()).get("backend", "artifact")
         return Scorer(ArtifactLM(rt), rt.tokenizer(), label=path.name, kind=backend)
-    from .checkpoint import load_checkpoint
     model = load_checkpoint(path)
     if int4:
-        from train.qat import simulate_int4
         model = simulate_int4(model)
     tok_file = path / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file if tok_file.is_file() else None)

@@ -1,22 +1,22 @@
-"""ApplyTuningDatabase: schedule kernels with the MetaSchedule records of a compiler.tune session.
+"""ApplyTuningDatabase: schedule kernels with the MetaSchedule records of a compiler.tuning session.
 
 Before (decode: int4_matmul has a symbolic row count m, one token makes it 1):
     lv = R.call_tir(int4_matmul, (x, w, s), R.Tensor((1, 64), "float32"))
 After:
     lv = R.call_tir(int4_matmul_tuned, (x, w, s), R.Tensor((1, 64), "float32"))
-    # int4_matmul_tuned: int4_matmul specialized to m = 1 exactly as compiler.tune made the task
-    # (compiler/tasks.py), scheduled by relax.transform.MetaScheduleApplyDatabase from the task's
+    # int4_matmul_tuned: int4_matmul specialized to m = 1 exactly as compiler.tuning made the task
+    # (kernel_workloads.py), scheduled by relax.transform.MetaScheduleApplyDatabase from the task's
     # best record
 A kernel called with free dims (prefill's token count, decode's context length) keeps them and
-gets one of its shape buckets' records replayed on it (_replay): the one compiler.tune measured
+gets one of its shape buckets' records replayed on it (replay_record): the one compiler.tuning measured
 replayed on the whole kernel as nowhere slower than the default schedule at its check shapes, with
-the largest mean speedup (compiler/tune_replay.py; none such: the default schedule stays): the record's tile sizes
+the largest mean speedup (compiler/tuning/replay.py; none such: the default schedule stays): the record's tile sizes
 become constant split factors with the outermost inferred (a predicate takes the remainder of a
 free dim), then MetaSchedule's postprocessors lower its parallel / vector / unroll decisions. A
 replay that fails (our INT4 matmul's tile/tail blocks differ between static and dynamic row
 counts), or whose kernel does not compile, leaves the kernel to the default schedules.
 
-Only records faster than the build's own schedule (the untuned latency compiler.tune measured,
+Only records faster than the build's own schedule (the untuned latency compiler.tuning measured,
 session.json) are used; the database must have been tuned for this build's target. `report` gets
 {"db", "static": [...], "replayed": [...], "skipped": [...]} for the manifest.
 """
@@ -24,6 +24,13 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax, tirx
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+from tvm.s_tir.schedule import Instruction, Trace
+
+from .kernel_workloads import builds, call_dims, is_buffer, is_call_tir, is_tunable, model_dims, resolve, specialize, \
+    without_tensor_intrinsics, workload
 
 
 @relax.expr_functor.mutator
@@ -36,8 +43,6 @@ class _Redirect(relax.PyExprMutator):
         self.entry_dims, self.added, self.dynamic, self.static = {}, {}, {}, []
 
     def visit_call_(self, call):
-        from compiler.tasks import call_dims, is_buffer, is_call_tir, is_tunable, resolve, specialize, workload
-
         call = super().visit_call_(call)
         if not is_call_tir(call):
             return call
@@ -62,7 +67,6 @@ class _Redirect(relax.PyExprMutator):
         key = task["hash"]
         if key not in self.added:
             wl_db = self.memory_db.commit_workload(wl)
-            from tvm.s_tir.meta_schedule.database import TuningRecord
             self.memory_db.commit_tuning_record(TuningRecord(record.trace, wl_db, record.run_secs, self.target,
                                                              record.args_info))
             func = wl["main"].without_attr("global_symbol")
@@ -81,8 +85,6 @@ def fixed_tiles(trace):
     """The trace with every SamplePerfectTile decision written into its Split as constant factors,
     the outermost one inferred (None): on a loop of unknown extent the split keeps the record's
     inner tiles and predicates the remainder, instead of failing to replay the sampling."""
-    from tvm.s_tir.schedule import Instruction, Trace
-
     decisions, subst, insts, kept = dict(trace.decisions), [], [], {}
 
     def value(x):
@@ -103,15 +105,10 @@ def fixed_tiles(trace):
     return Trace(insts, kept)
 
 
-def _replay(prim: tirx.PrimFunc, record, target) -> tuple[tirx.PrimFunc | None, str]:
+def replay_record(prim: tirx.PrimFunc, record, target) -> tuple[tirx.PrimFunc | None, str]:
     """`record` (tuned on a static specialization of `prim`) applied to `prim` itself: its trace
     with fixed tiles, then MetaSchedule's LLVM postprocessors (which lower the parallel / vector /
     unroll annotations) minus DisallowDynamicLoop."""
-    from compiler.gpu_rules import builds
-    from compiler.measure import without_tensor_intrinsics
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
     mod = _normalize_mod(prim)
     try:
         sch = tvm.s_tir.Schedule(mod)
@@ -135,18 +132,17 @@ def _replay(prim: tirx.PrimFunc, record, target) -> tuple[tirx.PrimFunc | None, 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
 class ApplyTuningDatabase:
-    def __init__(self, db_dir: str, target_name: str | None = None, report: dict | None = None):
-        self.db_dir, self.target_name, self.report = str(db_dir), target_name, report
+    """`open_reader()` -> the database's reader (compiler.tuning.database.TunedKernels: .db_dir,
+    .shapes, .best(workload, target), .pick_replay(kernel, hits)), opened when the pass runs."""
+
+    def __init__(self, open_reader, report: dict | None = None):
+        self.open_reader, self.report = open_reader, report
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        from compiler.tasks import SHAPES, model_dims
-        from compiler.tuning_db import TunedKernels
-        from tvm.s_tir.meta_schedule.database import MemoryDatabase
-
         target = tvm.target.Target.current(allow_none=False)
-        tuned = TunedKernels(self.db_dir, self.target_name)
+        tuned = self.open_reader()
         memory_db = MemoryDatabase()
-        rw = _Redirect(mod, tuned, target, memory_db, tuned.session.get("shapes", SHAPES))
+        rw = _Redirect(mod, tuned, target, memory_db, tuned.shapes)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rw.entry, rw.entry_dims = gv.name_hint, model_dims(func)
@@ -160,7 +156,7 @@ class ApplyTuningDatabase:
                 skipped.append({"kernel": callee.name_hint, "task": None, "why": why})
                 continue
             record, secs, task = hit
-            func, why = _replay(mod[callee], record, target)
+            func, why = replay_record(mod[callee], record, target)
             row = {"kernel": callee.name_hint, "task": task["name"], "tuned_us": _us(secs),
                    "untuned_us": _us(task.get("untuned_s"))}
             if func is None:
@@ -176,6 +172,6 @@ class ApplyTuningDatabase:
                 skipped.append({**row, "why": "MetaScheduleApplyDatabase found no record"})
         mod = relax.transform.DeadCodeElimination()(mod)
         if self.report is not None:
-            self.report.update({"db": self.db_dir, "static": [r for r in rw.static if r not in skipped],
+            self.report.update({"db": tuned.db_dir, "static": [r for r in rw.static if r not in skipped],
                                 "replayed": replayed, "skipped": skipped})
         return mod

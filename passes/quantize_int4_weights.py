@@ -2,7 +2,8 @@
 
 Each weight parameter W [N, K] (or stacked [E, N, K]) that a rewritten op reads is replaced by two
 parameters, recorded as transforms (replayed with mobilemoe.quant, see passes/common.py):
-    W__q4  uint32 [.., N, K // 8]   packed codes (layout mobilemoe.quant.INT4_LAYOUT)
+    W__q4  uint32 [.., N, K // 8]   packed codes (layout mobilemoe.quant.INT4_LAYOUT; interleaved for
+                                    a dot ISA's kernels when given one, mobilemoe.quant.interleave_int4)
     W__s   float16 [.., N, K // 32] scales
 Rewrites (x: activations, float32):
     R.matmul(x, R.permute_dims(W))          -> reshape . call_tir(int4_matmul, (x2d, W__q4, W__s))
@@ -22,14 +23,13 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from compiler.kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
-from compiler.kernels.embedding import embedding_int4
-from compiler.kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
-from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
+from kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
+from kernels.embedding import embedding_int4
+from kernels.int4_dot import DotISA, interleave_for
+from kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
+from mobilemoe.quant import FLOAT_ONLY, GROUP_SIZE, NIBBLES_PER_WORD
 
 from .common import bindings, is_op, rebuild, tensor_shape, weight_params
-
-FLOAT_ONLY = ("router",)
 
 
 def quantizable(param: relax.Var) -> bool:
@@ -137,6 +137,20 @@ class _Rewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt4Weights")
 class QuantizeInt4Weights:
+    """interleave: the dot ISA (kernels.int4_dot.DotISA) whose kernels will read the codes
+    (select_dot_kernels.py): each int4_codes transform then records the interleaved word order
+    ({"interleave": [rows, lanes]}, int4_dot.interleave_for) that compiler/params.py applies."""
+
+    def __init__(self, interleave: DotISA | None = None):
+        self.interleave = interleave
+
+    def _codes(self, q: relax.Var, w: relax.Var) -> dict:
+        rule = {"out": q.name, "op": "int4_codes", "inputs": [w.name]}
+        if self.interleave is not None:
+            n, k = tensor_shape(w)[-2:]
+            rule["interleave"] = list(interleave_for(self.interleave, n, k))
+        return rule
+
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rw = _Rewriter(mod)
         updates = []
@@ -148,8 +162,7 @@ class QuantizeInt4Weights:
             replace, transforms = {}, []
             for w, (q, s) in rw.quant.items():
                 replace[w] = [q, s]
-                transforms += [{"out": q.name, "op": "int4_codes", "inputs": [w.name]},
-                               {"out": s.name, "op": "int4_scales", "inputs": [w.name]}]
+                transforms += [self._codes(q, w), {"out": s.name, "op": "int4_scales", "inputs": [w.name]}]
             updates.append((gv, func, body, replace, transforms))
         out = rw.builder_.get()
         for gv, func, body, replace, transforms in updates:

@@ -18,11 +18,12 @@ TOOLCHAIN = Toolchain(
 
 SPEC = TargetSpec(
     name="android-arm64",
-    description="Android AArch64 CPU (NEON, dotprod), API level 24, linked by zig cc (clang + lld)",
+    description=f"Android AArch64 CPU (NEON, dotprod), API level {API_LEVEL}, linked by zig cc (clang + lld)",
     target_json={"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"],
                  "num-cores": 4},
     toolchain=TOOLCHAIN,
     runs_on_host=False,
     rpc_key_hint="android",
     tuning_defaults={"trials_per_task": 64, "runner": "rpc"},
+    iree_flags=(f"--iree-llvmcpu-target-triple=aarch64-linux-android{API_LEVEL}",),
 )

@@ -229,7 +229,7 @@ stop_one() {
 
 query() {  # query free|registered TRACKER_PORT [WAIT_S [PIDFILE]]: count of '$KEY' servers (0: no tracker)
   local what=$1 tport=$2; shift 2
-  "$VPY" "$HERE/rpc_device.py" "$what" "$HOST" "$tport" "$KEY" "$@"
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m targets.rpc_device "$what" "$HOST" "$tport" "$KEY" "$@"
 }
 
 bound_port() {  # bound_port LOG: the port from TVM's "bind to HOST:PORT" log line

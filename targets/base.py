@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .strategy import CpuStrategy, Strategy
+
 
 class TargetError(RuntimeError):
     """Unknown target or missing toolchain; the message says what to install."""
@@ -92,9 +94,9 @@ class TargetSpec:
     rpc_key_hint: str = ""
     tuning_defaults: dict = field(default_factory=dict)
     detect: Callable[[], dict] | None = None  # fills target_json at use time (host CPU model)
-    lowering: str = "cpu"  # compiler/pipeline.py variant: "cpu" (llvm) or "gpu" (opencl, ...)
+    strategy: Strategy = field(default_factory=CpuStrategy)  # how it lowers (targets/strategy.py)
     host_json: dict | None = None  # the host (CPU) side of a GPU target
-    gpu_rules: tuple[str, ...] = ()  # dlight GPU rules, in order (tvm.s_tir.dlight.gpu names)
+    iree_flags: tuple[str, ...] | None = None  # iree-compile llvm-cpu flags; None: no IREE module (--target mlir)
 
     def json(self, num_cores: int | None = None) -> dict:
         d = dict(self.detect() if self.detect else self.target_json)
@@ -105,7 +107,7 @@ class TargetSpec:
         return d
 
     def tvm_target(self, num_cores: int | None = None):
-        import tvm
+        import tvm  # deferred on purpose: importing targets (CLIs, the tracker probe) must not load TVM
         d = self.json(num_cores)
         host = d.pop("host", None)
         return tvm.target.Target(d, host=tvm.target.Target(host)) if host else tvm.target.Target(d)

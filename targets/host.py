@@ -17,4 +17,5 @@ SPEC = TargetSpec(
     toolchain=None,
     runs_on_host=True,
     tuning_defaults={"trials_per_task": 64, "runner": "local"},
+    iree_flags=("--iree-llvmcpu-target-cpu=host",),
 )

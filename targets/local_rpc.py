@@ -8,7 +8,7 @@
 Same interface as targets.rpc_device.EmulatedArm64Device (tracker_host, tracker_port, key,
 start, kill_server, stop, request_session), without qemu: the server is this machine's Python
 running `python -m tvm.exec.rpc_server`, so host-target libraries load in it. Tests use it for the
-RPC paths of compiler.tune and compiler.bench that do not depend on the device's architecture.
+RPC paths of compiler.tuning and compiler.bench that do not depend on the device's architecture.
 Every process is started here in its own process group and ended by that group's id.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LocalRpcDevice(TrackedDevice):
 
     @property
     def rpc(self) -> tuple[str, int, str]:
-        """(tracker host, tracker port, key): the `rpc` argument of compiler.tune / compiler.bench."""
+        """(tracker host, tracker port, key): the `rpc` argument of compiler.tuning / compiler.bench."""
         return self.tracker_host, self.tracker_port, self.key
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:

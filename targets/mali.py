@@ -1,13 +1,14 @@
 """android-mali: Arm Mali GPUs through OpenCL; the host side is the android-arm64 CPU.
 
 Kernels are OpenCL C (TVM's "opencl" codegen, device "mali"), scheduled by dlight's generic GPU
-rules in this order, each guarded (compiler/gpu_rules.py: a rule whose schedule fails to build is
+rules in this order, each guarded (targets/gpu_rules.py: a rule whose schedule fails to build is
 skipped for that kernel). The artifact's lib.so embeds the OpenCL source; the phone's TVM runtime
 (an NDK build with USE_OPENCL) compiles it when the library loads. This machine has no OpenCL
 runtime.
 """
 from . import android_arm64
 from .base import TargetSpec
+from .strategy import GpuStrategy
 
 GPU_RULES = ("Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback")
 
@@ -19,6 +20,5 @@ SPEC = TargetSpec(
     toolchain=android_arm64.TOOLCHAIN,
     runs_on_host=False,
     rpc_key_hint="android",
-    lowering="gpu",
-    gpu_rules=GPU_RULES,
+    strategy=GpuStrategy(GPU_RULES),
 )

@@ -10,14 +10,14 @@ The tracker protocol is spoken over plain sockets (length-prefixed JSON, tvm/rpc
 a tracker never imports tvm and never blocks: TVM's own client retries an unreachable tracker for 60 s
 and waits forever for a device that is not registered. `tvm` is imported only to open a session.
 
-`python targets/rpc_device.py free|registered HOST PORT KEY [WAIT_S [PIDFILE]]` prints how many servers
+`python -m targets.rpc_device free|registered HOST PORT KEY [WAIT_S [PIDFILE]]` prints how many servers
 are free/registered as KEY (0 when the tracker is unreachable), waiting up to WAIT_S for one;
 targets/arm64_device.sh uses it to wait for registration.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import json
 import os
 import random
@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# what runs an artifact over a session (stdlib only: probing a tracker stays free of tvm)
+from mobilemoe.runtimes.rpc_session import DeviceError, elf_machine, remote_errors, upload_and_load
+
 SCRIPT = Path(__file__).resolve().with_name("arm64_device.sh")
 REPO = SCRIPT.parent.parent
 DEFAULT_KEY = "arm64-qemu"
@@ -38,12 +41,6 @@ LOOPBACK = "127.0.0.1"
 # tvm/rpc/base.py: RPC_TRACKER_MAGIC and TrackerCode
 _TRACKER_MAGIC = 0x2F271
 _SUCCESS, _REQUEST, _SUMMARY = 0, 4, 6
-_EM_AARCH64, _EM_X86_64 = 183, 62  # ELF e_machine
-_MACHINE_NAMES = {_EM_AARCH64: "AArch64", _EM_X86_64: "x86-64"}
-
-
-class DeviceError(RuntimeError):
-    """The emulated device, an RPC tracker or an RPC server is missing, unreachable or gone."""
 
 
 class TrackerTimeout(DeviceError, TimeoutError):
@@ -106,6 +103,16 @@ def registered_servers(host: str, port: int, key: str) -> int:
     return sum(1 for server in info if server.get("key") == f"server:{key}")
 
 
+def parse_tracker(value: str | None) -> tuple[str, int] | None:
+    """--rpc-tracker HOST:PORT (argparse type) -> (host, port); None when not given."""
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--rpc-tracker: expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
 def request_session(tracker_host: str, tracker_port: int, key: str, timeout: float = 60.0,
                     session_timeout: float = 0):
     """A tvm.rpc.RPCSession on a free device registered as `key`, or DeviceError within ~timeout s.
@@ -146,63 +153,6 @@ def request_session(tracker_host: str, tracker_port: int, key: str, timeout: flo
                           f"failed: {err}") from err
     session.device_name = f"device '{key}' at {url}:{port} ({where})"  # for remote_errors()
     return session
-
-
-# what TVM's RPC client says when the server side went away (killed, crashed, session timed out)
-_LOST_SESSION = ("kShutdown", "SockChannel", "Broken pipe", "Connection reset", "RPCSessionTimeout")
-
-
-@contextlib.contextmanager
-def remote_errors(session, what: str = "remote call"):
-    """Re-raise the RPC layer's terse errors for a lost server as DeviceError naming the device.
-
-        with remote_errors(sess, "time_evaluator(main)"):
-            f(*args)
-    Other errors (a wrong argument shape, a failing kernel) pass through unchanged.
-    """
-    try:
-        yield
-    except DeviceError:
-        raise
-    except Exception as err:  # noqa: BLE001 - tvm.error.InternalError and friends
-        msg = str(err).strip()
-        if not any(marker in msg for marker in _LOST_SESSION):
-            raise
-        name = getattr(session, "device_name", "the RPC device")
-        raise DeviceError(f"{what} on {name} failed: the RPC session is lost (server killed, "
-                          f"crashed or session timed out): {msg.splitlines()[-1]}") from err
-
-
-def elf_machine(target_json: dict) -> int:
-    """The ELF e_machine of libraries built for a target (its mtriple; none: this machine's CPU)."""
-    import platform  # pylint: disable=import-outside-toplevel
-    arch = str(target_json.get("mtriple") or platform.machine()).split("-")[0]
-    return _EM_AARCH64 if arch in ("aarch64", "arm64") else _EM_X86_64
-
-
-def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
-    """Upload a shared library linked for the device and load it there; returns the remote Module.
-
-    The device has no compiler, so `lib_path` must be a .so exported with the cross toolchain
-    (export_library(path, fcompile=get_target("linux-arm64").toolchain.fcompile())).
-    `machine` is the device's ELF e_machine (default AArch64; elf_machine(target json)).
-    """
-    lib_path = Path(lib_path)
-    if not lib_path.is_file():
-        raise FileNotFoundError(f"{lib_path}: no such library to upload")
-    with open(lib_path, "rb") as f:
-        head = f.read(20)
-    if head[:4] != b"\x7fELF":
-        raise ValueError(f"{lib_path}: not an ELF shared object (the device cannot link a .tar; "
-                         "export with fcompile=get_target('linux-arm64').toolchain.fcompile())")
-    found = struct.unpack("<H", head[18:20])[0]
-    if found != machine:
-        want = _MACHINE_NAMES.get(machine, str(machine))
-        raise ValueError(f"{lib_path}: ELF machine {_MACHINE_NAMES.get(found, found)}, expected {want} "
-                         f"({machine}); build for the device's target (its mtriple and cross compiler)")
-    with remote_errors(session, f"uploading/loading {lib_path.name}"):
-        session.upload(str(lib_path), lib_path.name)  # into the session's own temp dir on the device
-        return session.load_module(lib_path.name)
 
 
 # --------------------------------------------------------------------------------- the device

@@ -79,7 +79,7 @@ def test_perplexity_equals_direct_torch(scorer):
 
 
 class LastOnlyRuntime:
-    """mobilemoe.runtime's API (step -> last-position logits as numpy) over a torch model."""
+    """mobilemoe.runtimes' API (step -> last-position logits as numpy) over a torch model."""
 
     def __init__(self, model):
         self.model, self.config, self.calls = model, model.config, []

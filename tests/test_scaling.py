@@ -1,4 +1,4 @@
-"""mobilemoe.scaling: budget accounting, law variables, the fit (known coefficients recovered),
+"""train.scaling: budget accounting, law variables, the fit (known coefficients recovered),
 design within budgets (and its config accepted by training and the compiler), resumable sweep."""
 import json
 import math
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from mobilemoe.config import PRESETS, ConfigError, MobileMoEConfig, _fmt, load_config, preset_table
-from mobilemoe.scaling.__main__ import main
-from mobilemoe.scaling.arch import budget, law_vars, make_config
-from mobilemoe.scaling.design import DesignError, SearchSpace, design, write_design
-from mobilemoe.scaling.law import (FORMS, PARAMS, LawError, coefficients, cross_validate, features, fit_params,
+from train.scaling.__main__ import main
+from train.scaling.arch import budget, law_vars, make_config
+from train.scaling.design import DesignError, SearchSpace, design, write_design
+from train.scaling.law import (FORMS, PARAMS, LawError, coefficients, cross_validate, features, fit_params,
                                    load_law, predict_log)
-from mobilemoe.scaling.grid import SweepError, default_grid, load_grid, run_spec
-from mobilemoe.scaling.sweep import SweepOptions, append_log, read_log, run_sweep
+from train.scaling.grid import SweepError, default_grid, load_grid, run_spec
+from train.scaling.sweep import SweepOptions, append_log, read_log, run_sweep
 
 # A law with the shape the sweep found (granularity optimum near G = 8, sparsity and shared help).
 LAW = dict.fromkeys(PARAMS, 0.0) | {"e": math.log(1.7), "a": math.log(400.0), "alpha": 0.35,
@@ -151,7 +151,7 @@ def test_designed_config_loads_in_training_and_compiler(tmp_path):
     assert model.config == cfg
     assert sum(p.numel() for p in model.parameters()) == cfg.total_params()
     pytest.importorskip("tvm")
-    from compiler.build import shape_only_model
+    from mobilemoe.checkpoint import shape_only_model
     assert shape_only_model(str(path)).config == cfg
     doc = json.loads((tmp_path / "d" / "design.json").read_text())
     assert doc["best"]["shape"] == res["best"]["shape"] and "all" not in doc

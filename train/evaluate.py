@@ -4,7 +4,7 @@
         [--packing stream|examples] [--seq-len 512] [--dtype float32|bfloat16]
 
 Prints one JSON object: {"checkpoint", "data", "int4", "loss", "target_tokens"}. --int4 evaluates
-train.qat.simulate_int4(model): every INT4 weight replaced by dequant(quantize(w)).
+mobilemoe.quant.simulate_int4(model): every INT4 weight replaced by dequant(quantize(w)).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from mobilemoe.checkpoint import CheckpointError, load_checkpoint
+from mobilemoe.quant import simulate_int4
 from mobilemoe.tokenizer import load_tokenizer
 from train.data import DataError, DataSpec, build_rows, split_for_eval
 from train.loop import DTYPES, Dist, heldout_loss
-from train.qat import simulate_int4
 
 
 def evaluate_checkpoint(checkpoint, data, packing: str = "stream", seq_len: int = 512, int4: bool = False,

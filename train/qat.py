@@ -21,12 +21,11 @@ Where torchao does not import (a wheel built for another torch), QAT falls back 
 `mobilemoe.quant.fake_quantize_int4`: the same forward values, an identity gradient; summary.json's
 `fake_quant` says which one ran.
 
-`simulate_int4(model)` is the INT4 model in PyTorch (dequant(quantize(w)) for every such weight):
+`mobilemoe.quant.simulate_int4(model)` is the INT4 model in PyTorch (dequant(quantize(w)) for every such weight):
 summary.json's eval_loss_int4 is its held-out loss; eval_loss is the float (latent) model's.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -36,17 +35,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from mobilemoe.model import MobileMoE
-from mobilemoe.quant import (GROUP_SIZE, dequantize_int4, fake_quantize_int4, quantize_int4,
-                             torchao_qat_weight_config)
+from mobilemoe.quant import fake_quantize_int4, is_int4_weight, simulate_int4, torchao_qat_weight_config
 from train.loop import DTYPES, StageConfig, StageHooks, stage_main
-
-FLOAT_ONLY = ("router",)  # as passes/quantize_int4_weights.py: routers and norms stay float
-
-
-def is_int4_weight(name: str, p: torch.Tensor) -> bool:
-    """Weights the compiler stores as INT4: 2-D / stacked 3-D, K % 32 == 0, not a router."""
-    return p.dim() in (2, 3) and p.shape[-1] % GROUP_SIZE == 0 and not any(t in name for t in FLOAT_ONLY)
-
 
 def int4_weights(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, full name) of every INT4 weight (parametrized ones by their outer name);
@@ -121,16 +111,6 @@ def convert_qat(model: MobileMoE, storage: torch.dtype = torch.float32) -> Mobil
         for p in model.parameters():
             p.copy_(p.to(storage).to(p.dtype))
     return model
-
-
-@torch.no_grad()
-def simulate_int4(model: MobileMoE) -> MobileMoE:
-    """A copy of a (converted) model whose INT4 weights are dequant(quantize(w)): the compiled model."""
-    sim = copy.deepcopy(model)
-    for name, p in sim.named_parameters():
-        if is_int4_weight(name, p):
-            p.copy_(dequantize_int4(*quantize_int4(p.float(), name=name)).to(p.dtype))
-    return sim
 
 
 class QATHooks(StageHooks):

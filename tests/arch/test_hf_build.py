@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.artifact import read_manifest
+from mobilemoe.artifact import read_manifest
 from compiler.build import build
 from compiler.run import main as run_main
 from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MoE
 from mobilemoe.quant import GROUP_SIZE, dequantize_int4, quantize_act_int8, quantize_int4, sqnr
-from mobilemoe.runtime import load_artifact
+from mobilemoe.runtimes import load_artifact
 from tests.arch.hf_models import save_tiny
 from tests.compiler.test_build import real_text_ids, teacher_forced_logits, torch_step
 
@@ -100,7 +100,7 @@ def test_android_arm64_links(tmp_path, model_type):
 
 
 def test_onnx_fallback_refuses_options_it_lacks(tmp_path):
-    from compiler.onnx_export import OnnxExportError, check_config
+    from compiler.backends.onnx import OnnxExportError, check_config
     cfg = load_checkpoint(save_tiny("olmoe", tmp_path / "olmoe")).config
     with pytest.raises(OnnxExportError, match=r"config olmoe \(arch 'olmoe'\): the ONNX decoder does not implement "
                                               r"qk_norm='proj', router='softmax_topk'; build a TVM target instead"):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.artifact import ArtifactError, read_manifest, verify
+from mobilemoe.artifact import ArtifactError, read_manifest, verify
 from compiler.build import build
 from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
-from mobilemoe.runtime import load_artifact
+from mobilemoe.runtimes import load_artifact
 from mobilemoe.tokenizer import load_tokenizer
 from targets import TargetError, get_target
 

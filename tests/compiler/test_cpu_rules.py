@@ -1,4 +1,4 @@
-"""compiler/cpu_rules.py: SafeReduction refuses the decode RMSNorm shape dlight's rule gets wrong,
+"""targets/cpu_rules.py: SafeReduction refuses the decode RMSNorm shape dlight's rule gets wrong,
 keeps the shapes it gets right; Injective parallelises and vectorises one-block copies. Both are
 checked for the same results as the unscheduled kernels."""
 import numpy as np
@@ -6,7 +6,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.target import Target
 
-from compiler.cpu_rules import Injective, SafeReduction, shares_leading_axes
+from targets.cpu_rules import Injective, SafeReduction, shares_leading_axes
 
 TARGET = Target({"kind": "llvm", "num-cores": 2})
 
@@ -57,7 +57,7 @@ def test_injective_copy_is_parallel_and_vectorized():
 
 
 def test_batch_matmul_rule_dynamic_and_static_shapes():
-    from compiler.cpu_rules import BatchMatmul
+    from targets.cpu_rules import BatchMatmul
 
     def matmul(a, b):  # what LegalizeOps makes of R.matmul: one block named "matmul"
         k = te.reduce_axis((0, a.shape[-1]), name="k")

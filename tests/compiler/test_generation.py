@@ -2,7 +2,7 @@
 import numpy as np
 
 from compiler.generation import describe, generation, kernel_time, measure_context, prompt_cache, single_step
-from mobilemoe.runtime import load_artifact
+from mobilemoe.runtimes import load_artifact
 
 
 class FakeModel:

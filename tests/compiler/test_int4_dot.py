@@ -1,4 +1,4 @@
-"""compiler/kernels/int4_dot.py: the int8-activation x INT4-weight dot-product kernels.
+"""kernels/int4_dot.py: the int8-activation x INT4-weight dot-product kernels.
 
 Each kernel is checked against mobilemoe.quant.int8_int4_matmul (the same quantized activations,
 exact integer group sums) to float32 rounding, and its SQNR against the fp32-activation result is
@@ -11,10 +11,10 @@ import torch
 import tvm
 from tvm.target import Target, codegen
 
-from compiler.kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
-from compiler.kernels.select_dot import dot_form, select_dot_kernels
-from compiler.kernels.int4_matmul import int4_matmul
+from kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
+from kernels.int4_matmul import int4_matmul
 from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_act_int8, quantize_int4, sqnr
+from passes.select_dot_kernels import dot_form, select_dot_kernels
 
 HOST = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISA = int4_dot.dot_isa(HOST)
@@ -121,8 +121,8 @@ def test_select_swaps_each_int4_kernel_for_its_dot_form():
 def test_every_int4_kernel_gets_the_interleaved_layout():
     """The embedding (tied LM head table) and the grouped prefill kernels read the same codes as the
     dot GEMVs: they are swapped too, and a kernel without an interleaved form is refused."""
-    from compiler.kernels import moe_grouped
-    from compiler.kernels.embedding import embedding_int4
+    from kernels import moe_grouped
+    from kernels.embedding import embedding_int4
 
     before = tvm.IRModule({"emb": embedding_int4(64, 256, "int32"),
                            "gu": moe_grouped.moe_grouped_gate_up(4, 64, 256, 2),
@@ -137,8 +137,8 @@ def test_every_int4_kernel_gets_the_interleaved_layout():
 
 @needs_vnni
 def test_interleaved_embedding_and_grouped_kernels_match_row_major():
-    from compiler.kernels import moe_grouped
-    from compiler.kernels.embedding import embedding_int4
+    from kernels import moe_grouped
+    from kernels.embedding import embedding_int4
 
     codes, scales, w_il, s = weight(64, 256, seed=3)
     w_rm = pack_int4(codes).numpy()

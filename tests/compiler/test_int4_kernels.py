@@ -1,4 +1,4 @@
-"""compiler/kernels: INT4 matmul and MoE expert kernels against numpy on mobilemoe.quant's dequant."""
+"""kernels: INT4 matmul and MoE expert kernels against numpy on mobilemoe.quant's dequant."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import tvm
 from tvm import tirx
 from tvm.target import Target
 
-from compiler.kernels import (
+from kernels import (
     int4_matmul,
     moe_gemv,
     moe_gemv_per_slot,

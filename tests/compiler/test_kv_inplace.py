@@ -1,4 +1,4 @@
-"""The in-place KV cache (mobilemoe/kv_cache.py, compiler/kernels/kv_cache.py): long decode equals the
+"""The in-place KV cache (mobilemoe/kv_cache.py, kernels/kv_cache.py): long decode equals the
 reference, the buffers are written in place, and a steady-state step allocates nothing."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from compiler.generation import kernel_time, minor_faults
 from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MobileMoE
-from mobilemoe.runtime import load_artifact
+from mobilemoe.runtimes import load_artifact
 
 PROMPT, STEPS = 1000, 300
 

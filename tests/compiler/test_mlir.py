@@ -11,19 +11,20 @@ pytest.importorskip("torch_mlir", reason="torch-mlir is not installed: pip insta
 pytest.importorskip("iree.compiler", reason="iree-base-compiler is not installed: pip install -e '.[mlir]'")
 pytest.importorskip("iree.runtime", reason="iree-base-runtime is not installed: pip install -e '.[mlir]'")
 
-from compiler.artifact import ArtifactError, verify  # noqa: E402
-from compiler.mlir_export import (IREE_TARGETS, MlirExportError, build_mlir, export_mlir,  # noqa: E402
-                                  topk_as_iterated_max)
+from compiler.backends.mlir import IREE_TARGETS, MlirExportError, export_mlir, topk_as_iterated_max  # noqa: E402
+from compiler.build import build  # noqa: E402
+from mobilemoe.artifact import ArtifactError, verify  # noqa: E402
 from mobilemoe.checkpoint import load_checkpoint  # noqa: E402
-from mobilemoe.iree_runtime import IreeRuntime  # noqa: E402
-from mobilemoe.runtime import load_artifact  # noqa: E402
+from mobilemoe.runtimes import load_artifact  # noqa: E402
+from mobilemoe.runtimes.iree import IreeRuntime  # noqa: E402
+from targets.android_arm64 import API_LEVEL  # noqa: E402
 from test_build import real_text_ids, teacher_forced_logits, torch_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def mlir_host(ckpt):
     """The test-moe MLIR artifact with the host IREE module only (the arm64 compile is in a slow test)."""
-    return build_mlir(ckpt, ckpt.parent / "mlir-host", iree_targets=("host",), verbose=False)
+    return build(ckpt, "mlir", ckpt.parent / "mlir-host", iree_targets=("host",), verbose=False)
 
 
 def test_iree_matches_pytorch_on_real_text(ckpt, mlir_host):
@@ -103,7 +104,7 @@ def test_cli_builds_android_arm64_module(ckpt, tmp_path):
     manifest = verify(tmp_path / "a")
     assert set(manifest["iree"]["modules"]) == {"host", "android-arm64"}
     flags = manifest["iree"]["modules"]["android-arm64"]["flags"]
-    assert "--iree-llvmcpu-target-triple=aarch64-linux-android34" in flags
+    assert f"--iree-llvmcpu-target-triple=aarch64-linux-android{API_LEVEL}" in flags
     assert b"embedded-elf-arm_64" in (tmp_path / "a" / "iree-android-arm64.vmfb").read_bytes()
 
 
@@ -118,8 +119,8 @@ def test_unsupported_op_names_op_and_layer(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_failed_iree_compile_leaves_no_artifact(monkeypatch, ckpt, tmp_path):
-    import compiler.mlir_export as mlir_export
+    import compiler.backends.mlir as mlir_export
     monkeypatch.setitem(mlir_export.IREE_TARGETS, "host", ("iree-host.vmfb", ("--no-such-iree-flag",)))
     with pytest.raises(MlirExportError, match="iree-compile for 'host'"):
-        build_mlir(ckpt, tmp_path / "out", iree_targets=("host",), verbose=False)
+        build(ckpt, "mlir", tmp_path / "out", iree_targets=("host",), verbose=False)
     assert list(tmp_path.iterdir()) == []

@@ -9,17 +9,18 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.artifact import ArtifactError, verify
+from mobilemoe.artifact import ArtifactError, verify
 from compiler.build import build
 from compiler.build import main as build_main
-from compiler.onnx_export import DATA_NAME, DEFAULT_ACCURACY_LEVEL
-from compiler.onnx_graph import OPSETS, int4_ort
+from compiler.backends.onnx import DATA_NAME, DEFAULT_ACCURACY_LEVEL
+from compiler.backends.onnx_graph import OPSETS, int4_ort
 from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.generate import DEFAULT_MODEL_DIR
 from mobilemoe.model import MobileMoE
 from mobilemoe.quant import dequantize_int4, int4_bytes, pack_int4, quantize_int4, unpack_int4_bytes
-from mobilemoe.runtime import OrtRuntime, load_artifact
+from mobilemoe.runtimes import load_artifact
+from mobilemoe.runtimes.ort import OrtRuntime
 from test_build import SAMPLE, real_text_ids, teacher_forced_logits, torch_step
 
 
@@ -91,7 +92,7 @@ def test_onnx_weights_are_the_tvm_artifacts_codes(onnx_default, host_int4):
     """Every INT4 initializer of model.onnx is the TVM artifact's packed words, regrouped as bytes."""
     from safetensors.numpy import load_file
 
-    from compiler.onnx_graph import interleave_rows
+    from compiler.backends.onnx_graph import interleave_rows
     tvm = load_file(str(host_int4 / "params.safetensors"))
 
     def words(name):  # TVM param -> (ORT bytes [..., N, K / 2], float32 scales)
@@ -204,7 +205,7 @@ def test_tampered_onnx_artifact_is_refused(onnx_default, tmp_path):
 
 
 def test_missing_contrib_op_is_named(onnx_default, monkeypatch):
-    import mobilemoe.runtime as runtime
+    import mobilemoe.runtimes.ort as runtime
     have = runtime._cpu_kernels(ort)
     monkeypatch.setattr(runtime, "_cpu_kernels", lambda _: have - {("com.microsoft", "QMoE")})
     with pytest.raises(ArtifactError, match=r"has no CPU kernel for contrib op QMoE \(com.microsoft\)"):
@@ -212,7 +213,7 @@ def test_missing_contrib_op_is_named(onnx_default, monkeypatch):
 
 
 def test_external_data_from_the_cli(ckpt, onnx_default, tmp_path, monkeypatch):
-    import compiler.onnx_export as onnx_export
+    import compiler.backends.onnx as onnx_export
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as a model over 1 GiB would
     out = tmp_path / "ext"
     build_main(["--target", "onnx", "--checkpoint", str(ckpt), "--out", str(out)])
@@ -224,11 +225,11 @@ def test_external_data_from_the_cli(ckpt, onnx_default, tmp_path, monkeypatch):
 
 
 def test_fallback_onnx_when_the_tvm_build_fails(ckpt, tmp_path, monkeypatch, capsys):
-    import compiler.build as build_mod
+    import compiler.backends.tvm as tvm_backend
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated TVM codegen failure")
-    monkeypatch.setattr(build_mod, "compile_model", broken)
+    monkeypatch.setattr(tvm_backend, "compile_model", broken)
     out = tmp_path / "android"
     build_main(["--target", "android-arm64", "--fallback", "onnx", "--checkpoint", str(ckpt), "--out", str(out)])
     err = capsys.readouterr().err

@@ -26,11 +26,11 @@ def model():
 @pytest.fixture(scope="module")
 def compiled(model):
     """{target: (executable, pipeline phases, report, OpenCL source)}, each built once."""
-    from compiler.build import compile_model
+    from compiler.backends.tvm import compile_model
     out = {}
     for name in GPU_TARGETS:
         report = {}
-        executable, _, _, pipeline, _ = compile_model(model, name, random_weights=True, report=report)
+        executable, _, _, pipeline, _ = compile_model(model, get_target(name), random_weights=True, report=report)
         todo, opencl = [executable.mod], []
         while todo:  # the device module hangs off the host (llvm) library
             m = todo.pop()
@@ -50,17 +50,17 @@ def pocl():
 
 
 def test_inplace_kv_cache_is_refused_on_gpu_targets(model):
-    from compiler.build import compile_model
+    from compiler.backends.tvm import compile_model
     from targets import TargetError
     with pytest.raises(TargetError, match="--kv-cache inplace: .* CPU schedules only; target 'android-adreno'"):
-        compile_model(model, "android-adreno", random_weights=True, kv_cache="inplace")
+        compile_model(model, get_target("android-adreno"), random_weights=True, kv_cache="inplace")
 
 
 def test_specs_are_opencl_with_an_android_host():
     for name, device in (("android-adreno", "adreno"), ("android-mali", "mali")):
         spec = get_target(name)
         target = spec.tvm_target()
-        assert spec.lowering == "gpu" and target.kind.name == "opencl" and str(target.attrs["device"]) == device
+        assert spec.strategy.name == "gpu" and target.kind.name == "opencl" and str(target.attrs["device"]) == device
         assert target.host.kind.name == "llvm" and str(target.host.attrs["mtriple"]) == "aarch64-linux-android"
         assert spec.json()["host"]["mtriple"] == "aarch64-linux-android"
 
@@ -107,14 +107,14 @@ def _gpu_scheduled(prim, dims: dict, target_name: str):
     import tvm
 
     from compiler.pipeline import PipelineOptions, default_schedule
-    from compiler.tasks import specialize
+    from passes.kernel_workloads import specialize
 
     spec = get_target(target_name)
     size = {v.name: v for p in prim.params if hasattr(p, "shape") for v in p.shape if isinstance(v, tvm.tirx.Var)}
     func = specialize(prim, {size[k]: v for k, v in dims.items()}).with_attr("global_symbol", "main")
     target = spec.tvm_target()
     with target:
-        mod = tvm.transform.Sequential(default_schedule(PipelineOptions(lowering="gpu", gpu_rules=spec.gpu_rules)))(
+        mod = tvm.transform.Sequential(default_schedule(PipelineOptions(strategy=spec.strategy)))(
             tvm.IRModule({"main": func}))
     assert mod["main"].attrs.get("tirx.is_scheduled"), "the GPU rules left the kernel unscheduled"
     return mod["main"], target
@@ -122,7 +122,7 @@ def _gpu_scheduled(prim, dims: dict, target_name: str):
 
 @pytest.mark.parametrize("target_name", GPU_TARGETS)
 def test_int4_expert_gemvs_on_pocl_match_numpy(pocl, target_name):
-    from compiler.kernels import moe_gemv, moe_gemv_weighted_sum
+    from kernels import moe_gemv, moe_gemv_weighted_sum
     rng = np.random.default_rng(0)
     experts, n, k, top_k, tokens = 6, 48, 128, 2, 3
     w, s, ref_w = _int4_weights((experts, n, k), rng)
@@ -144,8 +144,8 @@ def test_int4_expert_gemvs_on_pocl_match_numpy(pocl, target_name):
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_matmul_on_pocl_matches_numpy(pocl, rows):
-    from compiler.kernels import int4_matmul
-    from compiler.kernels.int4_matmul_gpu import UseGpuInt4Matmul
+    from kernels import int4_matmul
+    from passes.use_gpu_int4_matmul import UseGpuInt4Matmul
     import tvm
 
     rng = np.random.default_rng(rows)
@@ -160,7 +160,7 @@ def test_int4_matmul_on_pocl_matches_numpy(pocl, rows):
 
 def test_guard_spots_a_declaration_inside_an_expression():
     """TVM 0.27's OpenCL codegen bug the GPU rule guard rejects (seen on the attention einsum p.V)."""
-    from compiler.gpu_rules import _STATEMENT_IN_EXPRESSION
+    from passes.kernel_workloads import _STATEMENT_IN_EXPRESSION
     bad = "  vstore8(acc[0], 0, out + ((((      long rmod_23 = ((convert_long(get_group_id(1))) % n);"
     good = ["    long rmod_16 = ((convert_long(get_group_id(1))) % cse_v4);",
             "    for (int k = 0; k < 16; ++k) {", "    float x = (a + b);"]

@@ -1,10 +1,10 @@
-"""compiler/kernels/softmax.py against numpy: vector body and scalar tail, masked scores, the exp."""
+"""kernels/softmax.py against numpy: vector body and scalar tail, masked scores, the exp."""
 import numpy as np
 import pytest
 import tvm
 from tvm.script import tirx as T
 
-from compiler.kernels.softmax import exp_le0, softmax_rows
+from kernels.softmax import exp_le0, softmax_rows
 
 
 @pytest.fixture(scope="module", params=[4, 16])

@@ -1,4 +1,4 @@
-"""compiler.tune on this machine: a tiny session, resume after SIGKILL, and a build that applies the
+"""compiler.tuning on this machine: a tiny session, resume after SIGKILL, and a build that applies the
 database (passes/apply_tuning_database.py) with the same numbers as the untuned build."""
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from compiler import tuning_db as tdb
+from compiler.tuning import database as tdb
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode: a 512 x 64 INT4 GEMV
@@ -29,14 +29,14 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def session(ckpt):
-    from compiler.tune import tune
+    from compiler.tuning.tune import tune
     from mobilemoe.checkpoint import load_checkpoint
     db = ckpt.parent / "db"
     return db, tune(load_checkpoint(ckpt), "host", 3, db, only=TASK, per_iter=3, verbose=False)
 
 
 def test_tiny_session_writes_database_table_and_plot(session):
-    from compiler.tune import plot, table
+    from compiler.tuning.tune import plot, table
     db, s = session
     (task,) = s["tasks"]
     assert task["name"] == "int4_matmul2[tokens=1]" and task["calls"] >= 1
@@ -52,7 +52,7 @@ def test_tiny_session_writes_database_table_and_plot(session):
 
 
 def _tune_cmd(ckpt, db, trials):
-    return [sys.executable, "-m", "compiler.tune", "--target", "host", "--checkpoint", str(ckpt), "--trials",
+    return [sys.executable, "-m", "compiler.tuning", "--target", "host", "--checkpoint", str(ckpt), "--trials",
             str(trials), "--db", str(db), "--tasks", TASK, "--per-iter", "1"]
 
 
@@ -103,7 +103,7 @@ def _same_logits(a, b, prompts=([3, 14, 15, 92, 65, 35, 89, 79],)):
 
 def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned, tmp_path):
     from compiler.build import build
-    from mobilemoe.runtime import load_artifact
+    from mobilemoe.runtimes import load_artifact
     db, _ = session
     s = json.loads((db / "session.json").read_text())
     s["tasks"][0]["untuned_s"] = 1.0  # make the record a sure winner: this test is about applying it
@@ -139,13 +139,13 @@ def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned,
 
 @pytest.mark.slow  # minutes on 2 cores; `make test-all` runs it
 def test_bucket_records_are_timed_replayed_and_the_build_replays_one_with_same_numerics(ckpt, untuned, tmp_path):
-    """compiler.tune times each bucket's record replayed on the whole dynamic kernel at every check
+    """compiler.tuning times each bucket's record replayed on the whole dynamic kernel at every check
     shape; a record nowhere slower is replayed by the build, and the logits stay the same."""
     from compiler.build import build
-    from compiler.tune import tune
-    from compiler.tune_replay import CHECKS, replay_table
+    from compiler.tuning.tune import tune
+    from compiler.tuning.replay import CHECKS, replay_table
     from mobilemoe.checkpoint import load_checkpoint
-    from mobilemoe.runtime import load_artifact
+    from mobilemoe.runtimes import load_artifact
 
     db = tmp_path / "db"
     # prefill attention's einsum (legalized kernel names count up over both entries; the in-place
@@ -197,8 +197,8 @@ def test_a_bucket_record_replays_on_the_dynamic_kernel():
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
     from tvm.script import relax as R
 
-    from compiler.measure import without_tensor_intrinsics
-    from compiler.tasks import specialize, workload
+    from passes.kernel_workloads import without_tensor_intrinsics
+    from passes.kernel_workloads import specialize, workload
     from passes.apply_tuning_database import _replay
 
     @tvm.script.ir_module
@@ -240,7 +240,7 @@ def test_repair_drops_only_a_torn_last_line(tmp_path):
 
 @pytest.mark.parametrize("target_name", ["android-adreno", "android-mali"])
 def test_opencl_targets_are_refused_with_a_clear_error(target_name, tmp_path):
-    from compiler.tune import tune
+    from compiler.tuning.tune import tune
     from targets import TargetError
     with pytest.raises(TargetError, match=f"tuning target '{target_name}' \\(opencl GPU kernels\\) is not supported"):
         tune(None, target_name, 4, tmp_path / "db")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import BIG_LOCK, big_build_lock
-from compiler.artifact import MANIFEST_NAME
+from mobilemoe.artifact import MANIFEST_NAME
 from compiler.reproducible import exported_symbols
 from mobilemoe.checkpoint import atomic_dir, remove_stale_temps
 from mobilemoe.config import MobileMoEConfig

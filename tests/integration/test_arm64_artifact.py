@@ -28,8 +28,8 @@ def artifacts(tmp_path_factory, request):
 
 
 def test_linux_arm64_artifact_matches_host(arm64_device, artifacts):
-    from compiler.remote import RemoteRuntime
-    from mobilemoe.runtime import load_artifact
+    from mobilemoe.runtimes.tvm_rpc import RemoteRuntime
+    from mobilemoe.runtimes import load_artifact
 
     arm64_dir, host_dir = artifacts
     host = load_artifact(host_dir)

@@ -30,8 +30,8 @@ def artifact(ckpt):
 
 
 def test_tune_a_few_trials_on_the_device(arm64_device, ckpt, tmp_path):
-    from compiler import tuning_db as tdb
-    from compiler.tune import table, tune
+    from compiler.tuning import database as tdb
+    from compiler.tuning.tune import table, tune
     from mobilemoe.checkpoint import load_checkpoint
 
     rpc = (arm64_device.tracker_host, arm64_device.tracker_port, arm64_device.key)

@@ -1,4 +1,4 @@
-"""compiler.tune and compiler.bench over TVM RPC on a loopback tracker with an x86 rpc_server
+"""compiler.tuning and compiler.bench over TVM RPC on a loopback tracker with an x86 rpc_server
 (targets/local_rpc.py): candidates are timed in the server; a session SIGKILLed and run again
 resumes; a server killed mid-session that comes back costs nothing (the candidates lost with it
 are measured again and the session goes on); one that stays away ends the session with a clear
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from compiler import tuning_db as tdb
+from compiler.tuning import database as tdb
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode: a 512 x 64 INT4 GEMV
@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory):
 
 
 def _tune(ckpt, db, device, trials: int, per_iter: int, *extra: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "compiler.tune", "--target", "host", "--checkpoint", str(ckpt), "--trials",
+    cmd = [sys.executable, "-m", "compiler.tuning", "--target", "host", "--checkpoint", str(ckpt), "--trials",
            str(trials), "--db", str(db), "--tasks", TASK, "--per-iter", str(per_iter), "--rpc-tracker",
            f"{device.tracker_host}:{device.tracker_port}", "--rpc-key", device.key, "--population", "32", *extra]
     with open(log, "w") as err:
@@ -50,7 +50,7 @@ def _wait(proc, done, what: str, timeout: float = 240) -> None:
         if done():
             return
         time.sleep(0.1)
-    assert proc.poll() is None, f"compiler.tune ended (exit {proc.returncode}) before {what}"
+    assert proc.poll() is None, f"compiler.tuning ended (exit {proc.returncode}) before {what}"
     raise AssertionError(f"no {what} within {timeout:.0f}s")
 
 
@@ -59,7 +59,7 @@ def _traces(lines: list[str]) -> set[str]:
 
 
 def test_tune_over_rpc_times_candidates_in_the_server(local_rpc, ckpt, tmp_path):
-    from compiler.tune import table, tune
+    from compiler.tuning.tune import table, tune
     from mobilemoe.checkpoint import load_checkpoint
 
     before = local_rpc.log("server").count("load_module")
@@ -143,8 +143,8 @@ def test_server_gone_for_good_ends_tuning_with_a_clear_error(local_rpc, ckpt, tm
 def test_bench_and_logits_of_a_host_artifact_over_rpc(local_rpc, ckpt, tmp_path):
     from compiler.bench import run
     from compiler.build import build
-    from compiler.remote import RemoteRuntime
-    from mobilemoe.runtime import load_artifact
+    from mobilemoe.runtimes.tvm_rpc import RemoteRuntime
+    from mobilemoe.runtimes import load_artifact
 
     def same_logits_as_here(artifact):  # its session (and the remote KV cache) ends on return
         remote, here = RemoteRuntime(local_rpc.request_session(timeout=60), artifact), load_artifact(artifact)

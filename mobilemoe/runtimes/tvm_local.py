@@ -1,0 +1,148 @@
+"""Run a TVM artifact on this machine: load (after verifying every hash), prefill, decode, generate.
+
+    rt = load_artifact("dist/mobilemoe-tiny-host")
+    logits, kv = rt.prefill([0, 17, 42])      # logits np [V] of the last position, kv stays on device
+    logits, kv = rt.decode(99, kv)
+    ids, stats = rt.generate(prompt_ids, max_new_tokens=32)
+
+The KV cache lives on the device between calls as a LayerKV: a K [1, nkv, D, P] and a V [1, nkv, P, D]
+tensor per layer (the "layers" layout of mobilemoe/export.py); each step is one Relax VM call.
+Artifacts whose decode takes the in-place cache (manifest entry_points.decode.kv_cache.layout
+"inplace", mobilemoe/kv_cache.py) hold it at a capacity C instead (K [1, nkv, D, C], V [1, nkv, C, D],
+LayerKV.capacity): allocated once per prefill, zeroed, at twice the length reached (kv_capacity:
+a fixed capacity), each decode step writing its slot in those buffers; a step past the capacity
+moves the cache to one twice as large. The decode loop makes no per-step copy and no allocation:
+its token and position tensors are reused and the logits are a view of the VM's output (this
+machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
+refused here: run them on the device (tvm_rpc.RemoteRuntime, `python -m compiler.bench --rpc-tracker ...`).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from safetensors.numpy import load_file
+from tvm import relax
+
+from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
+from ..kv_cache import capacity_for
+from .base import LayerKV, Runtime, check_ids, kv_shape
+
+
+class TVMRuntime(Runtime):
+    """A TVM artifact on this machine's CPU. Subclasses change where it runs (tvm_rpc.RemoteRuntime)."""
+
+    backend = "tvm"
+
+    @classmethod
+    def load(cls, artifact_dir, num_threads: int | None = None, kv_capacity: int | None = None, session=None):
+        return cls(artifact_dir, num_threads, kv_capacity)
+
+    def __init__(self, artifact_dir, num_threads: int | None = None, kv_capacity: int | None = None):
+        self.kv_capacity = kv_capacity
+        self._open_manifest(artifact_dir)
+        self._check_runnable()
+        if num_threads:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        self._open()
+
+    # -- where it runs: overridden for RPC devices
+    def _check_runnable(self):
+        if not self.manifest.get("runs_on_host"):
+            raise ArtifactError(f"{self.dir}: built for target '{self.manifest['target']['name']}', which does not "
+                                f"run on this machine; benchmark it on the device with compiler.bench --rpc-tracker")
+
+    def _device_and_module(self):
+        return tvm.cpu(), tvm.runtime.load_module(str(self.dir / LIB_NAME))
+
+    def _invoke(self, entry: str, args) -> list:
+        return list(self._fn[entry](*args))
+
+    # -- common
+    def _open(self):
+        self.device, module = self._device_and_module()
+        self.lib = module  # the loaded library: its kernels, for time_evaluator (compiler/profile.py)
+        self.vm = relax.VirtualMachine(module, self.device)
+        raw = load_file(str(self.dir / PARAMS_NAME))
+        tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
+        self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
+        self._fn = {e: self.vm[e] for e in self.params}
+        c = self.config
+        k = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, c.head_dim, 0), "float32"), self.device)
+        v = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
+        self._empty_kv = LayerKV([k, v] * c.num_layers, 0, kv_shape(c, 0), keys_t=True)
+        layout = (self.manifest["entry_points"]["decode"].get("kv_cache") or {}).get("layout", "grow")
+        self.kv_inplace = layout == "inplace"
+        # decode's token and position, reused every step (copied into, never reallocated)
+        self._step_in = [tvm.runtime.tensor(np.zeros((1, 1), "int64"), self.device) for _ in range(2)]
+        self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
+
+    def entry_args(self, ids: list[int], kv: LayerKV) -> list:
+        """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
+        check_ids(self.config, ids, kv.length)
+        if len(ids) == 1:
+            tokens, positions = self._step_in
+            tokens.copyfrom(np.asarray([ids], dtype="int64"))
+            positions.copyfrom(np.asarray([[kv.length]], dtype="int64"))
+            return [tokens, positions, *kv.values, *self.params["decode"]]
+        tokens = tvm.runtime.tensor(np.asarray([ids], dtype="int64"), self.device)
+        positions = tvm.runtime.tensor(np.arange(kv.length, kv.length + len(ids), dtype="int64")[None], self.device)
+        return [tokens, positions, *kv.values, *self.params["prefill"]]
+
+    def _logits(self, t) -> np.ndarray:
+        if self._zero_copy:
+            return np.from_dlpack(t)[0]
+        return t.numpy()[0]
+
+    def prefill(self, ids: list[int], kv: LayerKV | None = None):
+        """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
+        kv = self._empty_kv if kv is None else kv
+        if self.kv_inplace:
+            return self._step_inplace(ids, kv)
+        out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
+        total = kv.length + len(ids)
+        return self._logits(out[0]), LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True)
+
+    # -- the in-place cache (mobilemoe/kv_cache.py)
+    def _capacity(self, length: int) -> int:
+        """Slots to allocate for a cache about to hold `length` positions (a multiple of BLOCK)."""
+        top = capacity_for(self.config.max_seq_len)
+        want = self.kv_capacity or max(2 * length, 256)
+        return min(top, max(capacity_for(want), capacity_for(length)))
+
+    def _with_capacity(self, values: list, length: int, capacity: int) -> LayerKV:
+        """New zeroed capacity buffers holding the first `length` positions of `values` (length-sized
+        tensors, or capacity buffers)."""
+        c, out = self.config, []
+        for i, t in enumerate(values):
+            a = t.numpy() if length else None
+            if i % 2 == 0:  # K [1, nkv, D, *]
+                buf = np.zeros((1, c.num_kv_heads, c.head_dim, capacity), np.float32)
+                if length:
+                    buf[..., :length] = a[..., :length]
+            else:  # V [1, nkv, *, D]
+                buf = np.zeros((1, c.num_kv_heads, capacity, c.head_dim), np.float32)
+                if length:
+                    buf[:, :, :length] = a[:, :, :length]
+            out.append(tvm.runtime.tensor(buf, self.device))
+        return LayerKV(out, length, kv_shape(c, length), keys_t=True, capacity=capacity)
+
+    def _step_inplace(self, ids: list[int], kv: LayerKV):
+        total = kv.length + len(ids)
+        if len(ids) > 1:  # prefill: the functional entry on the valid prefix, then into capacity buffers
+            if kv.capacity is not None:
+                kv = LayerKV([self._prefix(t, i, kv.length) for i, t in enumerate(kv.values)], kv.length,
+                             kv.shape, keys_t=True)
+            out = self._invoke("prefill", self.entry_args(ids, kv))
+            return self._logits(out[0]), self._with_capacity(out[1:], total, self._capacity(total))
+        if kv.capacity is None or total > kv.capacity:  # empty or full: a larger cache, the prefix copied
+            kv = self._with_capacity(kv.values, kv.length, self._capacity(total))
+        out = self._invoke("decode", self.entry_args(ids, kv))  # writes slot kv.length of kv's buffers
+        return self._logits(out[0]), LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True,
+                                             capacity=kv.capacity)
+
+    def _prefix(self, t, i: int, length: int):
+        a = t.numpy()
+        return tvm.runtime.tensor(np.ascontiguousarray(a[..., :length] if i % 2 == 0 else a[:, :, :length]),
+                                  self.device)

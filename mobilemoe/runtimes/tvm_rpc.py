@@ -1,0 +1,42 @@
+"""Run a TVM artifact on a remote device through TVM RPC (a phone, or the emulated arm64 device).
+
+    session = targets.rpc_device.request_session(host, port, key)
+    rt = load_artifact("dist/mobilemoe-tiny-linux-arm64", session=session)   # -> RemoteRuntime
+    logits, kv = rt.prefill(ids); logits, kv = rt.decode(tok, kv)
+
+Same API as TVMRuntime. The library is uploaded (the device links nothing) and the VM is driven
+with set_input / invoke_stateful / get_outputs, since a tuple return value cannot cross RPC. The
+KV cache and parameters stay in the device's memory between calls.
+"""
+from __future__ import annotations
+
+from ..artifact import LIB_NAME
+from .rpc_session import elf_machine, remote_errors, upload_and_load
+from .tvm_local import TVMRuntime
+
+
+class RemoteRuntime(TVMRuntime):
+    where = "rpc"
+
+    @classmethod
+    def load(cls, artifact_dir, num_threads: int | None = None, kv_capacity: int | None = None, session=None):
+        return cls(session, artifact_dir)
+
+    def __init__(self, session, artifact_dir):
+        self.session = session
+        super().__init__(artifact_dir)
+
+    def _check_runnable(self):
+        pass  # any target: the device decides
+
+    def _device_and_module(self):
+        machine = elf_machine(self.manifest["target"]["tvm"].get("host") or self.manifest["target"]["tvm"])
+        module = upload_and_load(self.session, self.dir / LIB_NAME, machine)
+        return self.session.cpu(0), module
+
+    def _invoke(self, entry: str, args):
+        with remote_errors(self.session, f"{entry} on the artifact {self.dir.name}"):
+            self.vm.set_input(entry, *args)
+            self.vm.invoke_stateful(entry)
+            out = self.vm.get_outputs(entry)
+        return [out[i] for i in range(len(out))]

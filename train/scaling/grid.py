@@ -1,0 +1,145 @@
+"""Sweep grids: the run specs `python -m train.scaling sweep --grid NAME|GRID.json` trains.
+
+A run spec is {"id", "families", "model" (a MobileMoEConfig dict), "tokens", "seed", "train"
+(train.pretrain fields)}; the id names the shape, tokens and seed, and a log line is matched to
+its spec by id.
+
+Grid "default" (60 runs; vocab 8192, the bundled tokenizer; ~0.3-19M active non-embedding params
+on 0.5-4 passes over the 2.87M-token corpus, at most 4, which Muennighoff et al. 2023 found worth
+nearly as much as unique data). Heads of 64 (KV heads: H / 128, at least 1; at most 4); batch
+32 x 512 tokens; LR 2e-3 at width 256, scaled by sqrt(256 / H) above it; warmup 5% of steps
+(>= 10); cosine to 10%; MoE layers run every expert on every token (moe_impl "dense": the same
+results, faster for such small experts). First round, 2 passes (5.73M tokens):
+    size-dense   dense FFN 2H at (H, L) = (128, 2), (192, 3), (256, 4), (384, 6), (512, 8)
+    size-moe     the same widths and depths with the reference MoE: 16 experts of H/2 (G = 8), top-2,
+                 a shared expert of H (s = 1/2): as many active params as the dense FFN of 2H
+    sparsity     (256, 4) reference with 4, 8, 16, 32, 64 experts (R 1.3 to 11); 4 and 64 at widths 128, 384
+    granularity  (256, 4), no shared expert, active width 2H, total 8H, G = 2, 4, 8, 16, 32
+    shared       (256, 4), G = 8, active width 2H, total 9H, s = 0, 1/4, 1/2, 3/4
+    tokens       (256, 4) dense and reference MoE on 0.5, 1 and 4 passes; (128, 2) and (384, 6) MoE on 1
+    seed         (256, 4) dense and reference MoE again with seed 1 (the noise floor)
+Second round: every size / sparsity / granularity / shared config again on 4 passes (11.47M tokens),
+since 2 passes left the larger models far from converged.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mobilemoe.config import MobileMoEConfig
+from train.scaling.arch import make_config, shape_name
+from train.scaling.files import read_json
+
+SEQ_LEN, BATCH = 512, 32
+STEP_TOKENS = SEQ_LEN * BATCH  # 16,384
+EPOCH_STEPS = 175  # 175 x 16,384 = 2.87M tokens: one pass over data/corpus
+SPEC_KEYS = ("model", "tokens", "seed", "train")
+
+
+class SweepError(ValueError):
+    """A grid or log is invalid or inconsistent; the message names the file, run and field."""
+
+
+def _train(hidden: int, steps: int) -> dict:
+    lr = 2e-3 * min(1.0, math.sqrt(256 / hidden))
+    return {"seq_len": SEQ_LEN, "batch_size": BATCH, "lr": round(lr, 6), "warmup_steps": max(10, steps // 20),
+            "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.1, "moe_impl": "dense"}
+
+
+def run_spec(cfg: MobileMoEConfig, steps: int, family: str, seed: int = 0, train: dict | None = None) -> dict:
+    tokens = steps * STEP_TOKENS if train is None else steps * train["seq_len"] * train["batch_size"]
+    size = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.1f}K"
+    rid = f"{shape_name(cfg)}-t{size}" + (f"-seed{seed}" if seed else "")
+    return {"id": rid, "families": [family], "model": cfg.to_dict(), "tokens": tokens, "seed": seed,
+            "train": train or _train(cfg.hidden_size, steps)}
+
+
+def _dense(h: int, layers: int, vocab: int) -> MobileMoEConfig:
+    return make_config(f"dense-{h}x{layers}", h, layers, vocab=vocab, ffn_hidden=2 * h, max_kv_heads=max(1, h // 128))
+
+
+def _moe(h: int, layers: int, vocab: int, experts: int = 16, top_k: int = 2, width: int | None = None,
+         shared: int | None = None) -> MobileMoEConfig:
+    width = h // 2 if width is None else width
+    shared = h if shared is None else shared
+    return make_config(f"moe-{h}x{layers}", h, layers, vocab=vocab, experts=experts, top_k=top_k,
+                       expert_hidden=width, shared_hidden=shared, max_kv_heads=max(1, h // 128))
+
+
+def default_grid(vocab: int = 8192) -> list[dict]:
+    """The committed sweep (module docstring), in launch order: the core runs first."""
+    two = 2 * EPOCH_STEPS
+    sizes = [(128, 2), (192, 3), (256, 4), (384, 6), (512, 8)]
+    runs = [run_spec(_moe(256, 4, vocab), two, "size-moe"), run_spec(_dense(256, 4, vocab), two, "size-dense")]
+    for h, n in sizes:
+        runs += [run_spec(_dense(h, n, vocab), two, "size-dense"), run_spec(_moe(h, n, vocab), two, "size-moe")]
+    runs += [run_spec(_moe(256, 4, vocab, experts=e), two, "sparsity") for e in (4, 8, 16, 32, 64)]
+    for g in (2, 4, 8, 16, 32):  # no shared expert; active routed width 2H = 512, total 8H
+        width = 4 * 256 // g
+        runs.append(run_spec(_moe(256, 4, vocab, experts=2048 // width, top_k=512 // width, width=width, shared=0),
+                             two, "granularity"))
+    for shared, k, e in ((0, 4, 18), (128, 3, 17), (256, 2, 16), (384, 1, 15)):  # total width 9H = 2304
+        runs.append(run_spec(_moe(256, 4, vocab, experts=e, top_k=k, shared=shared), two, "shared"))
+    for steps in (EPOCH_STEPS // 2, EPOCH_STEPS, 4 * EPOCH_STEPS):
+        runs += [run_spec(_dense(256, 4, vocab), steps, "tokens"), run_spec(_moe(256, 4, vocab), steps, "tokens")]
+    runs += [run_spec(_dense(256, 4, vocab), two, "seed", seed=1), run_spec(_moe(256, 4, vocab), two, "seed", seed=1)]
+    runs += [run_spec(_moe(h, n, vocab), EPOCH_STEPS, "tokens") for h, n in ((128, 2), (384, 6))]
+    runs += [run_spec(_moe(h, n, vocab, experts=e), two, "sparsity") for h, n in ((128, 2), (384, 6)) for e in (4, 64)]
+    # second round: every size / sparsity / granularity / shared config again on 4 passes (the first
+    # round's 2-pass runs were still far from converged; 0.5 and 1 pass turned out to be the plateau)
+    main = ("size-dense", "size-moe", "sparsity", "granularity", "shared")
+    runs += [{**run_spec(MobileMoEConfig.from_dict(r["model"]), 4 * EPOCH_STEPS, r["families"][0]),
+              "families": [f for f in r["families"] if f in main]}
+             for r in merge_runs(runs) if r["tokens"] == two * STEP_TOKENS and r["seed"] == 0
+             and any(f in main for f in r["families"])]
+    return merge_runs(runs)
+
+
+def smoke_grid(vocab: int = 8192) -> list[dict]:
+    """Two seconds-long CPU runs (a dense and an MoE model of width 64): checks the whole command."""
+    train = {**_train(64, 4), "seq_len": 64, "batch_size": 4, "warmup_steps": 2, "eval_tokens": 1024}
+    return [run_spec(make_config("smoke-dense", 64, 2, vocab=vocab, ffn_hidden=128, head_dim=16, max_kv_heads=2),
+                     4, "smoke", train=train),
+            run_spec(make_config("smoke-moe", 64, 2, vocab=vocab, experts=8, top_k=2, expert_hidden=32,
+                                 shared_hidden=64, head_dim=16, max_kv_heads=2), 4, "smoke", train=train)]
+
+
+GRIDS = {"default": default_grid, "smoke": smoke_grid}
+
+
+def merge_runs(runs: list[dict]) -> list[dict]:
+    """One run per id (the first's position), its families merged; the same id with another spec is an error."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        if r["id"] in out:
+            old = out[r["id"]]
+            diff = [k for k in SPEC_KEYS if old[k] != r[k]]
+            if diff:
+                raise SweepError(f"grid: run '{r['id']}' appears twice with different {diff}")
+            old["families"] += [f for f in r["families"] if f not in old["families"]]
+        else:
+            out[r["id"]] = {**r, "families": list(r["families"])}
+    return list(out.values())
+
+
+def load_grid(name_or_path: str, vocab: int = 8192) -> list[dict]:
+    """A named grid (GRIDS) or a JSON file: a list of run specs {"id", "model", "tokens", "seed", "train"}."""
+    if name_or_path in GRIDS:
+        return GRIDS[name_or_path](vocab)
+    path = Path(name_or_path)
+    data = read_json(path, SweepError, "grid file", f" (named grids: {', '.join(GRIDS)})")
+    runs = data.get("runs") if isinstance(data, dict) else data
+    if not isinstance(runs, list):
+        raise SweepError(f"{path}: expected a list of runs (or {{\"runs\": [...]}})")
+    for i, r in enumerate(runs):
+        where = f"{path}: run {i}"
+        if not isinstance(r, dict):
+            raise SweepError(f"{where}: expected an object")
+        for k, kind in (("id", str), ("model", dict), ("tokens", int)):
+            if not isinstance(r.get(k), kind):
+                raise SweepError(f"{where}: field '{k}' must be {kind.__name__}, got {r.get(k)!r}")
+        MobileMoEConfig.from_dict(r["model"], source=f"{where} ('{r['id']}') field 'model'")
+        r.setdefault("seed", 0)
+        r.setdefault("train", {})
+        r.setdefault("families", ["custom"])
+    return merge_runs(runs)
