@@ -43,7 +43,7 @@ setup(
     name="mobilemoe",
     version="0.1.0",
     description=__doc__,
-    packages=find_packages(include=["mobilemoe*", "kernels*", "compiler*", "passes*", "targets*", "train*"]),
+    packages=find_packages(include=["mobilemoe*", "tir_kernels*", "compiler*", "passes*", "targets*", "train*"]),
     package_data={"mobilemoe": ["assets/*", "assets/**/*"], "targets": ["*.json", "*.sh"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

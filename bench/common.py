@@ -32,7 +32,7 @@ BIG_LOCK = Path("/tmp/mobilemoe-big.lock")
 BIG_PARAMS = 500e6  # builds of models above this (~9 min, ~8 GB RSS) never run two at once
 DEFAULT_WORK = ROOT / ".cache" / "bench"
 # what a build depends on besides its inputs: a change here makes cached artifacts stale
-BUILD_SOURCES = ("compiler", "kernels", "passes", "targets", "mobilemoe/model.py", "mobilemoe/quant.py",
+BUILD_SOURCES = ("compiler", "tir_kernels", "passes", "targets", "mobilemoe/model.py", "mobilemoe/quant.py",
                  "mobilemoe/export.py", "mobilemoe/config.py")
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8}
 KV_BYTES = 4  # the KV cache is float32 ([L, 2, 1, nkv, P, D], mobilemoe/model.py)

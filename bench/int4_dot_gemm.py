@@ -1,4 +1,4 @@
-"""Prefill INT4 dot-product GEMMs: the M-tiled kernels (kernels/int4_dot_gemm.py) against the
+"""Prefill INT4 dot-product GEMMs: the M-tiled kernels (tir_kernels/int4_dot_gemm.py) against the
 kernels they replace, side by side in one process, on mobilemoe-s shapes, as fractions of the int8
 dot peak (bench/roofline.py's register-blocked vpdpbusd/sdot kernel).
 
@@ -19,8 +19,8 @@ import tvm
 from tvm.target import Target, codegen
 
 from bench.roofline import DOT_ISAS, REG_BLOCKS, dot_kernel
-from kernels import int4_dot, int4_dot_gemm, moe_grouped
-from kernels.schedules import lanes_for
+from tir_kernels import int4_dot, int4_dot_gemm, moe_grouped
+from tir_kernels.schedules import lanes_for
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.quant import interleave_int4, pack_int4, quantize_int4
 

@@ -13,7 +13,7 @@ import torch
 import tvm
 from tvm.target import Target, codegen
 
-from kernels import int4_matmul, moe_gemv, schedule_int4_kernels
+from tir_kernels import int4_matmul, moe_gemv, schedule_int4_kernels
 from mobilemoe.quant import dequantize_int4, pack_int4, quantize_int4
 
 

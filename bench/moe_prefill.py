@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import tvm
 
-from kernels import moe_gemv, moe_gemv_weighted_sum, schedule_int4_kernels
-from kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
+from tir_kernels import moe_gemv, moe_gemv_weighted_sum, schedule_int4_kernels
+from tir_kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
 from mobilemoe.quant import pack_int4, quantize_int4
 from targets import get_target
 

@@ -9,7 +9,7 @@
 
 kv_cache="inplace" (the default) imports decode in the "inplace" layout instead: k_l [1, nkv, D, C],
 v_l [1, nkv, C, D] at a fixed capacity C, the token written at slot `position` by an
-R.call_tir_inplace of kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
+R.call_tir_inplace of tir_kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
 buffers), attention by its prefix_attention over slots 0..position (the custom ops of
 mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
 functional decode above (each step returns grown copies).
@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from kernels.kv_cache import ATTEND, WRITE, kv_write, prefix_attention
+from tir_kernels.kv_cache import ATTEND, WRITE, kv_write, prefix_attention
 from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 

@@ -9,7 +9,7 @@
                MakeDataflow (pure functions in dataflow blocks: what FuseOps and
                RewriteDataflowReshape act on), PruneUnusedParams, DeadCodeElimination
     legalize   TVM's library dispatch, the strategy's own passes (CPU: AppendLastAxis + SoftmaxRows
-               + FastSigmoid, kernels/append.py, softmax.py; SiLU's sigmoid as a polynomial),
+               + FastSigmoid, tir_kernels/append.py, softmax.py; SiLU's sigmoid as a polynomial),
                LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule   the strategy's kernel selection (CPU with VNNI/dotprod: SelectDotKernels, int8-activation
                dot-product INT4 kernels; quant="int4" only, not "int4-f32"), ApplyTuningDatabase (with

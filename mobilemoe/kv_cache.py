@@ -5,7 +5,7 @@
 A decode step at position p (model(..., inplace=True)) writes the new token's K and V at slot p of
 every layer (kv_write) and attends to slots 0..p (prefix_attention); slots past p hold stale or zero
 values that nothing reads. Two custom ops carry this through torch.export to TVM, where
-compiler/importer.py maps them onto hand-written kernels (kernels/kv_cache.py):
+compiler/importer.py maps them onto hand-written kernels (tir_kernels/kv_cache.py):
 kv_write becomes an R.call_tir_inplace into the caller's buffers (no copy, no allocation) and
 prefix_attention a kernel whose loop over the cache stops at p + 1 (a cache of capacity C costs
 what a cache of p + 1 positions costs). Here both are functional (kv_write returns written copies):
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 32  # cache slots per block of prefix_attention (kernels/kv_cache.py); capacity % BLOCK == 0
+BLOCK = 32  # cache slots per block of prefix_attention (tir_kernels/kv_cache.py); capacity % BLOCK == 0
 
 
 def capacity_for(max_seq_len: int) -> int:

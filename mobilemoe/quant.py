@@ -29,7 +29,7 @@ row order. (A row-major GEMV over R rows at once reads R streams 512 B apart and
 one znver4 core; interleaved, the same kernel read 21.8 GB/s, numpy's sum 24.)
 
 Activations (``ACT_INT8_LAYOUT = "g32_sym_i8"``, the int8 x int4 dot-product kernels of
-kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
+tir_kernels/int4_dot.py): per row and group of 32 along K, ``amax = max|x_group|``,
 ``q = round_half_even(x * fp32(127 / amax))`` (0 if amax = 0), int8 in [-127, 127], and the float32
 scale ``amax / 127``. ``int8_int4_matmul`` is the reference those kernels are checked against.
 

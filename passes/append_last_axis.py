@@ -6,7 +6,7 @@ After:
     k_all = R.call_tir(append_last, (past_k, k_new), R.Tensor((1, nkv, D, P + S)))
 
 That concat is the transposed key cache's per-step append (mobilemoe/model.py); append_last
-(kernels/append.py) copies each row in two vectorizable loops instead of one select per
+(tir_kernels/append.py) copies each row in two vectorizable loops instead of one select per
 element. Only concatenations of two tensors whose leading three dims are static and equal, and whose
 first operand's last dim is symbolic, are rewritten (a static concat is left to the generic rules).
 CPU targets only: the kernel is scheduled by hand for a CPU.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from kernels.append import append_last
+from tir_kernels.append import append_last
 
 from .common import is_op, rewrite_relax_functions
 

@@ -4,7 +4,7 @@ Before:
     s = R.sigmoid(g)                                   # the shared expert's SiLU (g * sigmoid(g))
     a = R.nn.silu(g)                                   # the routed experts' SiLU
 After:
-    s = R.call_tir(fast_sigmoid, (g,), ...)            # e = exp(-|g|) (kernels/softmax.exp_le0)
+    s = R.call_tir(fast_sigmoid, (g,), ...)            # e = exp(-|g|) (tir_kernels/softmax.exp_le0)
                                                        # s = 1 / (1 + e) if g >= 0 else e / (1 + e)
     a = R.call_tir(fast_silu, (g,), ...)               # g * the same
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
-from kernels.softmax import exp_le0
+from tir_kernels.softmax import exp_le0
 
 from .common import is_op, rewrite_relax_functions
 

@@ -21,7 +21,7 @@ import tvm.sym
 from tvm import relax, tirx
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-from kernels.schedules import KERNEL_BLOCKS
+from tir_kernels.schedules import KERNEL_BLOCKS
 
 KERNEL_ATTR = "mobilemoe.kernel"
 # legalized kernels worth tuning: reductions (op_pattern 3 = comm-reduce, 4 = out-ewise-fusable:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
-from kernels.embedding import embedding_int4
-from kernels.int4_dot import DotISA, interleave_for
-from kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
+from tir_kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
+from tir_kernels.embedding import embedding_int4
+from tir_kernels.int4_dot import DotISA, interleave_for
+from tir_kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
 from mobilemoe.quant import FLOAT_ONLY, GROUP_SIZE, NIBBLES_PER_WORD
 
 from .common import bindings, is_op, rebuild, tensor_shape, weight_params
@@ -137,7 +137,7 @@ class _Rewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt4Weights")
 class QuantizeInt4Weights:
-    """interleave: the dot ISA (kernels.int4_dot.DotISA) whose kernels will read the codes
+    """interleave: the dot ISA (tir_kernels.int4_dot.DotISA) whose kernels will read the codes
     (select_dot_kernels.py): each int4_codes transform then records the interleaved word order
     ({"interleave": [rows, lanes]}, int4_dot.interleave_for) that compiler/params.py applies."""
 

@@ -1,9 +1,9 @@
 """SelectDotKernels: the fp32-dequant INT4 kernels swapped for the int8-activation dot-product
-kernels (kernels/int4_dot.py) of the target's dot ISA (x86 AVX512-VNNI, arm64 dotprod), which read
+kernels (tir_kernels/int4_dot.py) of the target's dot ISA (x86 AVX512-VNNI, arm64 dotprod), which read
 every INT4 weight in mobilemoe.quant's interleaved word order.
 
 Before (schedule phase, after legalization):
-    int4_matmul (kernels/int4_matmul.py), moe_gemv*, embedding_int4, moe_grouped_*_int4: unscheduled
+    int4_matmul (tir_kernels/int4_matmul.py), moe_gemv*, embedding_int4, moe_grouped_*_int4: unscheduled
 After:
     int4_dot_gemm.int4_matmul_dot_tiled, int4_dot.moe_gemv*_dot, embedding_int4 with interleaved
     addressing, int4_dot_gemm.moe_grouped_dot: the same parameters and outputs, attrs +
@@ -28,8 +28,8 @@ import tvm
 from tvm import IRModule, tirx
 from tvm.target import Target
 
-from kernels import int4_dot, int4_dot_gemm, moe_grouped
-from kernels.embedding import embedding_int4
+from tir_kernels import int4_dot, int4_dot_gemm, moe_grouped
+from tir_kernels.embedding import embedding_int4
 
 from .kernel_workloads import KERNEL_ATTR
 

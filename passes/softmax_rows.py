@@ -7,7 +7,7 @@ After:
     p2 = R.call_tir(softmax_rows, (s2,), R.Tensor((n, T), "float32"))
     p  = R.reshape(p2, shape of scores)
 
-kernels/softmax.py has the kernel (vector passes, polynomial exp). CPU targets only, with
+tir_kernels/softmax.py has the kernel (vector passes, polynomial exp). CPU targets only, with
 the vector width of the target (16 lanes with AVX-512, 8 with AVX2, 4 with NEON).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from kernels.softmax import softmax_rows
+from tir_kernels.softmax import softmax_rows
 
 from .common import is_op, rewrite_relax_functions
 

@@ -15,7 +15,7 @@ After, symbolic N (prefill): tokens grouped by expert, one GEMM per non-empty ex
     gu  = call_tir(moe_grouped_gate_up, (x, plan[0], plan[1], W13))       # [N * k, 2I], sorted rows
     a   = silu(gu[:, :I]) * gu[:, I:]                                      # [N * k, I]
     out = call_tir(moe_grouped_down_combine, (a, plan[0], plan[1], w, W2)) # [N, H], scattered back
-The kernels come from kernels/moe_float.py (TE) and moe_grouped.py (float32 only: other
+The kernels come from tir_kernels/moe_float.py (TE) and moe_grouped.py (float32 only: other
 dtypes keep the GEMVs); QuantizeInt4Weights later swaps them for the INT4 kernels. The one-hot chain
 and dense einsums become dead and are removed by DCE.
 """
@@ -24,8 +24,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from kernels import moe_float
-from kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
+from tir_kernels import moe_float
+from tir_kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
 
 from .common import bindings, einsum_parts, emit_like, is_op, static_dim, tensor_shape, weight_params
 

@@ -2,9 +2,9 @@
 dlight rules).
 
 Before:
-    int4_matmul (kernels/int4_matmul.py): rows in whole tiles + a tail, two blocks for a CPU schedule
+    int4_matmul (tir_kernels/int4_matmul.py): rows in whole tiles + a tail, two blocks for a CPU schedule
 After:
-    int4_matmul_gpu (kernels/int4_matmul_gpu.py) of the same N, K: the same parameters (x, w, s, y),
+    int4_matmul_gpu (tir_kernels/int4_matmul_gpu.py) of the same N, K: the same parameters (x, w, s, y),
     so the Relax calls stay as they are; one block "matmul" that dlight's GPU rules schedule. The
     PrimFunc's other attributes (global_symbol, ...) are kept.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from kernels.dequant import NIBBLES_PER_WORD
-from kernels.int4_matmul import KERNEL as CPU_KERNEL
-from kernels.int4_matmul_gpu import int4_matmul_gpu
+from tir_kernels.dequant import NIBBLES_PER_WORD
+from tir_kernels.int4_matmul import KERNEL as CPU_KERNEL
+from tir_kernels.int4_matmul_gpu import int4_matmul_gpu
 
 
 def _weight_shape(func: tirx.PrimFunc) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """linux-arm64: AArch64 Linux boards (and the emulated device of targets/arm64_device.sh).
 
 ARMv8.2-A with the dot-product extension (Cortex-A55/A75 and newer, Neoverse N1, Graviton 2+,
-Raspberry Pi 5): the INT4 kernels use sdot (kernels/int4_dot.py). Older cores (Cortex-A53,
+Raspberry Pi 5): the INT4 kernels use sdot (tir_kernels/int4_dot.py). Older cores (Cortex-A53,
 A72: Raspberry Pi 3/4) lack it and would stop on an illegal instruction.
 """
 from .base import TargetSpec, Toolchain

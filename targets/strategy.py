@@ -20,12 +20,12 @@ from __future__ import annotations
 class Strategy:
     name: str  # recorded in the manifest: "cpu" | "gpu"
     kv_cache_default = "grow"  # decode's KV cache when the build does not say (mobilemoe/kv_cache.py)
-    inplace_kv = False  # the in-place cache kernels (kernels/kv_cache.py) have schedules here
-    group_prefill = False  # prefill's routed experts as grouped GEMMs (kernels/moe_grouped.py)
+    inplace_kv = False  # the in-place cache kernels (tir_kernels/kv_cache.py) have schedules here
+    group_prefill = False  # prefill's routed experts as grouped GEMMs (tir_kernels/moe_grouped.py)
     tunable = False  # compiler.tuning can search its kernels (MetaSchedule's LLVM rules)
 
     def dot_isa(self, target, quant: str):
-        """The int8 dot-product ISA the INT4 kernels use (kernels.int4_dot.DotISA), or None: fp32."""
+        """The int8 dot-product ISA the INT4 kernels use (tir_kernels.int4_dot.DotISA), or None: fp32."""
         return None
 
     def relax_backend(self):
@@ -53,7 +53,7 @@ class CpuStrategy(Strategy):
     tunable = True
 
     def dot_isa(self, target, quant: str):
-        from kernels.int4_dot import dot_isa  # deferred: see the module docstring
+        from tir_kernels.int4_dot import dot_isa  # deferred: see the module docstring
         return dot_isa(target) if quant == "int4" else None
 
     def relax_backend(self):

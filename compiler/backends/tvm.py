@@ -50,7 +50,7 @@ def kv_cache_layout(spec, kv_cache: str | None) -> str:
     if kv_cache is None:
         return strategy.kv_cache_default
     if kv_cache == "inplace" and not strategy.inplace_kv:
-        raise TargetError(f"--kv-cache inplace: its kernels (kernels/kv_cache.py) have CPU schedules only; "
+        raise TargetError(f"--kv-cache inplace: its kernels (tir_kernels/kv_cache.py) have CPU schedules only; "
                           f"target '{spec.name}' lowers for {strategy.name}: use --kv-cache grow")
     return kv_cache
 
@@ -107,7 +107,7 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
 
 def quantization(opts) -> dict | None:
     """The manifest's "quantization": the INT4 format, and how the kernels take activations: int8
-    through the strategy's dot instruction (kernels/int4_dot.py, codes interleaved) or float32."""
+    through the strategy's dot instruction (tir_kernels/int4_dot.py, codes interleaved) or float32."""
     if not opts.quant.startswith("int4"):
         return None
     isa = opts.dot_isa
@@ -115,7 +115,7 @@ def quantization(opts) -> dict | None:
             "scale_dtype": "float16", "float_weights": ["router", "norms"],
             "activations": f"int8 per group of {GROUP_SIZE}, symmetric ({isa.name} dot products)" if isa else "float32",
             "codes_order": ("interleaved (mobilemoe.quant.interleave_int4, rows and lanes from "
-                            "kernels.int4_dot.interleave_for)" if isa else "row-major")}
+                            "tir_kernels.int4_dot.interleave_for)" if isa else "row-major")}
 
 
 def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:

@@ -140,10 +140,10 @@ def tune(model, target_name: str, trials: int, db_dir, rpc: tuple[str, int, str]
     """Tune `model`'s kernels for `target_name` into db_dir; -> the session dict (session.json)."""
     spec = get_target(target_name)
     if not spec.strategy.tunable:
-        raise TargetError(f"tuning target '{target_name}' ({spec.tvm_target().kind.name} kernels) is not "
+        raise TargetError(f"tuning target '{target_name}' ({spec.tvm_target().kind.name} GPU kernels) is not "
                           f"supported: compiler.tuning searches and times CPU (llvm) kernels only, and this TVM "
                           f"build has no OpenCL runtime to time GPU kernels with; build it untuned "
-                          f"(compiler.build --target {target_name}: its default schedules)")
+                          f"(compiler.build --target {target_name}: dlight GPU schedules)")
     spec.check_toolchain()
     if not spec.runs_on_host and rpc is None:
         raise TargetError(f"target '{target_name}' does not run on this machine: measure on the device with "

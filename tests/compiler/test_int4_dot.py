@@ -1,4 +1,4 @@
-"""kernels/int4_dot.py: the int8-activation x INT4-weight dot-product kernels.
+"""tir_kernels/int4_dot.py: the int8-activation x INT4-weight dot-product kernels.
 
 Each kernel is checked against mobilemoe.quant.int8_int4_matmul (the same quantized activations,
 exact integer group sums) to float32 rounding, and its SQNR against the fp32-activation result is
@@ -11,8 +11,8 @@ import torch
 import tvm
 from tvm.target import Target, codegen
 
-from kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
-from kernels.int4_matmul import int4_matmul
+from tir_kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
+from tir_kernels.int4_matmul import int4_matmul
 from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_act_int8, quantize_int4, sqnr
 from passes.select_dot_kernels import dot_form, select_dot_kernels
 
@@ -121,8 +121,8 @@ def test_select_swaps_each_int4_kernel_for_its_dot_form():
 def test_every_int4_kernel_gets_the_interleaved_layout():
     """The embedding (tied LM head table) and the grouped prefill kernels read the same codes as the
     dot GEMVs: they are swapped too, and a kernel without an interleaved form is refused."""
-    from kernels import moe_grouped
-    from kernels.embedding import embedding_int4
+    from tir_kernels import moe_grouped
+    from tir_kernels.embedding import embedding_int4
 
     before = tvm.IRModule({"emb": embedding_int4(64, 256, "int32"),
                            "gu": moe_grouped.moe_grouped_gate_up(4, 64, 256, 2),
@@ -137,8 +137,8 @@ def test_every_int4_kernel_gets_the_interleaved_layout():
 
 @needs_vnni
 def test_interleaved_embedding_and_grouped_kernels_match_row_major():
-    from kernels import moe_grouped
-    from kernels.embedding import embedding_int4
+    from tir_kernels import moe_grouped
+    from tir_kernels.embedding import embedding_int4
 
     codes, scales, w_il, s = weight(64, 256, seed=3)
     w_rm = pack_int4(codes).numpy()

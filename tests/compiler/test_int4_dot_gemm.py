@@ -1,4 +1,4 @@
-"""kernels/int4_dot_gemm.py: the M-tiled dot-product GEMM and grouped MoE kernels.
+"""tir_kernels/int4_dot_gemm.py: the M-tiled dot-product GEMM and grouped MoE kernels.
 
 Each kernel is checked against mobilemoe.quant.int8_int4_matmul (same quantized activations, exact
 integer group sums) to float32 rounding, for token counts around the tile (remainders, m = 1), and
@@ -10,7 +10,7 @@ import pytest
 import torch
 import tvm
 
-from kernels import int4_dot, int4_dot_gemm
+from tir_kernels import int4_dot, int4_dot_gemm
 from mobilemoe.quant import dequantize_int4, int8_int4_matmul, sqnr
 
 from test_int4_dot import ANDROID, HOST_ISA, needs_vnni, run, weight
@@ -101,8 +101,8 @@ def test_arm64_gemm_kernels_use_sdot():
 
 
 def test_select_uses_the_tiled_and_grouped_dot_kernels():
-    from kernels import moe_grouped
-    from kernels.int4_matmul import int4_matmul
+    from tir_kernels import moe_grouped
+    from tir_kernels.int4_matmul import int4_matmul
     from passes.select_dot_kernels import select_dot_kernels
 
     before = tvm.IRModule({"mm": int4_matmul(64, 256), "gu": moe_grouped.moe_grouped_gate_up(4, 64, 256, 2),

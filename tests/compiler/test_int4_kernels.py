@@ -7,7 +7,7 @@ import tvm
 from tvm import tirx
 from tvm.target import Target
 
-from kernels import (
+from tir_kernels import (
     int4_matmul,
     moe_gemv,
     moe_gemv_per_slot,

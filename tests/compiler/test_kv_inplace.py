@@ -1,4 +1,4 @@
-"""The in-place KV cache (mobilemoe/kv_cache.py, kernels/kv_cache.py): long decode equals the
+"""The in-place KV cache (mobilemoe/kv_cache.py, tir_kernels/kv_cache.py): long decode equals the
 reference, the buffers are written in place, and a steady-state step allocates nothing."""
 import numpy as np
 import pytest

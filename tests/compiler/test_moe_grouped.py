@@ -1,4 +1,4 @@
-"""kernels/moe_grouped.py: routing plan and grouped prefill GEMMs against a numpy reference."""
+"""tir_kernels/moe_grouped.py: routing plan and grouped prefill GEMMs against a numpy reference."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 import tvm
 from tvm.target import Target
 
-from kernels import schedule_int4_kernels
-from kernels.moe_grouped import (
+from tir_kernels import schedule_int4_kernels
+from tir_kernels.moe_grouped import (
     moe_grouped_down_combine,
     moe_grouped_gate_up,
     moe_route_plan,

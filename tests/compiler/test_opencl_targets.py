@@ -122,7 +122,7 @@ def _gpu_scheduled(prim, dims: dict, target_name: str):
 
 @pytest.mark.parametrize("target_name", GPU_TARGETS)
 def test_int4_expert_gemvs_on_pocl_match_numpy(pocl, target_name):
-    from kernels import moe_gemv, moe_gemv_weighted_sum
+    from tir_kernels import moe_gemv, moe_gemv_weighted_sum
     rng = np.random.default_rng(0)
     experts, n, k, top_k, tokens = 6, 48, 128, 2, 3
     w, s, ref_w = _int4_weights((experts, n, k), rng)
@@ -144,7 +144,7 @@ def test_int4_expert_gemvs_on_pocl_match_numpy(pocl, target_name):
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_matmul_on_pocl_matches_numpy(pocl, rows):
-    from kernels import int4_matmul
+    from tir_kernels import int4_matmul
     from passes.use_gpu_int4_matmul import UseGpuInt4Matmul
     import tvm
 

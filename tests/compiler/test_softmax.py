@@ -1,10 +1,10 @@
-"""kernels/softmax.py against numpy: vector body and scalar tail, masked scores, the exp."""
+"""tir_kernels/softmax.py against numpy: vector body and scalar tail, masked scores, the exp."""
 import numpy as np
 import pytest
 import tvm
 from tvm.script import tirx as T
 
-from kernels.softmax import exp_le0, softmax_rows
+from tir_kernels.softmax import exp_le0, softmax_rows
 
 
 @pytest.fixture(scope="module", params=[4, 16])

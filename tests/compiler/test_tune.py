@@ -199,7 +199,7 @@ def test_a_bucket_record_replays_on_the_dynamic_kernel():
 
     from passes.kernel_workloads import without_tensor_intrinsics
     from passes.kernel_workloads import specialize, workload
-    from passes.apply_tuning_database import _replay
+    from passes.apply_tuning_database import replay_record
 
     @tvm.script.ir_module
     class Mod:
@@ -220,7 +220,7 @@ def test_a_bucket_record_replays_on_the_dynamic_kernel():
     sch = ctx.generate_design_space()[0]
     assert any(inst.kind.name == "SamplePerfectTile" for inst in sch.trace.insts)
     record = TuningRecord(sch.trace, Workload(wl), [1e-4], target, None)
-    func, why = _replay(prim, record, target)
+    func, why = replay_record(prim, record, target)
     assert func is not None, why
     assert func.attrs["tirx.is_scheduled"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)

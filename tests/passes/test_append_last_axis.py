@@ -5,7 +5,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from kernels.append import append_last
+from tir_kernels.append import append_last
 from passes.append_last_axis import AppendLastAxis
 
 

@@ -8,7 +8,7 @@ from tvm import relax, tirx
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from kernels import int4_matmul, moe_grouped
+from tir_kernels import int4_matmul, moe_grouped
 from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
 from passes.common import PARAM_TRANSFORMS
 from passes.fuse_expert_gate_up import FuseExpertGateUp

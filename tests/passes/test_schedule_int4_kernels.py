@@ -2,8 +2,8 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from kernels import int4_matmul, moe_gemv
-from kernels.schedules import lanes_for, schedule_row_reduction
+from tir_kernels import int4_matmul, moe_gemv
+from tir_kernels.schedules import lanes_for, schedule_row_reduction
 from passes.schedule_int4_kernels import ScheduleInt4Kernels
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "skylake", "num-cores": 2})

@@ -1,8 +1,8 @@
 import tvm
 from tvm.target import Target
 
-from kernels import int4_dot, int4_dot_gemm, moe_gemv
-from kernels.int4_matmul import int4_matmul
+from tir_kernels import int4_dot, int4_dot_gemm, moe_gemv
+from tir_kernels.int4_matmul import int4_matmul
 from passes.select_dot_kernels import INTERLEAVED_ATTR, SelectDotKernels
 
 ANDROID = Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]})

@@ -6,7 +6,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from kernels.softmax import softmax_rows
+from tir_kernels.softmax import softmax_rows
 from passes.softmax_rows import SoftmaxRows
 
 

@@ -6,7 +6,7 @@ from tvm import relax, tirx
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from kernels import moe_float, moe_grouped
+from tir_kernels import moe_float, moe_grouped
 from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.sparse_moe_dispatch import SparseMoEDispatch
 from tests.passes.conftest import run_entry

@@ -1,8 +1,8 @@
 import tvm
 from tvm.script import tirx as T
 
-from kernels import int4_matmul
-from kernels.int4_matmul_gpu import int4_matmul_gpu
+from tir_kernels import int4_matmul
+from tir_kernels.int4_matmul_gpu import int4_matmul_gpu
 from passes.use_gpu_int4_matmul import UseGpuInt4Matmul
 
 

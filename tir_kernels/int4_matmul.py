@@ -1,7 +1,7 @@
 """INT4 weight-only matmul: Y[m, N] = X[m, K] @ dequant(W)^T, with m dynamic.
 
 W is mobilemoe.quant's layout: packed codes uint32 [N, K // 8] and fp16 scales [N, K // 32]. The
-dequantization is fused into the reduction (kernels/dequant.py); the fp32 weight is never
+dequantization is fused into the reduction (tir_kernels/dequant.py); the fp32 weight is never
 stored. Two reduction blocks with the same body split the rows of X: "matmul" takes rows
 [0, m - m % M_TILE) as whole tiles of M_TILE rows, "matmul_tail" the rest (all of them when m = 1);
 "store" and "store_tail" copy their results ([m, N] floats) into y. The tiles let a schedule reuse
