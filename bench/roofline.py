@@ -302,12 +302,12 @@ def main(argv=None):
     for n in a.thread_counts:
         log(f"measuring with {n} thread(s) in a fresh process")
         out = Path(tempfile.mkstemp(suffix=".json")[1])
-        cmd = [sys.executable, __file__, "--child-out", str(out), "--threads", str(n), "--artifact", str(a.artifact),
+        cmd = [sys.executable, "-m", "bench.roofline", "--child-out", str(out), "--threads", str(n), "--artifact", str(a.artifact),
                "--buffer-gib", str(a.buffer_gib), "--prompt-lens", ",".join(map(str, a.prompt_lens)),
                "--contexts", ",".join(map(str, a.contexts)), "--decode-tokens", str(a.decode_tokens),
                "--repeats", str(a.repeats)]
         env = {**os.environ, "TVM_NUM_THREADS": str(n), "OMP_NUM_THREADS": str(n)}
-        if subprocess.run(cmd, env=env).returncode:
+        if subprocess.run(cmd, env=env, cwd=common.ROOT).returncode:
             sys.exit(f"error: the {n}-thread measurement failed (see above)")
         runs[n] = json.loads(out.read_text())
         out.unlink()
