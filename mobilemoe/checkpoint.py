@@ -31,6 +31,7 @@ from . import arch
 from .arch.tensors import from_hf, to_hf
 from .config import ConfigError, MobileMoEConfig
 from .model import MobileMoE, rope_table
+from .tokenizer import write_hf_tokenizer_files
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -151,7 +152,6 @@ def save_checkpoint(model: MobileMoE, out_dir, tokenizer=None, dtype: torch.dtyp
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mobilemoe"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
-            from .tokenizer import write_hf_tokenizer_files
             write_hf_tokenizer_files(tokenizer, tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

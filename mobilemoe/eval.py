@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .scoring import Scorer, open_scorer
 
@@ -218,7 +219,6 @@ def main(argv=None) -> int:
         a = p.parse_args(argv)
         specs = [("int4:" if a.int4 else "") + str(a.checkpoint or a.artifact)]
     if a.threads:
-        import torch
         torch.set_num_threads(a.threads)
     if not a.tasks and not HELDOUT.is_file():
         print(f"note: held-out perplexity left out: {HELDOUT} not found (build the corpus with: "

@@ -24,12 +24,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+import yaml
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from .eval import HELDOUT, TASKS_DIR, bundled_tasks, read_task_file
 from .scoring import Scorer, open_scorer
 from .tokenizer import BOS_ID, EOS, EOS_ID
 
@@ -55,7 +58,6 @@ class MobileMoELM(TemplateLM):
                 raise FileNotFoundError(f"mobilemoe: {'checkpoint' if checkpoint else 'artifact'} directory "
                                         f"{path} not found")
             if threads:
-                import torch
                 torch.set_num_threads(int(threads))
             scorer = open_scorer(path, int4=_flag(int4), num_threads=int(threads) if threads else None)
         self.scorer = scorer
@@ -123,7 +125,6 @@ class MobileMoELM(TemplateLM):
 def task_config(path, name: str | None = None) -> dict:
     """An lm-eval task for a local JSONL in mobilemoe.eval's format: rolling perplexity for
     {"text"} rows, multiple choice (acc, acc_norm) for {"context", "choices", "label"} rows."""
-    from .eval import read_task_file
     path = Path(path).resolve()
     kind = read_task_file(path).kind
     cfg = {"task": name or TASK_PREFIX + path.stem, "dataset_path": "json",
@@ -138,13 +139,11 @@ def task_config(path, name: str | None = None) -> dict:
 
 
 def local_task_configs() -> list[dict]:
-    from .eval import HELDOUT, TASKS_DIR, bundled_tasks
     configs = [task_config(HELDOUT, TASK_PREFIX + "heldout")] if HELDOUT.is_file() else []
     return configs + [task_config(TASKS_DIR / f"{t}.jsonl") for t in bundled_tasks()]
 
 
 def write_task_yamls(out_dir) -> Path:
-    import yaml
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for cfg in local_task_configs():
@@ -154,7 +153,6 @@ def write_task_yamls(out_dir) -> Path:
 
 def main(argv=None) -> None:
     """lm-eval's CLI with `mobilemoe` registered and the local tasks on its include path."""
-    from lm_eval.__main__ import cli_evaluate
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSONL only: never reach a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,6 +165,8 @@ def main(argv=None) -> None:
         else:
             argv += ["--include_path", str(tasks)]
         sys.argv = ["lm-eval", *argv]
+        # deferred on purpose: lm-eval's CLI imports `datasets`, which reads HF_*_OFFLINE (set above) on import
+        from lm_eval.__main__ import cli_evaluate
         cli_evaluate()
 
 

@@ -5,7 +5,7 @@ from .base import TargetSpec
 
 
 def _host_json() -> dict:
-    from tvm.target import codegen
+    from tvm.target import codegen  # deferred on purpose: importing targets must not need TVM
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
+
+from mobilemoe.config import ConfigError
+from train.scaling.design import DesignError
+from train.scaling.grid import SweepError
+from train.scaling.law import LawError
 
 DEFAULT_DIR = Path("train/runs/scaling")
 
 
 def _sweep(a) -> int:
+    # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
     from train.scaling.grid import load_grid
     from train.scaling.sweep import SweepOptions, run_sweep
     grid = load_grid(a.grid, vocab=a.vocab)
@@ -32,6 +39,7 @@ def _sweep(a) -> int:
 
 
 def _fit(a) -> int:
+    # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
     import numpy as np
 
     from train.scaling.law import FORMS, bootstrap, coefficients, fit_law, plot_fit, save_law
@@ -73,7 +81,6 @@ def _fit(a) -> int:
 def _reference(records: list[dict]) -> dict:
     """The partial-residual plots' reference point: the most common MoE shape (the sweep's reference
     MoE) at the most common token count."""
-    from collections import Counter
     keys = ("n_active", "expansion", "granularity", "shared_frac")
     moe = [r for r in records if r["model"]["num_experts"] > 0] or records
     common = Counter(tuple(r[k] for k in keys) for r in moe).most_common(1)[0][0]
@@ -82,6 +89,7 @@ def _reference(records: list[dict]) -> dict:
 
 
 def _design(a) -> int:
+    # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
     from mobilemoe.config import MobileMoEConfig
     from train.scaling.design import design, evaluate, plot_design, table, write_design
     from train.scaling.law import load_law
@@ -149,10 +157,6 @@ def main(argv=None) -> int:
     d.add_argument("--plot", type=Path, default=None)
     d.add_argument("--compare", default="", help="comma-separated presets or config.json paths to score alongside")
     a = p.parse_args(argv)
-    from mobilemoe.config import ConfigError
-    from train.scaling.design import DesignError
-    from train.scaling.law import LawError
-    from train.scaling.grid import SweepError
     try:
         return {"sweep": _sweep, "fit": _fit, "design": _design}[a.cmd](a)
     except (SweepError, LawError, DesignError, ConfigError, ValueError) as e:

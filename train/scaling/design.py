@@ -186,7 +186,7 @@ def write_design(result: dict, out: Path, law_path: str) -> Path:
 
 def plot_design(result: dict, png) -> bool:
     """Predicted loss of every feasible config against its expansion R, coloured by granularity."""
-    try:
+    try:  # optional: the plot is skipped without matplotlib
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

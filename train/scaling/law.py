@@ -152,7 +152,7 @@ def start_grid(free: tuple[str, ...]) -> list[np.ndarray]:
 
 def _one_blas_thread():
     """L-BFGS-B's tiny BLAS calls run ~40x slower with a threaded BLAS on a busy machine."""
-    try:
+    try:  # optional: present with a threaded BLAS
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
@@ -174,7 +174,7 @@ def fit_params(X: np.ndarray, y_loss: np.ndarray, form: str = "moe", starts: lis
 
     The fit runs on centred ln N, ln D; every grid start is scored and L-BFGS-B runs from the `top`
     best ones, plus any given `starts` (parameter dicts in raw units, e.g. a previous fit)."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # deferred: only the fit needs scipy (slow to import)
     if form not in FORMS:
         raise LawError(f"unknown law form {form!r}; known: {', '.join(FORMS)}")
     free = FORMS[form]
@@ -313,7 +313,7 @@ def load_law(path) -> dict:
 # ---------------------------------------------------------------------------- plots
 def plot_fit(records: list[dict], result: FitResult, png, reference: dict) -> bool:
     """Observed vs predicted, and the loss against N, D, R, G and s (partial residuals at `reference`)."""
-    try:
+    try:  # optional: the plot is skipped without matplotlib
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
