@@ -77,6 +77,7 @@ class StageConfig:
     max_steps: int = 0  # the first of max_steps / max_tokens / epochs that is > 0 sets the length
     max_tokens: int = 0
     epochs: float = 0.0
+    max_seconds: float = 0.0  # > 0: also stop by this wall-clock budget (steps fixed after CALIBRATE_STEPS)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 100
@@ -204,6 +205,11 @@ class Dist:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
 
@@ -381,6 +387,16 @@ def _data(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str):
     return rows if d.main else build_rows(spec, tok, cfg.cache_dir)
 
 
+CALIBRATE_STEPS = (5, 25)  # max_seconds: time steps 5..25 (past start-up), then fix the stage's length
+
+
+def fit_steps(max_steps: int, step: int, per_step_s: float, elapsed_s: float, budget_s: float) -> int:
+    """The stage's length under a wall-clock budget: the steps that fit in what is left of budget_s at
+    per_step_s each (never past max_steps, never before the current step)."""
+    fit = step + int(max(0.0, budget_s - elapsed_s) / max(per_step_s, 1e-9))
+    return max(step, min(max_steps, fit))
+
+
 def resolve_steps(cfg: StageConfig, n_rows: int, world: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum * world
     if cfg.max_steps > 0:
@@ -423,6 +439,8 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     eval_rows = _data(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing)
     eval_ids = split_for_eval(eval_rows, cfg.eval_tokens)
     max_steps = resolve_steps(cfg, len(train_rows), d.world)
+    if resume_state is not None and cfg.max_seconds > 0:  # the length fitted to the budget before
+        max_steps = resume_state.get("max_steps", max_steps)
 
     model = hooks.prepare(model, cfg).to(d.device)
     model.set_moe_impl(cfg.moe_impl)
@@ -474,6 +492,7 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     logged = [r["loss"] for r in read_metrics(metrics.path) if "loss" in r] if step and d.main else []
     t_log, steps_logged, last_loss = time.perf_counter(), 0, logged[-1] if logged else float("nan")
     t_start, start_step = time.perf_counter(), step
+    t_cal = t_start
     model.train()
     while step < max_steps:
         batches = [train_rows.batch(order.rows(samples + (m * d.world + d.rank) * per_rank, per_rank))
@@ -503,6 +522,23 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
         opt.zero_grad(set_to_none=True)
         step, samples = step + 1, samples + global_batch
         steps_logged += 1
+        if cfg.max_seconds > 0 and resume_state is None and step - start_step in CALIBRATE_STEPS:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()  # the queued steps count too
+            now = time.perf_counter()
+            if step - start_step == CALIBRATE_STEPS[0]:
+                t_cal = now
+            else:  # every rank measured its own time: take the slowest, so all agree on the length
+                per_step = d.max(torch.tensor((now - t_cal) / (CALIBRATE_STEPS[1] - CALIBRATE_STEPS[0]),
+                                              device=d.device)).item()
+                fitted = fit_steps(max_steps, step, per_step, now - t_start, cfg.max_seconds)
+                if fitted < max_steps:
+                    max_steps = fitted
+                    schedule.total, schedule.warmup = max_steps, min(schedule.warmup, max(1, max_steps // 10))
+                    bar.total = max_steps
+                    print(f"{cfg.stage}: {per_step:.3f} s/step: {max_steps} steps fit in max_seconds="
+                          f"{cfg.max_seconds:g} ({max_steps * global_batch * cfg.seq_len / 1e6:.1f}M tokens)",
+                          file=sys.stderr)
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == max_steps:
