@@ -53,8 +53,8 @@ class TextFormat:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not self.template:
-            raise ChatTemplateError(f"{self.source}: no chat template ({TEMPLATE_FILE}, or 'chat_template' in "
-                                    f"{TOKENIZER_CONFIG}): chats cannot be formatted for this model")
+            raise ChatTemplateError(f"{self.source}: no 'chat_template' (nor a {TEMPLATE_FILE} beside it): "
+                                    f"chats cannot be formatted for this model")
         try:
             return _compile(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                   **dict(self.special))
@@ -131,7 +131,7 @@ def _template(d: Path, tok_config: dict) -> tuple[str, str]:
     if not isinstance(t, str):
         raise ChatTemplateError(f"{d / TOKENIZER_CONFIG}: field 'chat_template' must be a string or a list of "
                                 f"{{'name', 'template'}}, got {type(t).__name__}")
-    return t, str(d / (TOKENIZER_CONFIG if t else TEMPLATE_FILE))
+    return t, str(d / TOKENIZER_CONFIG)
 
 
 def _ids(value) -> list[int]:

@@ -48,7 +48,7 @@ def test_our_models_keep_our_format():
 
 
 @pytest.mark.parametrize("template,message", [
-    (None, r"tokenizer_config.json\): chats cannot be formatted for this model$"),
+    (None, r"tokenizer_config.json: no 'chat_template' \(nor a chat_template.jinja beside it\): chats cannot be formatted for this model$"),
     ("{{ messages.__class__.__mro__ }}", r"chat template failed \(SecurityError: "),  # the sandbox holds
     ("{% for m in messages %}{{ m['content'] if loop.last else 'x' }} {% endfor %}",  # rewrites earlier turns
      r"renders message 2 differently in a longer conversation"),

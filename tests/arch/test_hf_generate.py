@@ -45,5 +45,5 @@ def test_generate_with_imported_tokenizer(ckpt, capsys):
 
 
 def test_chat_without_a_chat_template_is_refused(ckpt):
-    with pytest.raises(SystemExit, match=r"tokenizer_config.json\): chats cannot be formatted for this model$"):
+    with pytest.raises(SystemExit, match=r"tokenizer_config.json: no 'chat_template' \(nor a chat_template.jinja beside it\): chats cannot be formatted for this model$"):
         main(["--checkpoint", str(ckpt), "--prompt", "w5", "--chat"])
