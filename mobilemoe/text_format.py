@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 from .tokenizer import (BOS_ID, EOS_ID, PAD_ID, STOP_TOKEN_IDS, encode_chat, load_model_tokenizer,
@@ -88,6 +89,7 @@ class TextFormat:
 OURS = TextFormat(bos=(BOS_ID,), eos_id=EOS_ID, pad_id=PAD_ID, stop_ids=STOP_TOKEN_IDS)
 
 
+@lru_cache(maxsize=8)
 def _compile(template: str):
     """The template in jinja2's immutable sandbox, set up as transformers sets it up."""
     from jinja2.ext import Extension, loopcontrols
@@ -134,6 +136,13 @@ def _template(d: Path, tok_config: dict) -> tuple[str, str]:
     return t, str(d / TOKENIZER_CONFIG)
 
 
+def _bos(tokenizer) -> tuple[int, ...]:
+    """The ids the tokenizer's post-processor puts before a text (e.g. <s>; none for byte-level BPEs)."""
+    plain, full = tokenizer.encode("a", add_special_tokens=False).ids, tokenizer.encode("a").ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return tuple(full[:at])
+
+
 def _ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
 
@@ -159,7 +168,7 @@ def imported_format(d, config, tokenizer) -> TextFormat:
     stops = [eos, *_ids(_read_json(d / GENERATION_CONFIG).get("eos_token_id"))]
     if tokenizer.token_to_id(special.get("eos_token", "")) is not None:
         stops.append(tokenizer.token_to_id(special["eos_token"]))
-    return TextFormat(bos=tuple(tokenizer.encode("", add_special_tokens=True).ids), eos_id=eos,
+    return TextFormat(bos=_bos(tokenizer), eos_id=eos,
                       pad_id=config.pad_token_id if config.pad_token_id >= 0 else eos,
                       stop_ids=tuple(dict.fromkeys(stops)), template=template, source=source,
                       special=tuple(sorted(special.items())))

@@ -33,6 +33,7 @@ def test_chat_ids_and_mask_match_transformers(ckpt):
     assert prompt == list(hf.apply_chat_template(CHAT[:2], add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"])
     assert fmt.stop_ids == (1, 4)  # the config's eos_token_id, the tokenizer's eos_token <|im_end|>
+    assert fmt.document([9, 10]) == [0, 9, 10, 1]  # text: the post-processor's <s>, the config's EOS
 
 
 def test_generate_chat_uses_the_template(ckpt, capsys):
