@@ -24,6 +24,9 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .tokenizer import (BOS_ID, EOS_ID, PAD_ID, STOP_TOKEN_IDS, encode_chat, load_model_tokenizer,
                         load_tokenizer)
 
@@ -89,26 +92,29 @@ class TextFormat:
 OURS = TextFormat(bos=(BOS_ID,), eos_id=EOS_ID, pad_id=PAD_ID, stop_ids=STOP_TOKEN_IDS)
 
 
+class GenerationTag(Extension):
+    """transformers' {% generation %}...{% endgeneration %} (marks the assistant's text): rendered as its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message):
+    raise ValueError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
     """The template in jinja2's immutable sandbox, set up as transformers sets it up."""
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):  # transformers' {% generation %}...{% endgeneration %}: the body
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message):
-        raise ValueError(message)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(template)
 
 

@@ -64,8 +64,9 @@ def _evals(stage_dir: Path) -> list[float]:
     return [r["eval_loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "eval_loss" in r]
 
 
-# qwen2_moe: shared expert with a sigmoid gate, sharded checkpoint; mixtral: no shared expert, bf16 on disk
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+# qwen2_moe: shared expert with a sigmoid gate, sharded checkpoint; mixtral: no shared expert, bf16 on
+# disk; granitemoe: tied embeddings, multipliers
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral", "granitemoe"])
 def test_sft_then_qat_reopens_in_transformers(tmp_path, chats, model_type):
     src = imported(model_type, tmp_path)
     assert sft_main(["--init", str(src)] + stage_args(tmp_path / "sft", chats)) == 0
