@@ -166,7 +166,8 @@ def save_checkpoint(model: MobileMoE, out_dir, tokenizer=None, dtype: torch.dtyp
     """Write config.json + model.safetensors (+ tokenizer files) atomically to out_dir. base_config:
     the config.json of the imported checkpoint the model came from, written instead of the one the
     model's family would write (kept_config)."""
-    config = hf_config(model.config, dtype) if base_config is None else kept_config(base_config, model.config, dtype)
+    config = (hf_config(model.config, dtype) if base_config is None
+              else kept_config(base_config, model.config, dtype))
     sd = {k: v.to(dtype).cpu() for k, v in to_hf_state_dict(model).items()}
 
     def write(tmp: Path):

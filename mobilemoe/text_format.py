@@ -30,7 +30,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .tokenizer import (BOS_ID, EOS_ID, PAD_ID, STOP_TOKEN_IDS, encode_chat, load_model_tokenizer,
                         load_tokenizer)
 
-TEMPLATE_FILE, TOKENIZER_CONFIG, GENERATION_CONFIG = "chat_template.jinja", "tokenizer_config.json", "generation_config.json"
+TEMPLATE_FILE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")  # the template sees these strings
 
 

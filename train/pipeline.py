@@ -143,8 +143,8 @@ def export(final: Path, out: Path, training: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mobilemoe-tiny", help="preset or config.json")
-    p.add_argument("--init", default="", metavar="DIR",
-                   help="checkpoint the first of --stages starts from (ours or an HF model of a registered architecture)")
+    p.add_argument("--init", default="", metavar="DIR", help="checkpoint the first of --stages starts from "
+                   "(ours or an HF model of a registered architecture)")
     p.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="train.corpus output dir")
     p.add_argument("--sft-data", type=Path, help="train.sft_data output dir (default: built into --out)")

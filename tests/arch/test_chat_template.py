@@ -39,7 +39,8 @@ def test_chat_ids_and_mask_match_transformers(ckpt):
 def test_generate_chat_uses_the_template(ckpt, capsys):
     main(["--checkpoint", str(ckpt), "--prompt", "w11 w12", "--chat", "--max-new-tokens", "3"])
     out = capsys.readouterr()
-    assert out.out.startswith("w11 w12") and "prefill 8 tok" in out.err  # <s> <|im_start|> user w11 w12 <|im_end|> <|im_start|> assistant
+    assert out.out.startswith("w11 w12")
+    assert "prefill 8 tok" in out.err  # <s> <|im_start|> user w11 w12 <|im_end|> <|im_start|> assistant
 
 
 def test_our_models_keep_our_format():
@@ -49,7 +50,8 @@ def test_our_models_keep_our_format():
 
 
 @pytest.mark.parametrize("template,message", [
-    (None, r"tokenizer_config.json: no 'chat_template' \(nor a chat_template.jinja beside it\): chats cannot be formatted for this model$"),
+    (None, r"tokenizer_config.json: no 'chat_template' \(nor a chat_template.jinja beside it\): "
+           r"chats cannot be formatted for this model$"),
     ("{{ messages.__class__.__mro__ }}", r"chat template failed \(SecurityError: "),  # the sandbox holds
     ("{% for m in messages %}{{ m['content'] if loop.last else 'x' }} {% endfor %}",  # rewrites earlier turns
      r"renders message 2 differently in a longer conversation"),

@@ -3,6 +3,7 @@ model's own chat template, the result reopens in transformers under its own arch
 logits, and the QAT'd model compiles. Tiny random models that transformers writes (tests/arch/hf_models.py)."""
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,11 @@ import torch
 from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.text_format import load_text_format
 from tests.arch.hf_models import CHAT_TEMPLATE, save_tiny, write_tokenizer
+from train.data import DataSpec, build_rows
 from train.logs import read_metrics
+from train.midtrain import main as midtrain_main
 from train.pipeline import main as pipeline_main
+from train.pretrain import main as pretrain_main
 from train.qat import main as qat_main
 from train.sft import main as sft_main
 
@@ -37,7 +41,8 @@ def chat_data(path: Path, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("chats")
-    return {"train_data": str(chat_data(d / "train.jsonl", 96, 0)), "heldout_data": str(chat_data(d / "heldout.jsonl", 16, 1))}
+    return {"train_data": str(chat_data(d / "train.jsonl", 96, 0)),
+            "heldout_data": str(chat_data(d / "heldout.jsonl", 16, 1))}
 
 
 def imported(model_type: str, d: Path) -> Path:
@@ -70,7 +75,8 @@ def _evals(stage_dir: Path) -> list[float]:
 def test_sft_then_qat_reopens_in_transformers(tmp_path, chats, model_type):
     src = imported(model_type, tmp_path)
     assert sft_main(["--init", str(src)] + stage_args(tmp_path / "sft", chats)) == 0
-    assert qat_main(["--init", str(tmp_path / "sft" / "final")] + stage_args(tmp_path / "qat", chats, lr=1e-3, max_steps=4)) == 0
+    qat_args = stage_args(tmp_path / "qat", chats, lr=1e-3, max_steps=4)
+    assert qat_main(["--init", str(tmp_path / "sft" / "final")] + qat_args) == 0
     evals = _evals(tmp_path / "sft")
     assert evals[-1] < evals[0] - 0.5, evals  # the answers were learned
     summary = json.loads((tmp_path / "qat" / "summary.json").read_text())
@@ -87,7 +93,8 @@ def test_sft_then_qat_reopens_in_transformers(tmp_path, chats, model_type):
         print(f"{model_type} {stage}: max |logit error| vs transformers {err:.2e}")
         assert err <= 1e-4, (stage, err)
     before, after = load_checkpoint(src).state_dict(), load_checkpoint(tmp_path / "qat" / "final").state_dict()
-    assert all(not torch.equal(before[k].float(), after[k].float()) for k in before if "experts" in k or k.endswith("w1"))
+    experts = [k for k in before if k.endswith("moe.w1")]  # [E, I, H] per layer
+    assert experts and all(not torch.equal(before[k].float(), after[k].float()) for k in experts)
 
 
 def test_pipeline_init_sft_qat_export(tmp_path, chats, capsys):
@@ -112,15 +119,31 @@ def test_pipeline_init_sft_qat_export(tmp_path, chats, capsys):
     assert r.returncode == 0 and r.stdout.startswith("w9 w10"), r.stderr[-2000:]
 
 
+def test_pretrain_and_midtrain_take_an_imported_model(tmp_path, capsys):
+    src = imported("olmoe", tmp_path)
+    r = random.Random(0)
+    with open(tmp_path / "text.jsonl", "w") as f:
+        for _ in range(64):
+            f.write(json.dumps({"text": " ".join(f"w{r.randrange(8, 60)}" for _ in range(20))}) + "\n")
+    data = {"train_data": str(tmp_path / "text.jsonl"), "heldout_data": str(tmp_path / "text.jsonl")}
+    assert pretrain_main(["--init", str(src)] + stage_args(tmp_path / "pre", data, max_steps=4)) == 0
+    mid_args = stage_args(tmp_path / "mid", data, max_steps=4, data_filter="")
+    assert midtrain_main(["--init", str(tmp_path / "pre" / "final")] + mid_args) == 0
+    assert max_logit_error(tmp_path / "mid" / "final") <= 1e-4
+    tok, fmt = load_text_format(src, load_checkpoint(src).config)
+    rows = build_rows(DataSpec((data["train_data"],), 32, "stream"), tok, tmp_path / "cache2", fmt)
+    first = rows.tokens[0].tolist()
+    assert first[0] == 0 and first[21] == 1 and first[22] == 0  # <s> 20 words </s> <s> ...: its BOS, its EOS
+
+
 def test_imported_chat_rows_train_on_the_answers_only(tmp_path, chats):
     src = imported("qwen2_moe", tmp_path)
-    from train.data import DataSpec, build_rows
     tok, fmt = load_text_format(src, load_checkpoint(src).config)
     rows = build_rows(DataSpec((chats["train_data"],), 32, "examples"), tok, tmp_path / "cache", fmt)
     x, y = rows.batch([0])
-    targets = [tok.id_to_token(int(t)) for t in y[0] if t >= 0]
-    assert targets[:5] == [f"w{int(w[1:]) + 100}" for w in
-                           json.loads(Path(chats["train_data"]).read_text().splitlines()[0])["messages"][0]["content"].split()] + ["<|im_end|>"]
+    question = json.loads(Path(chats["train_data"]).read_text().splitlines()[0])["messages"][0]["content"]
+    answer = [f"w{int(w[1:]) + 100}" for w in question.split()]
+    assert [tok.id_to_token(int(t)) for t in y[0] if t >= 0][:5] == answer + ["<|im_end|>"]
 
 
 def _edit(d: Path, **fields) -> None:
@@ -130,7 +153,8 @@ def _edit(d: Path, **fields) -> None:
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda d: _edit(d, model_type="gpt2"), r"config.json: field 'model_type': unsupported model_type 'gpt2'; supported: "),
+    (lambda d: _edit(d, model_type="gpt2"),
+     r"config.json: field 'model_type': unsupported model_type 'gpt2'; supported: "),
     (lambda d: _edit(d, decoder_sparse_step=2), r"config.json: field 'decoder_sparse_step' is 2; supported: \[1\]"),
     (lambda d: (d / "tokenizer.json").unlink(), r"tokenizer file not found: .*/tokenizer.json"),
     (lambda d: write_tokenizer(d, chat_template=None),
@@ -143,7 +167,7 @@ def test_init_errors_are_one_line(tmp_path, chats, capsys, edit, message):
     assert sft_main(["--init", str(src)] + stage_args(tmp_path / "sft", chats)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "sft" / "final").exists()
 
 
