@@ -44,7 +44,7 @@ from tqdm import tqdm
 from mobilemoe.checkpoint import atomic_dir, imported_config, imported_files, load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig, load_config
 from mobilemoe.model import MobileMoE
-from mobilemoe.text_format import load_text_format
+from mobilemoe.text_format import OURS, TextFormat, load_text_format
 from train.data import IGNORE_INDEX, DataSpec, RowOrder, build_rows, split_for_eval
 from train.logs import MetricsLog, plot_losses, read_metrics
 
@@ -378,7 +378,7 @@ class StageHooks:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _data(cfg: StageConfig, tok, fmt, d: Dist, files, split: str, packing: str):
+def _data(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str, fmt: TextFormat = OURS):
     # the quality filter picks training data; held-out data stays whole, comparable across stages
     spec = DataSpec(tuple(files), cfg.seq_len, packing, cfg.text_field,
                     cfg.data_filter if split == "train" else "",
@@ -436,8 +436,8 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     resume_state = check_resume(cfg, mcfg, d.world)  # raises before anything is written
     dtype = (torch.bfloat16 if d.device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
-    train_rows = _data(cfg, tok, fmt, d, cfg.train_data, "train", cfg.packing)
-    eval_rows = _data(cfg, tok, fmt, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing)
+    train_rows = _data(cfg, tok, d, cfg.train_data, "train", cfg.packing, fmt)
+    eval_rows = _data(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing, fmt)
     eval_ids = split_for_eval(eval_rows, cfg.eval_tokens)
     max_steps = resolve_steps(cfg, len(train_rows), d.world)
     if resume_state is not None and cfg.max_seconds > 0:  # the length fitted to the budget before
