@@ -21,10 +21,10 @@ venv: $(STAMP)
 
 PROMPT ?= The asyncio event loop
 demo: venv
-	$(PY) -m compiler.build --target android-arm64
-	readelf -h dist/mobilemoe-tiny-android-arm64/lib.so | grep -E 'Machine|Type'
-	$(PY) -m compiler.build --target host
-	$(PY) -m compiler.run --artifact dist/mobilemoe-tiny-host --prompt "$(PROMPT)" --max-new-tokens 48 \
+	$(PY) -m compiler.build --target android-arm64 --out dist/default-android-arm64
+	readelf -h dist/default-android-arm64/lib.so | grep -E 'Machine|Type'
+	$(PY) -m compiler.build --target host --out dist/default-host
+	$(PY) -m compiler.run --artifact dist/default-host --prompt "$(PROMPT)" --max-new-tokens 48 \
 		--reference mobilemoe/assets/default-model
 
 test: venv

@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "numpy",
     "safetensors>=0.4",
     "tokenizers>=0.19",
+    "jinja2>=3.1",  # imported models' chat templates, rendered in its sandbox (mobilemoe/text_format.py)
     "tqdm",
     "tornado",
     "cloudpickle",

@@ -33,7 +33,8 @@ def write_artifact_files(out_dir, write_files, manifest: dict, checkpoint_dir: P
     extra_files, and manifest.json with the sha256 of every file. Atomic."""
     def write(tmp: Path):
         write_files(tmp)
-        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "generation_config.json"):  # an imported model's text format (mobilemoe.text_format)
             if checkpoint_dir is not None and (Path(checkpoint_dir) / name).is_file():
                 shutil.copyfile(Path(checkpoint_dir) / name, tmp / name)
         if not (tmp / "tokenizer.json").is_file():  # shape-only builds: the bundled tokenizer

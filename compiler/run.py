@@ -20,7 +20,7 @@ from mobilemoe.artifact import ArtifactError
 from mobilemoe.checkpoint import CheckpointError, load_checkpoint
 from mobilemoe.generate import checked_prompt_ids, generate, positive_int, teacher_forced_top1
 from mobilemoe.runtimes import load_artifact
-from mobilemoe.tokenizer import load_model_tokenizer
+from mobilemoe.text_format import load_text_format
 
 
 def produced_by(manifest: dict) -> str:
@@ -53,9 +53,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         rt = load_artifact(a.artifact, num_threads=a.threads)
-        tok, stop = load_model_tokenizer(rt.dir / "tokenizer.json", rt.config)
+        tok, fmt = load_text_format(rt.dir, rt.config, rt.dir / "tokenizer.json")  # an imported model's own
+        stop = fmt.stop_ids
         ids = checked_prompt_ids(tok, a.prompt, a.chat, rt.config.bos_token_id, a.max_new_tokens,
-                                 rt.config.max_seq_len, rt.config.vocab_size, own=rt.config.arch == "mobilemoe")
+                                 rt.config.max_seq_len, rt.config.vocab_size, own=rt.config.arch == "mobilemoe",
+                                 fmt=fmt)
         ref = load_checkpoint(a.reference) if a.reference else None
     except (ArtifactError, CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -6,6 +6,10 @@
     <dir>/model.safetensors.index.json + the shards it names ("weight_map": tensor -> file)
     <dir>/tokenizer.json      (+ tokenizer_config.json) when there is a tokenizer
 
+An imported checkpoint written back (a fine-tuned one: train/) keeps its own config.json (dtype
+updated) and its tokenizer / chat template / generation files (TOKENIZER_FILES), so transformers
+reopens it under its own architecture.
+
 Which architecture a directory holds, how its config.json becomes a MobileMoEConfig and which HF
 tensor makes which of our parameters is the business of its family in mobilemoe/arch/ (found by
 the config's "model_type"; the tensor names are listed in each family's docstring). Loading checks
@@ -36,6 +40,9 @@ from .tokenizer import write_hf_tokenizer_files
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+# what an imported checkpoint carries beside its weights and config: copied as they are when it is written back
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 # tensors a checkpoint may hold that no parameter reads (HF's RoPE buffers of old versions)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -142,10 +149,39 @@ def atomic_dir(target: Path, write) -> Path:
     return target
 
 
+def imported_config(ckpt_dir) -> dict | None:
+    """An imported (plain HF) checkpoint's config.json as written; None for ours (the `mobilemoe` block)."""
+    raw = json.loads((Path(ckpt_dir) / CONFIG_NAME).read_text())
+    return None if arch.OWN_BLOCK in raw else raw
+
+
+def imported_files(ckpt_dir) -> dict[str, bytes]:
+    """The TOKENIZER_FILES an imported checkpoint has, to write back beside its weights."""
+    d = Path(ckpt_dir)
+    return {name: (d / name).read_bytes() for name in TOKENIZER_FILES if (d / name).is_file()}
+
+
+def kept_config(raw: dict, cfg: MobileMoEConfig, dtype: torch.dtype, source: str = "source config") -> dict:
+    """An imported model's own config.json `raw` for writing it back: as it was, with the new dtype.
+    The model's config must still be the one `raw` describes."""
+    try:
+        same = arch.config_from_hf(raw, source).replace(name=cfg.name) == cfg
+    except ConfigError:
+        same = False
+    if not same:
+        raise CheckpointError(f"{source}: describes another model than the one being saved ({cfg.name}); "
+                              f"cannot keep it as the config")
+    keys = [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]  # transformers 4 / 5 names
+    return {**raw, **{k: str(dtype).removeprefix("torch.") for k in keys}}
+
+
 def save_checkpoint(model: MobileMoE, out_dir, tokenizer=None, dtype: torch.dtype = torch.float32,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) atomically to out_dir."""
-    config = hf_config(model.config, dtype)
+                    extra_files: dict[str, bytes] | None = None, base_config: dict | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) atomically to out_dir. base_config:
+    the config.json of the imported checkpoint the model came from, written instead of the one the
+    model's family would write (kept_config)."""
+    config = (hf_config(model.config, dtype) if base_config is None
+              else kept_config(base_config, model.config, dtype))
     sd = {k: v.to(dtype).cpu() for k, v in to_hf_state_dict(model).items()}
 
     def write(tmp: Path):

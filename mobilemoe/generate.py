@@ -18,7 +18,8 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .model import MobileMoE
-from .tokenizer import chat_template, load_model_tokenizer
+from .text_format import load_text_format
+from .tokenizer import chat_template
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
@@ -113,13 +114,15 @@ def teacher_forced_top1(model: MobileMoE, prompt: list[int], tokens: list[int]) 
     return float((pred.cpu() == torch.tensor(tokens)).float().mean())
 
 
-def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, own: bool = True) -> list[int]:
+def prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, own: bool = True, fmt=None) -> list[int]:
     """Token ids for a prompt: BOS + text, or the chat template with a generation prompt.
-    own=False (an imported HF model's tokenizer): the tokenizer's own post-processor adds BOS."""
+    own=False (an imported HF model's tokenizer): the tokenizer's own post-processor adds BOS, and a
+    chat is rendered by `fmt`, the model's TextFormat (its Jinja chat template: mobilemoe/text_format.py)."""
     if not own:
         if chat:
-            raise ValueError("--chat: the chat templates of imported tokenizers (tokenizer_config.json, Jinja) "
-                             "are not implemented; pass the formatted prompt instead")
+            if fmt is None:
+                raise ValueError("--chat: an imported model's chat needs its TextFormat (mobilemoe.text_format)")
+            return fmt.encode_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
         return tokenizer.encode(text).ids
     if chat:
         return tokenizer.encode(chat_template([{"role": "user", "content": text}], add_generation_prompt=True)).ids
@@ -142,7 +145,7 @@ def positive_int(text: str) -> int:
 
 
 def checked_prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, max_new_tokens: int,
-                       max_seq_len: int, vocab_size: int | None = None, own: bool = True) -> list[int]:
+                       max_seq_len: int, vocab_size: int | None = None, own: bool = True, fmt=None) -> list[int]:
     """prompt_ids() for a command line: the text must be UTF-8, its ids inside the model's vocabulary
     and, with max_new_tokens, fit the model's context; otherwise a PromptError saying what to change."""
     try:
@@ -151,7 +154,7 @@ def checked_prompt_ids(tokenizer, text: str, chat: bool, bos_id: int, max_new_to
         byte = text[e.start].encode("utf-8", "surrogateescape").hex()
         raise PromptError(f"--prompt: not valid UTF-8 (byte 0x{byte} at character {e.start}); "
                           f"pass the prompt as UTF-8 text") from None
-    ids = prompt_ids(tokenizer, text, chat, bos_id, own)
+    ids = prompt_ids(tokenizer, text, chat, bos_id, own, fmt)
     if vocab_size is not None and max(ids) >= vocab_size:
         raise PromptError(f"--prompt: the tokenizer gives token id {max(ids)}, outside the model's vocabulary "
                           f"of {vocab_size}: the tokenizer.json beside the model does not belong to it")
@@ -172,20 +175,21 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (an imported "
+                   "model's own: chat_template.jinja or tokenizer_config.json)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
         model = load_checkpoint(a.checkpoint)
-        tok, stop = load_model_tokenizer(a.checkpoint / "tokenizer.json", model.config)
+        tok, fmt = load_text_format(a.checkpoint, model.config, a.checkpoint / "tokenizer.json")
         ids = checked_prompt_ids(tok, a.prompt, a.chat, model.config.bos_token_id, a.max_new_tokens,
                                  model.config.max_seq_len, model.config.vocab_size,
-                                 own=model.config.arch == "mobilemoe")
+                                 own=model.config.arch == "mobilemoe", fmt=fmt)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=stop, seed=a.seed)
+    new, stats = generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, eos_id=fmt.stop_ids, seed=a.seed)
     print(a.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{stats}]", file=sys.stderr)
 

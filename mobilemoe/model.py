@@ -172,6 +172,15 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _bf16_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether the grouped expert GEMMs can run as torch._grouped_mm in bf16 (CUDA): x is bf16, or
+    autocast to bf16 is on (training keeps fp32 weights and activations between autocast ops)."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: MobileMoEConfig):
         super().__init__()
@@ -233,11 +242,12 @@ class MoE(nn.Module):
         token = order // k
         xs = x[token]  # [N*k, H], grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            g = torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)
-            u = torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)
-            ys = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(1, 2), offs=offs)
+        if _bf16_grouped_mm(x):  # bf16 tensors, or fp32 ones under bf16 autocast (training): one GEMM per op
+            bf, offs = torch.bfloat16, torch.cumsum(counts, 0).to(torch.int32)
+            xs = xs.to(bf)
+            g = torch._grouped_mm(xs, self.w1.to(bf).transpose(1, 2), offs=offs)
+            u = torch._grouped_mm(xs, self.w3.to(bf).transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(g) * u, self.w2.to(bf).transpose(1, 2), offs=offs)
         else:
             outs = []
             for e, xe in enumerate(torch.split(xs, counts.tolist())):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from .base import TargetError, TargetSpec, Toolchain
 from . import adreno, android_arm64, host, linux_arm64, mali
 
-TARGETS: dict[str, TargetSpec] = {s.name: s for s in (android_arm64.SPEC, linux_arm64.SPEC, host.SPEC,
-                                                      adreno.SPEC, mali.SPEC)}
+TARGETS: dict[str, TargetSpec] = {s.name: s for s in (android_arm64.SPEC, android_arm64.SPEC_I8MM, linux_arm64.SPEC,
+                                                      host.SPEC, adreno.SPEC, mali.SPEC)}
 
 
 def get_target(name: str) -> TargetSpec:

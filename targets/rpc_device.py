@@ -198,8 +198,9 @@ class EmulatedArm64Device(TrackedDevice):
     """
 
     def __init__(self, key: str = DEFAULT_KEY, root: str | os.PathLike | None = None,
-                 setup: bool = True, start_timeout: float = 180.0, port_span: int = 40):
+                 setup: bool = True, start_timeout: float = 180.0, port_span: int = 40, cpu: str | None = None):
         self.key, self.setup_first = key, setup
+        self.cpu = cpu  # qemu's CPU model (QEMU_CPU); None: the script's default, neoverse-n1 (no i8mm)
         self.root = Path(root) if root else state_dir()
         self.start_timeout, self.port_span = start_timeout, port_span
         self.tracker_host = LOOPBACK
@@ -210,6 +211,8 @@ class EmulatedArm64Device(TrackedDevice):
     # -- script wrappers
     def _script(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
         env = dict(os.environ, ARM64_ROOT=str(self.root))
+        if self.cpu:
+            env["QEMU_CPU"] = self.cpu
         env.setdefault("HOST_TVM_PYTHON", sys.executable)  # device wheels match this tvm
         if self.run_dir is not None:
             env["ARM64_RUN_DIR"] = str(self.run_dir)

@@ -6,14 +6,16 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from mobilemoe.config import PRESETS, ConfigError, MobileMoEConfig, _fmt, load_config, preset_table
+from mobilemoe.model import MobileMoE
 from train.scaling.__main__ import main
 from train.scaling.arch import budget, law_vars, make_config
 from train.scaling.design import DesignError, SearchSpace, design, write_design
 from train.scaling.law import (FORMS, PARAMS, LawError, coefficients, cross_validate, features, fit_params,
-                                   load_law, predict_log)
-from train.scaling.grid import SweepError, default_grid, load_grid, run_spec
+                               load_law, predict_log)
+from train.scaling.grid import GRIDS, SweepError, default_grid, load_grid, run_spec
 from train.scaling.sweep import SweepOptions, append_log, read_log, run_sweep
 
 # A law with the shape the sweep found (granularity optimum near G = 8, sparsity and shared help).
@@ -179,6 +181,18 @@ def test_default_grid_is_consistent():
         cfg = MobileMoEConfig.from_dict(r["model"])
         assert r["tokens"] % (r["train"]["seq_len"] * r["train"]["batch_size"]) == 0
         assert cfg.vocab_size == 8192 and r["id"].startswith(f"h{cfg.hidden_size}-l{cfg.num_layers}-")
+
+
+def test_corpus50m_grid_has_three_token_counts_per_size_under_one_pass():
+    grid = GRIDS["corpus50m"]()
+    by_shape: dict = {}
+    for r in grid:
+        by_shape.setdefault(r["id"].rsplit("-t", 1)[0], set()).add(r["tokens"])
+    assert len(by_shape) == 6 and all(len(t) == 3 for t in by_shape.values())
+    assert max(r["tokens"] for r in grid) < 50.5e6  # the corpus' train split with its tokenizer: one pass at most
+    with torch.device("meta"):
+        totals = [sum(p.numel() for p in MobileMoE(MobileMoEConfig.from_dict(r["model"])).parameters()) for r in grid]
+    assert max(totals) >= 60e6
 
 
 def _tiny_grid():

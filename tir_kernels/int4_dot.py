@@ -2,6 +2,8 @@
 
     x86 AVX512-VNNI  vpdpbusd   llvm.x86.avx512.vpdpbusd.{512,256,128}   u8 x s8 -> s32, 4 per lane
     arm64 dotprod    sdot       llvm.aarch64.neon.sdot.v4i32.v16i8      s8 x s8 -> s32, 4 per lane
+    arm64 i8mm       smmla      llvm.aarch64.neon.smmla.v4i32.v16i8     s8 2x8 @ 8x2 -> s32 2x2 (GEMM tiles:
+                                                                        int4_mmla.py; GEMVs use sdot)
 
 Weights are mobilemoe.quant's codes (uint32 [N, K // 8], nibble i of word w is k = 8w + i) with the
 words in its interleaved order for (rows, lanes) = interleave_for(isa, N, K) (interleave_int4: the
@@ -56,6 +58,7 @@ class DotISA:
 
     name: str
     intrinsics: dict  # lanes -> LLVM intrinsic name (args: acc int32xL, weights int8x4L, acts int8x4L)
+    mmla: str = ""  # a 2x8 by 8x2 int8 matrix multiply-accumulate (int4_mmla.py's GEMM tiles), if any
 
     def lanes_for(self, words: int) -> int:
         """The widest vector whose lane count divides the words per row (K // 8)."""
@@ -68,6 +71,8 @@ class DotISA:
 X86_VNNI = DotISA("avx512-vnni", {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
                                    4: "llvm.x86.avx512.vpdpbusd.128"})
 ARM_DOTPROD = DotISA("arm-dotprod", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"})
+# Armv8.6 i8mm (Cortex-X3/A715 on, e.g. Snapdragon 8 Gen 2): sdot for GEMVs, smmla for the GEMM tiles
+ARM_I8MM = DotISA("arm-i8mm", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, mmla="llvm.aarch64.neon.smmla.v4i32.v16i8")
 
 
 def dot_isa(target: Target | None) -> DotISA | None:
@@ -76,6 +81,8 @@ def dot_isa(target: Target | None) -> DotISA | None:
         return None
     if codegen.target_has_features(["avx512vnni", "avx512vl"], target):
         return X86_VNNI
+    if codegen.target_has_features(["dotprod", "i8mm"], target):
+        return ARM_I8MM
     if codegen.target_has_features(["dotprod"], target):
         return ARM_DOTPROD
     return None

@@ -37,6 +37,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
+from .int4_mmla import mmla_group_tile_macro, supports as mmla_supports
 from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_scales, _lane_sum, _pack4, \
     interleave_for
 from .moe_grouped import ARGS_ATTR
@@ -186,6 +187,13 @@ def _group_tile_macro(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
     return tile
 
 
+def group_tile(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
+    """The 4-row group tile: smmla's where the ISA has it (int4_mmla.py), else the dot instruction's."""
+    if mmla_supports(isa, lanes, rows, m_tile):
+        return mmla_group_tile_macro(kw, rows, m_tile, isa)
+    return _group_tile_macro(kw, lanes, rows, m_tile, isa)
+
+
 def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
     check_int4_shape(kernel, n, k, "float32")
     kw = k // NIBBLES_PER_WORD
@@ -206,7 +214,7 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
     quantize = _quantize_macro(k, lanes)
     tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1: the GEMV's block
-    gtile = _group_tile_macro(kw, lanes, rows, m_tile, isa)
+    gtile = group_tile(kw, lanes, rows, m_tile, isa)
     quads = rows % 4 == 0
 
     @T.prim_func(private=True)
@@ -271,7 +279,7 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
     quantize = _quantize_macro(k, lanes)
     tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)
-    gtile = _group_tile_macro(kw, lanes, rows, m_tile, isa)
+    gtile = group_tile(kw, lanes, rows, m_tile, isa)
     quads = rows % 4 == 0
     attrs = {**_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
     E = num_experts

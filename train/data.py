@@ -14,9 +14,11 @@ Packing (`packing`), every row holds seq_len + 1 tokens (inputs = row[:-1], targ
                 (cut into seq_len + 1 pieces); examples are packed greedily in order, the rest of a
                 row is PAD. Chat records train on the answer tokens only (encode_chat's mask),
                 text records on every token.
+BOS, EOS, PAD and the chat format are the model's (mobilemoe/text_format.py): ours, or those of an
+imported HF checkpoint (its tokenizer's BOS, its config's EOS, its Jinja chat template).
 
 Rows are tokenized once into a cache directory keyed by a hash of the files' contents, the
-tokenizer, and every packing setting, so a resumed run (or a second process) reads the very same
+tokenizer and text format, and every packing setting, so a resumed run (or a second process) reads the very same
 rows. Order: epoch e visits the rows in the permutation `default_rng([seed, e])`; a run's data
 position is the number of rows consumed so far (`samples`), so resuming is O(1) and exact.
 
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from mobilemoe.checkpoint import atomic_dir
-from mobilemoe.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chat
+from mobilemoe.text_format import OURS, ChatTemplateError, TextFormat
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -210,9 +212,11 @@ def _hash_path(h, path: Path) -> None:
                 h.update(chunk)
 
 
-def cache_key(spec: DataSpec, files: list[Path], tokenizer) -> str:
+def cache_key(spec: DataSpec, files: list[Path], tokenizer, fmt: TextFormat = OURS) -> str:
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **asdict(spec), "files": None}, sort_keys=True).encode())
     h.update(tokenizer.to_str().encode())
+    if not fmt.own:  # ours: the same key as before imported formats existed
+        h.update(fmt.key().encode())
     for f in files:
         _hash_path(h, f)
     return h.hexdigest()[:20]
@@ -257,7 +261,7 @@ def _batched(it, n):
         yield batch
 
 
-def _pack_stream(spec, files, tokenizer, w: _RowWriter, stats) -> None:
+def _pack_stream(spec, files, tokenizer, fmt: TextFormat, w: _RowWriter, stats) -> None:
     width, buf = spec.seq_len + 1, np.zeros(0, dtype=np.int64)
     for batch in _batched(_iter_selected(spec, files), 256):
         texts = []
@@ -268,7 +272,7 @@ def _pack_stream(spec, files, tokenizer, w: _RowWriter, stats) -> None:
             texts.append(r["text"])
         parts = [buf]
         for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-            parts.append(np.array([BOS_ID, *enc.ids, EOS_ID], dtype=np.int64))
+            parts.append(np.array(fmt.document(enc.ids), dtype=np.int64))
             stats["records"] += 1
         buf = np.concatenate(parts)
         n = (len(buf) - 1) // spec.seq_len
@@ -278,7 +282,7 @@ def _pack_stream(spec, files, tokenizer, w: _RowWriter, stats) -> None:
         stats["tokens"] += sum(len(p) for p in parts[1:])
 
 
-def _pack_examples(spec, files, tokenizer, w: _RowWriter, stats) -> None:
+def _pack_examples(spec, files, tokenizer, fmt: TextFormat, w: _RowWriter, stats) -> None:
     width = spec.seq_len + 1
     row_ids: list[int] = []
     row_mask: list[int] = []
@@ -286,7 +290,7 @@ def _pack_examples(spec, files, tokenizer, w: _RowWriter, stats) -> None:
     def flush():
         if row_ids:
             pad = width - len(row_ids)
-            w.add(row_ids + [PAD_ID] * pad, row_mask + [0] * pad)
+            w.add(row_ids + [fmt.pad_id] * pad, row_mask + [0] * pad)
             row_ids.clear()
             row_mask.clear()
 
@@ -301,13 +305,15 @@ def _pack_examples(spec, files, tokenizer, w: _RowWriter, stats) -> None:
         stats["records"] += 1
         if "messages" in r:
             try:
-                ids, mask = encode_chat(tokenizer, r["messages"])
+                ids, mask = fmt.encode_chat(tokenizer, r["messages"])
+            except ChatTemplateError:
+                raise
             except ValueError as e:
                 raise DataError(f"chat record (path {r.get('path')!r}): {e}") from None
             stats["truncated"] += len(ids) > width
             put(ids[:width], mask[:width])
         else:
-            ids = [BOS_ID, *tokenizer.encode(r["text"], add_special_tokens=False).ids, EOS_ID]
+            ids = fmt.document(tokenizer.encode(r["text"], add_special_tokens=False).ids)
             mask = [0] + [1] * (len(ids) - 1)
             for s in range(0, max(len(ids) - 1, 1), spec.seq_len):  # pieces overlap by one token
                 put(ids[s:s + width], [0] + mask[s + 1:s + width])
@@ -315,10 +321,11 @@ def _pack_examples(spec, files, tokenizer, w: _RowWriter, stats) -> None:
     flush()
 
 
-def build_rows(spec: DataSpec, tokenizer, cache_dir) -> "PackedRows":
-    """Tokenize + pack spec's files into cache_dir/<key> (once), and return the rows."""
+def build_rows(spec: DataSpec, tokenizer, cache_dir, fmt: TextFormat = OURS) -> "PackedRows":
+    """Tokenize + pack spec's files into cache_dir/<key> (once), and return the rows; `fmt` frames
+    documents and chats (mobilemoe.text_format: ours, or an imported model's)."""
     files = resolve_files(spec.files)
-    key = cache_key(spec, files, tokenizer)
+    key = cache_key(spec, files, tokenizer, fmt)
     target = Path(cache_dir) / key
     if not (target / "meta.json").is_file():
         token_dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
@@ -327,7 +334,7 @@ def build_rows(spec: DataSpec, tokenizer, cache_dir) -> "PackedRows":
             stats = {"records": 0, "tokens": 0, "target_tokens": 0, "truncated": 0}
             w = _RowWriter(tmp, spec.seq_len + 1, token_dtype, with_mask=spec.packing == "examples")
             try:
-                (_pack_stream if spec.packing == "stream" else _pack_examples)(spec, files, tokenizer, w, stats)
+                (_pack_stream if spec.packing == "stream" else _pack_examples)(spec, files, tokenizer, fmt, w, stats)
             finally:
                 w.close()
             what = f"{', '.join(map(str, files))} (split {spec.split}, filter {spec.filter or 'none'})"

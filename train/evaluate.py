@@ -18,7 +18,7 @@ import torch
 
 from mobilemoe.checkpoint import CheckpointError, load_checkpoint
 from mobilemoe.quant import simulate_int4
-from mobilemoe.tokenizer import load_tokenizer
+from mobilemoe.text_format import load_text_format
 from train.data import DataError, DataSpec, build_rows, split_for_eval
 from train.loop import DTYPES, Dist, heldout_loss
 
@@ -30,11 +30,10 @@ def evaluate_checkpoint(checkpoint, data, packing: str = "stream", seq_len: int 
     model = model if model is not None else load_checkpoint(checkpoint, dtype=torch.float32)
     if int4:
         model = simulate_int4(model)
-    tok_file = Path(checkpoint) / "tokenizer.json"
-    tok = load_tokenizer(tok_file if tok_file.is_file() else None)
+    tok, fmt = load_text_format(checkpoint, model.config)
     files = [data] if isinstance(data, (str, Path)) else list(data)
     rows = build_rows(DataSpec(tuple(map(str, files)), min(seq_len, model.config.max_seq_len), packing),
-                      tok, cache_dir)
+                      tok, cache_dir, fmt)
     ids = split_for_eval(rows, max_tokens)
     d = Dist(device=torch.device(device))
     model = model.to(d.device)

@@ -5,6 +5,10 @@
 #
 #   train/issue17_runs.sh OUT [sizes] [seeds]      e.g. train/issue17_runs.sh runs/i17 "mini 50m" "0 1"
 #   BUNDLED=1 train/issue17_runs.sh OUT            the bundled-model run only
+#   RUNS="mobilemoe-mini:0 mobilemoe-mini-dense:0" EXPORT=mobilemoe-mini:0 train/issue17_runs.sh OUT
+#                                                   these runs side by side, one of them exported
+# Inside a fixed slot, give each stage a wall-clock budget: EXTRA_SETS="pretrain.max_seconds=220 ..."
+# (train.loop times steps 5-25 and fixes the stage's length, so the schedule still ends where it should).
 #
 # Needs data/corpus (python -m train.corpus) and data/sft (python -m train.sft_data); set CORPUS/SFT
 # to use others, TOKENIZER for another tokenizer.json (default: train/runs/issue17/tokenizer-8192.json).
@@ -51,21 +55,31 @@ run() {  # run MODEL SEED DIR [extra args...]
   fi
 }
 
-if [ "${BUNDLED:-0}" = 1 ]; then
+if [ -n "${RUNS:-}" ]; then  # RUNS="mobilemoe-mini:0 mobilemoe-mini-dense:0 ...": all at once on one GPU
+  for r in $RUNS; do
+    model=${r%%:*} seed=${r##*:}
+    if [ "$r" = "${EXPORT:-}" ]; then  # EXPORT=MODEL:SEED also writes that run's QAT model to OUT/default-model
+      run "$model" "$seed" "$OUT/$model-s$seed" --export "$OUT/default-model" &
+    else
+      run "$model" "$seed" "$OUT/$model-s$seed" &
+    fi
+  done
+  wait
+elif [ "${BUNDLED:-0}" = 1 ]; then
   run mobilemoe-small 0 "$OUT/mobilemoe-small-s0" --export "$OUT/default-model"
   echo "bundled candidate: $OUT/default-model ($(du -sh "$OUT/default-model" | cut -f1))"
   exit 0
-fi
-
-for size in $SIZES; do
-  moe=mobilemoe-$size
-  case "$size" in 50m) dense=mobilemoe-small-dense ;; *) dense=mobilemoe-$size-dense ;; esac
-  for seed in $SEEDS; do
-    run "$moe" "$seed" "$OUT/$moe-s$seed" &
-    run "$dense" "$seed" "$OUT/$dense-s$seed" &
-    wait
+else
+  for size in $SIZES; do
+    moe=mobilemoe-$size
+    case "$size" in 50m) dense=mobilemoe-small-dense ;; *) dense=mobilemoe-$size-dense ;; esac
+    for seed in $SEEDS; do
+      run "$moe" "$seed" "$OUT/$moe-s$seed" &
+      run "$dense" "$seed" "$OUT/$dense-s$seed" &
+      wait
+    done
   done
-done
+fi
 
 # one table: held-out text loss after each stage, INT4 chat loss, exact answers (float and INT4)
 "$PY" - "$OUT" <<'EOF'

@@ -3,7 +3,8 @@
 A stage = a `StageConfig` (dataclass; JSON file and CLI flags override its fields) + optional
 `StageHooks` (QAT's fake-quant prepare/convert). `run_stage(cfg, hooks)` does:
 
-    model      from `init_from` (the previous stage's final/ checkpoint) or the `model` preset
+    model      from `init_from` (the previous stage's final/ checkpoint, or any checkpoint of a
+               registered HF architecture: mobilemoe/arch) or the `model` preset
     data       train.data rows (tokenized once, cached) in a seeded per-epoch order
     loss       cross-entropy on the target tokens + router_aux_loss_coef * load balancing
                + router_z_loss_coef * router z-loss (coefficients from the model config; MoE only)
@@ -12,7 +13,9 @@ A stage = a `StageConfig` (dataclass; JSON file and CLI flags override its field
     checkpoint out_dir/checkpoint/ every ckpt_every steps and at the end, written atomically:
                model.safetensors (module state), optimizer.pt + trainer.pt (scheduler, RNG; torch.save,
                read back with weights_only=True), state.json (step, data position, configs)
-    output     out_dir/final/ (HF-compatible checkpoint + tokenizer), out_dir/summary.json
+    output     out_dir/final/ (HF-compatible checkpoint + tokenizer), out_dir/summary.json; an
+               imported model's final/ keeps its own config.json, tokenizer and chat template
+               (documents and chats are framed by them: mobilemoe/text_format.py)
 
 Multi-GPU: run the same module under torchrun; each process takes its slice of every global batch
 (DDP, NCCL on CUDA, gloo on CPU). `--resume` continues a killed run from its last checkpoint on the
@@ -38,10 +41,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from mobilemoe.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from mobilemoe.checkpoint import atomic_dir, imported_config, imported_files, load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig, load_config
 from mobilemoe.model import MobileMoE
-from mobilemoe.tokenizer import load_tokenizer
+from mobilemoe.text_format import OURS, TextFormat, load_text_format
 from train.data import IGNORE_INDEX, DataSpec, RowOrder, build_rows, split_for_eval
 from train.logs import MetricsLog, plot_losses, read_metrics
 
@@ -61,9 +64,9 @@ class StageError(ValueError):
 class StageConfig:
     stage: str = "pretrain"
     model: str = "mobilemoe-tiny"  # preset name or a config.json path (used when init_from is empty)
-    init_from: str = ""  # checkpoint dir to start from (the previous stage's out_dir/final)
+    init_from: str = ""  # checkpoint dir to start from (the previous stage's out_dir/final, or an HF one); --init
     out_dir: str = "runs/pretrain"
-    tokenizer: str = ""  # tokenizer.json; empty: init_from's, else the bundled one
+    tokenizer: str = ""  # tokenizer.json; empty: init_from's, else the bundled one (an HF model needs its own)
     train_data: list[str] = field(default_factory=lambda: ["data/corpus/train.jsonl"])
     heldout_data: list[str] = field(default_factory=lambda: ["data/corpus/heldout.jsonl"])
     heldout_frac: float = 0.0  # > 0 with empty heldout_data: hash-split this share off train_data
@@ -77,6 +80,7 @@ class StageConfig:
     max_steps: int = 0  # the first of max_steps / max_tokens / epochs that is > 0 sets the length
     max_tokens: int = 0
     epochs: float = 0.0
+    max_seconds: float = 0.0  # > 0: also stop by this wall-clock budget (steps fixed after CALIBRATE_STEPS)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 100
@@ -154,11 +158,11 @@ def config_from_args(default, argv=None, prog: str = "", description: str = ""):
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", type=Path, help="JSON object of field overrides")
     for f in fields(default):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + (["--init"] if f.name == "init_from" else [])
         if str(f.type) == "bool":
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            p.add_argument(flag, dest=f.name, default=None, metavar=str(f.type).upper(),
+            p.add_argument(*flags, dest=f.name, default=None, metavar=str(f.type).upper(),
                            help=f"default: {getattr(default, f.name)!r}")
     a = vars(p.parse_args(argv))
     cfg = default
@@ -204,6 +208,11 @@ class Dist:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
 
@@ -369,16 +378,26 @@ class StageHooks:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _data(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str):
+def _data(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str, fmt: TextFormat = OURS):
     # the quality filter picks training data; held-out data stays whole, comparable across stages
     spec = DataSpec(tuple(files), cfg.seq_len, packing, cfg.text_field,
                     cfg.data_filter if split == "train" else "",
                     split="all" if cfg.heldout_data else ("heldout" if split == "eval" else "train"),
                     heldout_frac=0.0 if cfg.heldout_data else cfg.heldout_frac)
     if d.main:  # rank 0 tokenizes; the others read its cache
-        rows = build_rows(spec, tok, cfg.cache_dir)
+        rows = build_rows(spec, tok, cfg.cache_dir, fmt)
     d.barrier()
-    return rows if d.main else build_rows(spec, tok, cfg.cache_dir)
+    return rows if d.main else build_rows(spec, tok, cfg.cache_dir, fmt)
+
+
+CALIBRATE_STEPS = (5, 25)  # max_seconds: time steps 5..25 (past start-up), then fix the stage's length
+
+
+def fit_steps(max_steps: int, step: int, per_step_s: float, elapsed_s: float, budget_s: float) -> int:
+    """The stage's length under a wall-clock budget: the steps that fit in what is left of budget_s at
+    per_step_s each (never past max_steps, never before the current step)."""
+    fit = step + int(max(0.0, budget_s - elapsed_s) / max(per_step_s, 1e-9))
+    return max(step, min(max_steps, fit))
 
 
 def resolve_steps(cfg: StageConfig, n_rows: int, world: int) -> int:
@@ -410,19 +429,19 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     if cfg.seq_len > mcfg.max_seq_len:
         raise StageError(f"{cfg.stage}: seq_len {cfg.seq_len} exceeds the model's max_seq_len "
                          f"{mcfg.max_seq_len} ({mcfg.name})")
-    tok_path = cfg.tokenizer or (Path(cfg.init_from) / "tokenizer.json" if cfg.init_from and
-                                 (Path(cfg.init_from) / "tokenizer.json").is_file() else None)
-    tok = load_tokenizer(tok_path)
+    tok, fmt = load_text_format(cfg.init_from or None, mcfg, cfg.tokenizer or None)
     if tok.get_vocab_size() > mcfg.vocab_size:
         raise StageError(f"{cfg.stage}: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
                          f"vocab_size {mcfg.vocab_size}")
     resume_state = check_resume(cfg, mcfg, d.world)  # raises before anything is written
     dtype = (torch.bfloat16 if d.device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
-    train_rows = _data(cfg, tok, d, cfg.train_data, "train", cfg.packing)
-    eval_rows = _data(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing)
+    train_rows = _data(cfg, tok, d, cfg.train_data, "train", cfg.packing, fmt)
+    eval_rows = _data(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing, fmt)
     eval_ids = split_for_eval(eval_rows, cfg.eval_tokens)
     max_steps = resolve_steps(cfg, len(train_rows), d.world)
+    if resume_state is not None and cfg.max_seconds > 0:  # the length fitted to the budget before
+        max_steps = resume_state.get("max_steps", max_steps)
 
     model = hooks.prepare(model, cfg).to(d.device)
     model.set_moe_impl(cfg.moe_impl)
@@ -474,6 +493,7 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     logged = [r["loss"] for r in read_metrics(metrics.path) if "loss" in r] if step and d.main else []
     t_log, steps_logged, last_loss = time.perf_counter(), 0, logged[-1] if logged else float("nan")
     t_start, start_step = time.perf_counter(), step
+    t_cal = t_start
     model.train()
     while step < max_steps:
         batches = [train_rows.batch(order.rows(samples + (m * d.world + d.rank) * per_rank, per_rank))
@@ -503,6 +523,23 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
         opt.zero_grad(set_to_none=True)
         step, samples = step + 1, samples + global_batch
         steps_logged += 1
+        if cfg.max_seconds > 0 and resume_state is None and step - start_step in CALIBRATE_STEPS:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()  # the queued steps count too
+            now = time.perf_counter()
+            if step - start_step == CALIBRATE_STEPS[0]:
+                t_cal = now
+            else:  # every rank measured its own time: take the slowest, so all agree on the length
+                per_step = d.max(torch.tensor((now - t_cal) / (CALIBRATE_STEPS[1] - CALIBRATE_STEPS[0]),
+                                              device=d.device)).item()
+                fitted = fit_steps(max_steps, step, per_step, now - t_start, cfg.max_seconds)
+                if fitted < max_steps:
+                    max_steps = fitted
+                    schedule.total, schedule.warmup = max_steps, min(schedule.warmup, max(1, max_steps // 10))
+                    bar.total = max_steps
+                    print(f"{cfg.stage}: {per_step:.3f} s/step: {max_steps} steps fit in max_seconds="
+                          f"{cfg.max_seconds:g} ({max_steps * global_batch * cfg.seq_len / 1e6:.1f}M tokens)",
+                          file=sys.stderr)
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == max_steps:
@@ -539,7 +576,12 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
                "tok_s": round((step - start_step) * global_batch * cfg.seq_len / max(wall, 1e-9), 1),
                **hooks.final_metrics(final, evaluate)}
     if d.main:
-        save_checkpoint(final, out / "final", tokenizer=tok, dtype=DTYPES[cfg.save_dtype])
+        if fmt.own:
+            save_checkpoint(final, out / "final", tokenizer=tok, dtype=DTYPES[cfg.save_dtype])
+        else:  # an imported model goes back under its own config, tokenizer and chat template
+            tok_dir = Path(cfg.tokenizer).parent if cfg.tokenizer else Path(cfg.init_from)
+            save_checkpoint(final, out / "final", dtype=DTYPES[cfg.save_dtype], extra_files=imported_files(tok_dir),
+                            base_config=imported_config(cfg.init_from) if cfg.init_from else None)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot_losses({mcfg.name: read_metrics(metrics.path)}, out / "loss.png", f"{cfg.stage}: {mcfg.name}")
         print(f"{cfg.stage}: {summary['tokens']:,} tokens, train loss {summary['train_loss']:.4f}, "

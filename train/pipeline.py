@@ -3,12 +3,15 @@
     python -m train.pipeline --model mobilemoe-tiny --out runs/tiny [--corpus data/corpus]
         [--config pipeline.json] [--set pretrain.max_tokens=2e7 --set all.batch_size=32 ...]
         [--resume] [--export mobilemoe/assets/default-model] [--compare-with runs/tiny-dense]
+    python -m train.pipeline --init HF_DIR --stages sft,qat --sft-data data/sft --out runs/ft --export DIR
     torchrun --nproc-per-node 2 -m train.pipeline ...          (the same, data-parallel)
 
 Layout of --out: sft-data/ (question/answer pairs built from --corpus by train.sft_data), cache/
 (tokenized rows), one dir per stage (train/loop.py: metrics.jsonl, loss.png, checkpoint/, final/,
 summary.json), report.json and loss.png (all stages, tokens end to end).
-Stage i starts from stage i-1's final/. --config is a JSON object {"all": {...}, "pretrain": {...},
+Each stage in --stages starts from the previous one's final/; the first from --init (a checkpoint
+dir: ours, or any registered HF architecture, mobilemoe/arch) or else from the final/ of the stage
+before it in the full order (pretrain: from --model). --config is a JSON object {"all": {...}, "pretrain": {...},
 ...} of StageConfig field overrides; --set STAGE.FIELD=VALUE overrides it again. --resume skips
 finished stages and resumes the interrupted one.
 
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from mobilemoe.answer_check import evaluate_checkpoint as evaluate_answers
-from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
+from mobilemoe.checkpoint import imported_config, imported_files, load_checkpoint, save_checkpoint
 from mobilemoe.tokenizer import load_tokenizer
 from train.evaluate import evaluate_checkpoint
 from train.logs import plot_losses, read_metrics
@@ -50,19 +53,23 @@ CHAT_STAGES = ("sft", "qat")
 
 
 def stage_configs(model: str, out: Path, corpus: Path, sft_dir: Path, overrides: dict,
-                  resume: bool = False) -> dict[str, StageConfig]:
+                  resume: bool = False, stages=tuple(STAGES), init: str = "") -> dict[str, StageConfig]:
+    """Every stage's config; those in `stages` start from the previous one's final/ (the first from
+    `init` when given), the others as in the full order."""
     unknown = sorted(set(overrides) - {"all", *STAGES})
     if unknown:
         raise StageError(f"pipeline overrides: unknown section(s) {unknown}; known: all, {', '.join(STAGES)}")
     text = {"train_data": [str(corpus / "train.jsonl")], "heldout_data": [str(corpus / "heldout.jsonl")]}
     chat = {"train_data": [str(sft_dir / "train.jsonl")], "heldout_data": [str(sft_dir / "heldout.jsonl")]}
-    cfgs, prev = {}, ""
+    cfgs, prev, chained = {}, "", ""
     for name, (cls, _) in STAGES.items():
-        cfg = cls(model=model, out_dir=str(out / name), init_from=prev, cache_dir=str(out / "cache"),
+        start = (chained or init or prev) if name in stages else prev
+        cfg = cls(model=model, out_dir=str(out / name), init_from=start, cache_dir=str(out / "cache"),
                   resume=resume, **(chat if name in CHAT_STAGES else text))
         cfg = apply_overrides(cfg, {**overrides.get("all", {}), **overrides.get(name, {})}, f"pipeline {name}")
         cfg.validate()
         cfgs[name], prev = cfg, str(out / name / "final")
+        chained = prev if name in stages else chained
     return cfgs
 
 
@@ -97,7 +104,8 @@ def report(cfgs: dict[str, StageConfig], out: Path, device: str, qa_limit: int =
                                                                device=device, cache_dir=cfg.cache_dir)["loss"]
     rep["tokens"] = {n: s["tokens"] for n, s in rep["stages"].items()}
     qa = Path(chat[0]).with_name("heldout_qa.jsonl") if chat else None
-    if qa is not None and qa.is_file() and qa_limit > 0:  # exact answers on held-out questions (greedy)
+    own = imported_config(Path(cfgs["sft"].out_dir) / "final") is None  # answer_check prompts in our chat format
+    if own and qa is not None and qa.is_file() and qa_limit > 0:  # exact answers on held-out questions (greedy)
         rep["exact_answers"] = {}
         for name in CHAT_STAGES:
             final = Path(cfgs[name].out_dir) / "final"
@@ -118,9 +126,25 @@ def stage_curves(dirs: dict[str, Path]) -> dict[str, list[dict]]:
     return curves
 
 
+def export(final: Path, out: Path, training: dict) -> None:
+    """A stage's final/ as bf16 + its tokenizer (an imported model: its own config.json, tokenizer and
+    chat template) + training.json."""
+    extra = {"training.json": json.dumps(training, indent=1).encode()}
+    base = imported_config(final)
+    if base is None:
+        save_checkpoint(load_checkpoint(final), out, tokenizer=load_tokenizer(final), dtype=torch.bfloat16,
+                        extra_files=extra)
+    else:
+        save_checkpoint(load_checkpoint(final), out, dtype=torch.bfloat16, base_config=base,
+                        extra_files={**imported_files(final), **extra})
+    print(f"pipeline: exported {final} -> {out} (bf16)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mobilemoe-tiny", help="preset or config.json")
+    p.add_argument("--init", default="", metavar="DIR", help="checkpoint the first of --stages starts from "
+                   "(ours or an HF model of a registered architecture)")
     p.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="train.corpus output dir")
     p.add_argument("--sft-data", type=Path, help="train.sft_data output dir (default: built into --out)")
@@ -128,22 +152,23 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.FIELD=VALUE")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--export", type=Path, help="write the final (QAT) model here as bf16 + tokenizer")
+    p.add_argument("--export", type=Path, help="write the last stage's (QAT's) model here as bf16 + tokenizer")
     p.add_argument("--compare-with", type=Path, help="another pipeline --out: joint loss plot + table")
     p.add_argument("--device", default="auto")
     p.add_argument("--qa-limit", type=int, default=300, help="held-out questions for the exact-answer check (0: skip)")
     a = p.parse_args(argv)
 
     d = init_dist(a.device)  # once for all stages (a no-op without torchrun)
+    rep: dict = {}
     try:
         overrides = json.loads(a.config.read_text()) if a.config else {}
         for stage, kv in parse_sets(a.sets).items():
             overrides.setdefault(stage, {}).update(kv)
         sft_dir = a.sft_data or a.out / "sft-data"
-        cfgs = stage_configs(a.model, a.out, a.corpus, sft_dir, overrides, a.resume)
         wanted = [s for s in a.stages.split(",") if s]
         if any(s not in STAGES for s in wanted):
             raise StageError(f"--stages {a.stages!r}: known stages are {', '.join(STAGES)}")
+        cfgs = stage_configs(a.model, a.out, a.corpus, sft_dir, overrides, a.resume, wanted, a.init)
         if a.sft_data is None and not (sft_dir / "train.jsonl").is_file():
             if d.main:
                 build_sft_data(a.corpus, sft_dir)
@@ -164,12 +189,6 @@ def main(argv=None) -> int:
                               "heldout_chat": rep["heldout_chat"],
                               "exact_answers": {k: v["rate"] for k, v in rep.get("exact_answers", {}).items()}},
                              indent=1))
-            if a.export:
-                final = Path(cfgs["qat"].out_dir) / "final"
-                save_checkpoint(load_checkpoint(final), a.export, tokenizer=load_tokenizer(final),
-                                dtype=torch.bfloat16, extra_files={"training.json": json.dumps(
-                                    {"pipeline": str(a.out), "model": a.model, **rep}, indent=1).encode()})
-                print(f"pipeline: exported {final} -> {a.export} (bf16)", file=sys.stderr)
             if a.compare_with:
                 other = json.loads((a.compare_with / "report.json").read_text())
                 name = other["stages"]["pretrain"]["model"]
@@ -179,6 +198,9 @@ def main(argv=None) -> int:
                 plot_losses(runs, a.out / "compare.png", "pre- + mid-training, same tokens")
                 print(json.dumps({"compare_heldout_text": {a.model: rep["heldout_text"],
                                                            name: other["heldout_text"]}}, indent=1))
+        if d.main and a.export and wanted:
+            export(Path(cfgs[wanted[-1]].out_dir) / "final", a.export,
+                   {"pipeline": str(a.out), "model": a.init or a.model, "ran": wanted, **rep})
     except (StageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,3 +55,32 @@ def save_tiny(model_type: str, out: Path, seed: int = 0) -> Path:
         model = model.to(how["dtype"])
     model.save_pretrained(out, max_shard_size=how.get("max_shard_size", "5GB"))
     return Path(out)
+
+
+# A ChatML-like template as instruct models ship, the assistant's turn marked for transformers'
+# return_assistant_tokens_mask ({% generation %}), ending at <|im_end|> (the tokenizer's eos_token).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }} "
+                 "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+                 "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+CHAT_WORDS = 512  # the vocabulary: specials, roles, then the words w8 .. w511
+
+
+def write_tokenizer(d: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """A word-level tokenizer.json as an HF model ships it (<s>=0, </s>=1, <pad>=2, its post-processor
+    adds <s>) + tokenizer_config.json with `chat_template` (none: no template)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    specials = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {**{t: i for i, t in enumerate(specials)}, "user": 5, "assistant": 6, "system": 7,
+             **{f"w{i}": i for i in range(8, CHAT_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.add_special_tokens(specials)
+    tok.save(str(Path(d) / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|im_end|>",
+              "pad_token": "<pad>", **({"chat_template": chat_template} if chat_template else {})}
+    (Path(d) / "tokenizer_config.json").write_text(json.dumps(config))
+    return Path(d)

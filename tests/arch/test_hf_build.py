@@ -61,8 +61,10 @@ def int4_reference(ckpt, int8_activations: bool):
     return model
 
 
-def check_host_int4(model_type, tmp_path):
+def check_host_int4(model_type, tmp_path, chat_template: str | None = None):
     ckpt = save_tiny(model_type, tmp_path / model_type)
+    if chat_template is not None:
+        (ckpt / "chat_template.jinja").write_text(chat_template)
     art = build(ckpt, "host", tmp_path / "host", verbose=False)
     int8 = read_manifest(art)["quantization"]["activations"].startswith("int8")
     model, rt = int4_reference(ckpt, int8), load_artifact(art)
@@ -77,10 +79,17 @@ def check_host_int4(model_type, tmp_path):
     return ckpt
 
 
+CHATML = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # ids inside the tiny model's 512-token vocabulary
+
+
 def test_host_int4_qwen2_moe(tmp_path, capsys):
-    check_host_int4("qwen2_moe", tmp_path)
+    check_host_int4("qwen2_moe", tmp_path, chat_template=CHATML)
+    assert (tmp_path / "host" / "chat_template.jinja").read_text() == CHATML  # the artifact keeps its format
     capsys.readouterr()
     run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert out.out.startswith("a") and "tok/s" in out.err
+    run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4", "--chat"])
     out = capsys.readouterr()
     assert out.out.startswith("a") and "tok/s" in out.err
 

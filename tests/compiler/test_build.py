@@ -121,8 +121,17 @@ def test_android_arm64_shared_object(ckpt):
         load_artifact(out)
 
 
+def test_android_i8mm_build_runs_prefill_on_smmla(ckpt):
+    from targets.arm64_isa import count_instructions
+
+    plain = count_instructions(build(ckpt, "android-arm64", ckpt.parent / "android", verbose=False) / "lib.so")
+    i8mm = count_instructions(build(ckpt, "android-arm64-i8mm", ckpt.parent / "android-i8mm", verbose=False) / "lib.so")
+    assert plain["smmla"] == 0 and plain["sdot"] > 0
+    assert i8mm["smmla"] > 0 and i8mm["sdot"] > 0  # prefill tiles on smmla, decode GEMVs on sdot
+
+
 def test_unknown_target_lists_known(ckpt, tmp_path):
-    with pytest.raises(TargetError, match="unknown target 'iphone'; known targets: android-arm64, linux-arm64, host, android-adreno, android-mali, onnx, mlir"):
+    with pytest.raises(TargetError, match="unknown target 'iphone'; known targets: android-arm64, android-arm64-i8mm, linux-arm64, host, android-adreno, android-mali, onnx, mlir"):
         build(ckpt, "iphone", tmp_path / "x", verbose=False)
     assert not (tmp_path / "x").exists()
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import tvm
 
-from tir_kernels import int4_dot, int4_dot_gemm
-from mobilemoe.quant import dequantize_int4, int8_int4_matmul, sqnr
+from tir_kernels import int4_dot, int4_dot_gemm, int4_mmla
+from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_int4, sqnr
 
 from test_int4_dot import ANDROID, HOST_ISA, needs_vnni, run, weight
 
@@ -87,6 +87,48 @@ def test_grouped_dot_matches_reference(op, t, allowed):
             f = order[r]
             ref[f // TOP_K] += rw[f // TOP_K, f % TOP_K] * row.numpy()
     assert np.isfinite(y).all()
+    assert_matches(y, ref)
+
+
+# smmla's arithmetic in vector TIR on this host's 4-lane VNNI dot (int4_mmla.EMULATED): the i8mm tile's
+# data arrangement (operand zips, zero points, scales, the accumulator contract) checked without an arm64 CPU
+EMULATED_MMLA = int4_dot.DotISA("vnni128-mmla-emulated", {4: "llvm.x86.avx512.vpdpbusd.128"}, mmla=int4_mmla.EMULATED)
+
+
+def mmla_weight(*shape, seed=0):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    codes, scales = quantize_int4(w)
+    packed = interleave_int4(pack_int4(codes), *int4_dot.interleave_for(EMULATED_MMLA, shape[-2], shape[-1]))
+    return codes, scales, packed.numpy(), scales.numpy()
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 4, 6, 17])
+def test_mmla_tile_matches_reference(m):
+    n, k = 64, 256
+    codes, scales, w, s = mmla_weight(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = run(int4_dot_gemm.int4_matmul_dot_tiled(n, k, EMULATED_MMLA), (x.numpy(), w, s), (m, n))
+    assert_matches(y, int8_int4_matmul(x, codes, scales).numpy())
+
+
+@needs_vnni
+@pytest.mark.parametrize("op", ["gate_up", "down_combine"])
+def test_mmla_grouped_tiles_match_reference(op):
+    t, allowed = CASES[2]
+    n, k = (128, 256) if op == "gate_up" else (256, 64)
+    codes, scales, w, s = mmla_weight(E, n, k, seed=t)
+    ids, rw, offsets, order = grouped_case(t, allowed, seed=t)
+    x = torch.randn((t, k) if op == "gate_up" else (t * TOP_K, k), generator=torch.Generator().manual_seed(t))
+    func = int4_dot_gemm.moe_grouped_dot(op, E, n, k, TOP_K, EMULATED_MMLA)
+    rows = [int8_int4_matmul(x[order[r] // TOP_K if op == "gate_up" else r][None], codes[e], scales[e])[0]
+            for e in range(E) for r in range(offsets[e], offsets[e + 1])]
+    if op == "gate_up":
+        y, ref = run(func, (x.numpy(), offsets, order, w, s), (t * TOP_K, n)), torch.stack(rows).numpy()
+    else:
+        y, ref = run(func, (x.numpy(), offsets, order, rw, w, s), (t, n)), np.zeros((t, n))
+        for r, row in enumerate(rows):
+            ref[order[r] // TOP_K] += rw[order[r] // TOP_K, order[r] % TOP_K] * row.numpy()
     assert_matches(y, ref)
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.logs import read_metrics
-from train.loop import Schedule, StageConfig, StageError, config_from_args, run_stage
+from train.loop import Schedule, StageConfig, StageError, config_from_args, fit_steps, run_stage
 from train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,23 @@ def test_schedules():
     lin = Schedule("linear", warmup=0, total=100, min_ratio=0.0)
     assert lin(0) == 1.0 and lin(50) == pytest.approx(0.5) and lin(100) == 0.0
     assert Schedule("constant", 5, 100, 0.0)(99) == 1.0
+
+
+def test_fit_steps_to_a_time_budget():
+    assert fit_steps(1000, 25, per_step_s=0.5, elapsed_s=15.0, budget_s=65.0) == 125
+    assert fit_steps(100, 25, per_step_s=0.01, elapsed_s=1.0, budget_s=60.0) == 100  # the budget is not a floor
+    assert fit_steps(1000, 25, per_step_s=1.0, elapsed_s=90.0, budget_s=60.0) == 25  # spent: stop here
+
+
+def test_max_seconds_shortens_a_stage_and_ends_its_schedule(stage_kwargs, tmp_path):
+    # 5000 steps would take minutes; a one-second budget cuts the stage to what fits, and the cosine
+    # schedule is re-fitted so the last step still reaches min_lr_ratio
+    s = run_stage(StageConfig(**stage_kwargs(tmp_path / "run", max_steps=5000, max_seconds=1.0, warmup_steps=2,
+                                             schedule="cosine", min_lr_ratio=0.1, eval_every=10_000,
+                                             ckpt_every=10_000)))
+    assert 25 <= s["steps"] < 5000
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    assert len(lrs) == s["steps"] and lrs[-1] < 0.15 * 3e-3
 
 
 def test_seq_len_beyond_the_model_is_refused(stage_kwargs, tmp_path):

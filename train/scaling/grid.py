@@ -18,6 +18,7 @@ results, faster for such small experts). First round, 2 passes (5.73M tokens):
     shared       (256, 4), G = 8, active width 2H, total 9H, s = 0, 1/4, 1/2, 3/4
     tokens       (256, 4) dense and reference MoE on 0.5, 1 and 4 passes; (128, 2) and (384, 6) MoE on 1
     seed         (256, 4) dense and reference MoE again with seed 1 (the noise floor)
+Grid "corpus50m": the refit on the larger corpus (corpus50m_grid).
 Second round: every size / sparsity / granularity / shared config again on 4 passes (11.47M tokens),
 since 2 passes left the larger models far from converged.
 """
@@ -104,7 +105,18 @@ def smoke_grid(vocab: int = 8192) -> list[dict]:
                                  shared_hidden=64, head_dim=16, max_kv_heads=2), 4, "smoke", train=train)]
 
 
-GRIDS = {"default": default_grid, "smoke": smoke_grid}
+def corpus50m_grid(vocab: int = 8192) -> list[dict]:
+    """The refit on the ~50M-token corpus (issue 17): dense FFN 2H and the reference MoE at (H, L) =
+    (256, 4), (384, 6), (512, 8) (4.5-67M total params), each on 4.2M, 12.6M and 37.7M tokens (under
+    one pass: no token is seen twice), run with --tokenizer train/runs/issue17/tokenizer-8192.json."""
+    runs = []
+    for steps in (256, 768, 2304):  # x 16,384 tokens
+        for h, n in ((256, 4), (384, 6), (512, 8)):
+            runs += [run_spec(_dense(h, n, vocab), steps, "corpus50m"), run_spec(_moe(h, n, vocab), steps, "corpus50m")]
+    return merge_runs(runs)
+
+
+GRIDS = {"default": default_grid, "smoke": smoke_grid, "corpus50m": corpus50m_grid}
 
 
 def merge_runs(runs: list[dict]) -> list[dict]:
