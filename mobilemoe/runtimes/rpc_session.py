@@ -23,7 +23,8 @@ class DeviceError(RuntimeError):
 
 
 # what TVM's RPC client says when the server side went away (killed, crashed, session timed out)
-LOST_SESSION = ("kShutdown", "SockChannel", "Broken pipe", "Connection reset", "RPCSessionTimeout")
+LOST_SESSION = ("kShutdown", "SockChannel", "Broken pipe", "Connection reset", "RPCSessionTimeout",
+                "HandleUntilReturnEvent")  # the last: a copy to or from the device whose reply never came
 
 
 @contextlib.contextmanager

@@ -34,6 +34,12 @@ class RemoteRuntime(TVMRuntime):
         module = upload_and_load(self.session, self.dir / LIB_NAME, machine)
         return self.session.cpu(0), module
 
+    def prefill(self, ids: list[int], kv=None):
+        # the whole step, not only the VM call: copying a cache into its preallocated capacity (the
+        # in-place cache) crosses RPC too, and a server lost then must read as DeviceError as well
+        with remote_errors(self.session, f"a step of the artifact {self.dir.name}"):
+            return super().prefill(ids, kv)
+
     def _invoke(self, entry: str, args):
         with remote_errors(self.session, f"{entry} on the artifact {self.dir.name}"):
             self.vm.set_input(entry, *args)
