@@ -4,6 +4,7 @@
     python bench/peers.py --checkpoint DIR
     python bench/peers.py --preset mobilemoe-s          # preset shapes, random weights
     python bench/peers.py --threads 1 --json OUT
+    python bench/peers.py --llama-cpp [--preset mobilemoe-s]  # TVM vs llama.cpp Q4_0 (bench/llamacpp.py)
 
 Builds (cached in --work while manifests and compiler sources match) the host TVM artifact
 (`compiler.build --target host`) and the ONNX Runtime artifact (`--target onnx`, float32 compute
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import common  # noqa: E402
+from bench import common, llamacpp  # noqa: E402
 from bench.common import log  # noqa: E402
 from bench.decode import measure, torch_step  # noqa: E402
 from bench.ort_vs_tvm import SAMPLE, top1_agreement  # noqa: E402
@@ -77,6 +78,7 @@ def main(argv=None):
     p.add_argument("--ort-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="ONNX artifact compute: 0 float32 (the build's default), 4 int8 activations")
     common.add_args(p, prompts="32,128", contexts="128")
+    llamacpp.add_peer_args(p)
     a = p.parse_args(argv)
     if a.preset and a.checkpoint:
         p.error("give --checkpoint or --preset, not both")
@@ -84,6 +86,13 @@ def main(argv=None):
     if ckpt is not None and not (ckpt / "config.json").is_file():
         sys.exit(f"error: checkpoint {ckpt}: no config.json there (a checkpoint is a directory with config.json + "
                  f"model.safetensors; or use --preset NAME)")
+    if a.llama_cpp:  # llama.cpp peer: its own run at --llama-threads, alternating rounds (bench/llamacpp.py)
+        try:
+            llamacpp.peer_run(a, ckpt, Path(a.preset).stem if a.preset else ckpt.name,
+                              f"{a.preset} (random weights)" if a.preset else str(ckpt))
+        except (llamacpp.LlamaCppError, ArtifactError, CheckpointError, ConfigError) as e:
+            sys.exit(f"error: {e}")
+        return
     threads = common.pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
     name = Path(a.preset).stem if a.preset else ckpt.name
     label = f"{a.preset} (random weights)" if a.preset else str(ckpt)
