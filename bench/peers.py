@@ -21,6 +21,11 @@ TVM vs ORT, and for checkpoints TVM vs PyTorch with INT4-dequantized weights (tr
 the function the artifacts compute; same ops as float32, so not timed separately) and vs PyTorch
 float32. For --preset the artifacts draw their own random weights (compiler.params.RandomWeights),
 so only TVM vs ORT is compared.
+
+--llama-cpp: instead, our TVM host artifact vs llama.cpp (bench/llamacpp.py: its cached build, its own
+converter to Q4_0 and Q4_0 --pure, its F16 logits checked against our PyTorch model first), llama-bench
+pp128/pp512/tg128 alternating with ours for --rounds rounds at each of --llama-threads; prints the
+ratio table ours / llama.cpp. --preset writes a random-weight checkpoint first, so both run the same weights.
 """
 from __future__ import annotations
 
