@@ -197,3 +197,21 @@ def test_real_conversion_of_the_bundled_model(tmp_path):
     assert llamacpp.convert(b, DEFAULT_MODEL_DIR, tmp_path) == files  # reused: the key matches
     rows = llamacpp.run_llama_bench(b, [files["q4_0-pure"]], 1, (16,), 4)
     assert [(r["test"], r["threads"]) for r in rows] == [("pp16", 1), ("tg4", 1)] and rows[0]["tok_s"][0] > 0
+
+
+def test_conversion_check_fails_loudly(monkeypatch, tmp_path):
+    """Logits that disagree with our PyTorch model (here: another position's) raise ConversionError."""
+    import torch
+
+    from mobilemoe.checkpoint import load_checkpoint
+    from mobilemoe.generate import DEFAULT_MODEL_DIR
+    model = load_checkpoint(DEFAULT_MODEL_DIR).float().eval()
+
+    def shifted(b, gguf, ids, threads=2):
+        with torch.no_grad():
+            return np.roll(model(torch.tensor([ids]))[0][0].numpy(), 1, axis=0)
+    monkeypatch.setattr(llamacpp, "llama_logits", shifted)
+    with pytest.raises(llamacpp.ConversionError, match="disagrees with our model"):
+        llamacpp.conversion_check(llamacpp.Build(tmp_path), tmp_path / "f16.gguf", DEFAULT_MODEL_DIR, n=16)
+    monkeypatch.setattr(llamacpp, "llama_logits", lambda b, g, ids, threads=2: shifted(b, g, ids)[np.r_[1:len(ids), 0]])
+    assert llamacpp.conversion_check(llamacpp.Build(tmp_path), tmp_path / "f16.gguf", DEFAULT_MODEL_DIR, n=16)["ok"]
