@@ -372,7 +372,17 @@ def parse_llama_bench(text: str) -> list[dict]:
 
 def run_llama_bench(b: Build, models: list[Path], threads: int, prompts=(128, 512), gen: int = 128,
                     repeats: int = 1) -> list[dict]:
-    return parse_llama_bench(_run(llama_bench_cmd(b, models, threads, prompts, gen, repeats), "llama-bench").stdout)
+    """llama-bench's rows (parse_llama_bench), each with the run's CPU time / wall time (load, warm-up
+    included): near `threads` when the cores were its own."""
+    import resource
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+    c0, w0 = cpu(), time.perf_counter()
+    rows = parse_llama_bench(_run(llama_bench_cmd(b, models, threads, prompts, gen, repeats), "llama-bench").stdout)
+    cpu_per_wall = (cpu() - c0) / (time.perf_counter() - w0)
+    return [{**r, "cpu_per_wall": cpu_per_wall} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------- ours
@@ -408,7 +418,10 @@ def ours_worker(artifact: Path, threads: int, prompts, gen: int) -> None:
     for line in sys.stdin:
         if line.strip() != "round":
             break
-        print(json.dumps(ours_round(rt, prompts, gen)), flush=True)
+        c0, w0 = time.process_time(), time.perf_counter()
+        r = ours_round(rt, prompts, gen)
+        r["cpu_per_wall"] = (time.process_time() - c0) / (time.perf_counter() - w0)
+        print(json.dumps(r), flush=True)
 
 
 class OursProcess:
@@ -520,10 +533,19 @@ def compare(b: Build, artifact: Path, ggufs: dict[str, Path], threads_list=(1, 2
 
 
 def load_note(res: dict) -> str:
+    """Rounds, load average and, per thread count, each side's CPU time / wall time (min..max over rounds)."""
     la = res["load_average_rounds"]
-    return (f"{res['repeats']} alternating rounds per thread count (llama-bench -r 1 and one round of ours each); "
-            f"load average {min(la):.2f}..{max(la):.2f} during the rounds on {res['cores']} cores"
-            + (" (the cores were shared: treat small ratios as noise)" if max(la) > 0.5 else ""))
+    lines = [f"{res['repeats']} alternating rounds per thread count (llama-bench -r 1 and one round of ours each); "
+             f"load average {min(la):.2f}..{max(la):.2f} during the rounds on {res['cores']} cores"
+             + (" (the cores were shared: treat small ratios as noise)" if max(la) > 0.5 else "")]
+    for t in res["threads"]:
+        rs = [r for r in res["rounds"] if r["threads"] == t]
+        ours = [r["ours"].get("cpu_per_wall") for r in rs if r["ours"].get("cpu_per_wall") is not None]
+        llama = [r["llama"][0]["cpu_per_wall"] for r in rs if r["llama"] and "cpu_per_wall" in r["llama"][0]]
+        if ours and llama:
+            lines.append(f"CPU/wall at {t} thread(s): ours {min(ours):.2f}..{max(ours):.2f}, llama-bench "
+                         f"{min(llama):.2f}..{max(llama):.2f} (below {t}: the cores were shared)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- the peer run
