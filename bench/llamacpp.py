@@ -536,15 +536,17 @@ def load_note(res: dict) -> str:
     """Rounds, load average and, per thread count, each side's CPU time / wall time (min..max over rounds)."""
     la = res["load_average_rounds"]
     lines = [f"{res['repeats']} alternating rounds per thread count (llama-bench -r 1 and one round of ours each); "
-             f"load average {min(la):.2f}..{max(la):.2f} during the rounds on {res['cores']} cores"
-             + (" (the cores were shared: treat small ratios as noise)" if max(la) > 0.5 else "")]
+             f"load average {min(la):.2f}..{max(la):.2f} during the rounds on {res['cores']} cores (this run's own "
+             f"threads included)"]
     for t in res["threads"]:
         rs = [r for r in res["rounds"] if r["threads"] == t]
         ours = [r["ours"].get("cpu_per_wall") for r in rs if r["ours"].get("cpu_per_wall") is not None]
         llama = [r["llama"][0]["cpu_per_wall"] for r in rs if r["llama"] and "cpu_per_wall" in r["llama"][0]]
         if ours and llama:
+            shared = min(ours + llama) < 0.9 * t
             lines.append(f"CPU/wall at {t} thread(s): ours {min(ours):.2f}..{max(ours):.2f}, llama-bench "
-                         f"{min(llama):.2f}..{max(llama):.2f} (below {t}: the cores were shared)")
+                         f"{min(llama):.2f}..{max(llama):.2f}: " + ("the cores were shared with other processes, "
+                                                                  "treat small ratios as noise" if shared else "ok"))
     return "\n".join(lines)
 
 
