@@ -219,11 +219,11 @@ def test_conversion_check_fails_loudly(monkeypatch, tmp_path):
 
 def test_load_note():
     rounds = [{"threads": t, "round": 0, "load_average": la, "ours": {"tg128": 1.0, "cpu_per_wall": c},
-               "llama": [{"model": "q4_0.gguf", "test": "tg128", "threads": t, "tok_s": [1.0], "cpu_per_wall": c - 0.1}]}
+               "llama": [{"model": "q4_0.gguf", "test": "tg128", "threads": t, "tok_s": [1.0], "cpu_per_wall": c - 0.04}]}
               for t, la, c in ((1, 0.3, 0.99), (2, 2.5, 1.5))]
     note = llamacpp.load_note({"repeats": 1, "cores": 2, "threads": [1, 2], "rounds": rounds,
                                "load_average_rounds": [0.3, 2.5]}).splitlines()
     assert note[0].startswith("1 alternating rounds") and "load average 0.30..2.50" in note[0]
-    assert note[1] == "CPU/wall at 1 thread(s): ours 0.99..0.99, llama-bench 0.89..0.89: ok"
-    assert note[2] == ("CPU/wall at 2 thread(s): ours 1.50..1.50, llama-bench 1.40..1.40: the cores were shared with "
+    assert note[1] == "CPU/wall at 1 thread(s): ours 0.99..0.99, llama-bench 0.95..0.95: ok"
+    assert note[2] == ("CPU/wall at 2 thread(s): ours 1.50..1.50, llama-bench 1.46..1.46: the cores were shared with "
                        "other processes, treat small ratios as noise")
