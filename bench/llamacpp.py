@@ -501,7 +501,8 @@ def format_table(table: list[dict], quants, note: str = "") -> str:
     head += "".join(f"{'ours/' + q:>16}" for q in quants)
     lines = [head]
     for r in table:
-        line = f"{r['test']:<8}{r['threads']:>8}  {_fig(r['ours']):>{w}}" + "".join(f"  {_fig(r[q]):>{w}}" for q in quants)
+        line = f"{r['test']:<8}{r['threads']:>8}  {_fig(r['ours']):>{w}}"
+        line += "".join(f"  {_fig(r[q]):>{w}}" for q in quants)
         line += "".join(f"{r[f'ours_over_{q}']:>15.2f}x" for q in quants)
         lines.append(line)
     if note:

@@ -219,7 +219,8 @@ def test_conversion_check_fails_loudly(monkeypatch, tmp_path):
 
 def test_load_note():
     rounds = [{"threads": t, "round": 0, "load_average": la, "ours": {"tg128": 1.0, "cpu_per_wall": c},
-               "llama": [{"model": "q4_0.gguf", "test": "tg128", "threads": t, "tok_s": [1.0], "cpu_per_wall": c - 0.04}]}
+               "llama": [{"model": "q4_0.gguf", "test": "tg128", "threads": t, "tok_s": [1.0],
+                          "cpu_per_wall": c - 0.04}]}
               for t, la, c in ((1, 0.3, 0.99), (2, 2.5, 1.5))]
     note = llamacpp.load_note({"repeats": 1, "cores": 2, "threads": [1, 2], "rounds": rounds,
                                "load_average_rounds": [0.3, 2.5]}).splitlines()

@@ -44,6 +44,7 @@ def set_vocab_none(self) -> None:
 TextModel.get_vocab_base_pre = get_vocab_base_pre
 if not (ckpt / "tokenizer.json").is_file():
     hp = json.loads((ckpt / "config.json").read_text())
-    cls = convert_hf_to_gguf.get_model_class(convert_hf_to_gguf.get_model_architecture(hp, convert_hf_to_gguf.ModelType.TEXT))
+    arch = convert_hf_to_gguf.get_model_architecture(hp, convert_hf_to_gguf.ModelType.TEXT)
+    cls = convert_hf_to_gguf.get_model_class(arch)
     cls.set_vocab = set_vocab_none
 convert_hf_to_gguf.main()
