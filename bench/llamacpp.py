@@ -9,8 +9,10 @@ Build: llama.cpp as vendored in the `llama-cpp-python` source distribution of th
 used here: llama-bench, llama-quantize and mobilemoe-logits (bench/llamacpp_src/logits.c, one
 llama_decode writing every position's logits, for the conversion check). Static binaries, cached in
 ~/.cache/mobilemoe/llama.cpp/<version>/ ($MOBILEMOE_CACHE moves the root) with the llama.cpp source
-beside them (convert_hf_to_gguf.py and its vendored gguf-py). The build runs in a temporary sibling
-directory renamed into place when complete, so a killed build leaves no half cache.
+beside them (convert_hf_to_gguf.py and its vendored gguf-py); rebuilt when the CMake flags or
+logits.c change (build.json records them). The build runs in a temporary sibling directory renamed
+into place when complete, so a killed build leaves no half cache. GGML_NATIVE: the binaries are for
+this machine's CPU only.
 
 Conversion: llama.cpp's own convert_hf_to_gguf.py to F16, then llama-quantize to Q4_0 (default
 mixture: token embedding and output in Q6_K/Q8_0 etc.) and Q4_0 --pure (every tensor Q4_0, same
@@ -84,15 +86,29 @@ class Build:
         return json.loads((self.dir / COMPLETE).read_text())
 
 
+def build_key() -> dict:
+    """What a build depends on besides the llama.cpp version: a change makes cached builds stale."""
+    import hashlib
+    return {"cmake": CMAKE_FLAGS, "logits_c_sha256": hashlib.sha256(LOGITS_SRC.read_bytes()).hexdigest()}
+
+
+def _current(d: Path) -> bool:
+    try:
+        info = json.loads((d / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(info.get(k) == v for k, v in build_key().items())
+
+
 def find_build(version: str | None = None, root: Path | None = None) -> Build | None:
-    """The cached build of `version` (None: the newest complete one), or None."""
+    """The cached build of `version` (None: the newest complete one) made with today's build_key(), or None."""
     root = root or cache_root()
     if not root.is_dir():
         return None
     if version is not None:
         d = root / version
-        return Build(d) if (d / COMPLETE).is_file() else None
-    done = [d for d in root.iterdir() if not d.name.startswith(".") and (d / COMPLETE).is_file()]
+        return Build(d) if _current(d) else None
+    done = [d for d in root.iterdir() if not d.name.startswith(".") and _current(d)]
     return Build(max(done, key=lambda d: _version_key(d.name))) if done else None
 
 
@@ -163,7 +179,7 @@ CMAKE_FLAGS = {
 
 def _clear_stale(root: Path) -> None:
     """Temporary directories of builds whose process is gone (killed): removed."""
-    for d in root.glob(".*.tmp-*"):
+    for d in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:
         pid = d.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             log(f"removing the partial build {d} (process {pid} is gone)")
@@ -208,9 +224,13 @@ def build(version: str | None = None, sdist: Path | None = None, jobs: int | Non
                 shutil.copy2(bdir / "bin" / t, tmp / "bin" / t)
             shutil.rmtree(bdir)  # objects: ~1 GB, not needed once the static tools are copied
             shutil.rmtree(wrap)
-            info = {"version": version, "sdist": sdist.name, "tools": list(TOOLS), "cmake": CMAKE_FLAGS,
+            info = {"version": version, "sdist": sdist.name, "tools": list(TOOLS), **build_key(),
                     "build_seconds": round(time.time() - t0, 1)}
             (tmp / COMPLETE).write_text(json.dumps(info, indent=1) + "\n")
+            if final.exists():  # a stale build (other flags or logits.c): moved aside, then removed
+                old = root / f".{version}.old-{os.getpid()}"
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
             try:
                 os.rename(tmp, final)  # atomic: the cache holds a whole build or none
             except OSError:  # another process finished the same version first: keep theirs

@@ -175,6 +175,18 @@ def test_killed_build_is_cleared(tmp_path):
     assert not stale.exists() and live.exists() and b.dir.is_dir()
 
 
+def test_stale_build_is_replaced(tmp_path, monkeypatch):
+    """A cached build made with other CMake flags (or another logits.c) is not found, and is rebuilt."""
+    root, sdist = tmp_path / "cache", fake_sdist(tmp_path)
+    b = llamacpp.build(sdist=sdist, root=root, runner=FakeRunner())
+    monkeypatch.setitem(llamacpp.CMAKE_FLAGS, "GGML_NATIVE", "OFF")
+    assert llamacpp.find_build("9.9.9", root=root) is None and llamacpp.find_build(root=root) is None
+    run = FakeRunner()
+    again = llamacpp.build(sdist=sdist, root=root, runner=run)
+    assert again == b and run.calls and again.info()["cmake"]["GGML_NATIVE"] == "OFF"
+    assert [p.name for p in root.iterdir()] == ["9.9.9"]
+
+
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBILEMOE_CACHE", str(tmp_path))
     assert llamacpp.cache_root() == tmp_path / "llama.cpp"
