@@ -4,6 +4,7 @@
     python -m bench.peers --checkpoint DIR
     python -m bench.peers --preset mobilemoe-s          # preset shapes, random weights
     python -m bench.peers --threads 1 --json OUT
+    python -m bench.peers --llama-cpp [--preset mobilemoe-s]  # TVM vs llama.cpp Q4_0 (bench/llamacpp.py)
 
 Builds (cached in --work while manifests and compiler sources match) the host TVM artifact
 (`compiler.build --target host`) and the ONNX Runtime artifact (`--target onnx`, float32 compute
@@ -20,6 +21,11 @@ TVM vs ORT, and for checkpoints TVM vs PyTorch with INT4-dequantized weights (tr
 the function the artifacts compute; same ops as float32, so not timed separately) and vs PyTorch
 float32. For --preset the artifacts draw their own random weights (compiler.params.RandomWeights),
 so only TVM vs ORT is compared.
+
+--llama-cpp: instead, our TVM host artifact vs llama.cpp (bench/llamacpp.py: its cached build, its own
+converter to Q4_0 and Q4_0 --pure, its F16 logits checked against our PyTorch model first), llama-bench
+pp128/pp512/tg128 alternating with ours for --rounds rounds at each of --llama-threads; prints the
+ratio table ours / llama.cpp. --preset writes a random-weight checkpoint first, so both run the same weights.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bench import common
+from bench import common, llamacpp
 from bench.common import log
 from bench.measure import load_note, measure, pin_threads, torch_step
 from bench.ort_vs_tvm import SAMPLE, top1_agreement
@@ -74,6 +80,7 @@ def main(argv=None):
     p.add_argument("--ort-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="ONNX artifact compute: 0 float32 (the build's default), 4 int8 activations")
     common.add_args(p, prompts="32,128", contexts="128")
+    llamacpp.add_peer_args(p)
     a = p.parse_args(argv)
     if a.preset and a.checkpoint:
         p.error("give --checkpoint or --preset, not both")
@@ -81,6 +88,13 @@ def main(argv=None):
     if ckpt is not None and not (ckpt / "config.json").is_file():
         sys.exit(f"error: checkpoint {ckpt}: no config.json there (a checkpoint is a directory with config.json + "
                  f"model.safetensors; or use --preset NAME)")
+    if a.llama_cpp:  # llama.cpp peer: its own run at --llama-threads, alternating rounds (bench/llamacpp.py)
+        try:
+            llamacpp.peer_run(a, ckpt, Path(a.preset).stem if a.preset else ckpt.name,
+                              f"{a.preset} (random weights)" if a.preset else str(ckpt))
+        except (llamacpp.LlamaCppError, ArtifactError, CheckpointError, ConfigError) as e:
+            sys.exit(f"error: {e}")
+        return
     threads = pin_threads(a)  # before any TVM work: the pool reads TVM_NUM_THREADS once
     name = Path(a.preset).stem if a.preset else ckpt.name
     label = f"{a.preset} (random weights)" if a.preset else str(ckpt)
