@@ -92,9 +92,6 @@ def mmla_group_tile_macro(kw: int, rows: int, m_tile: int, isa: DotISA):
     def xv(xq, tok, t, b, slot):
         return xq[tok[t], b, slot, tirx.Ramp(0, 1, LANES)]
 
-    def rows_of(lo, hi, high: bool):  # B operands of a row pair: (lo words 01 or 23, hi words 01 or 23)
-        return _zip(lo[0], lo[1], high), _zip(hi[0], hi[1], high)
-
     def zero_point(xq, tok, p, b):
         """[c_t0, c_t0, c_t1, c_t1]: each token's 4-word block zero point, summed by pairs of lanes."""
         v0, v1 = xv(xq, tok, 2 * p, b, 2), xv(xq, tok, 2 * p + 1, b, 2)
