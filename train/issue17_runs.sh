@@ -5,8 +5,8 @@
 #
 #   train/issue17_runs.sh OUT [sizes] [seeds]      e.g. train/issue17_runs.sh runs/i17 "mini 50m" "0 1"
 #   BUNDLED=1 train/issue17_runs.sh OUT            the bundled-model run only
-#   RUNS="mobilemoe-mini:0 mobilemoe-mini-dense:0" EXPORT=mobilemoe-mini:0 train/issue17_runs.sh OUT
-#                                                   these runs side by side, one of them exported
+#   RUNS="mobilemoe-mini:0 mobilemoe-mini-dense:0" EXPORT="mobilemoe-mini:0" train/issue17_runs.sh OUT
+#                                                   these runs side by side, those in EXPORT exported to OUT/models/
 # Inside a fixed slot, give each stage a wall-clock budget: EXTRA_SETS="pretrain.max_seconds=220 ..."
 # (train.loop times steps 5-25 and fixes the stage's length, so the schedule still ends where it should).
 #
@@ -58,8 +58,8 @@ run() {  # run MODEL SEED DIR [extra args...]
 if [ -n "${RUNS:-}" ]; then  # RUNS="mobilemoe-mini:0 mobilemoe-mini-dense:0 ...": all at once on one GPU
   for r in $RUNS; do
     model=${r%%:*} seed=${r##*:}
-    if [ "$r" = "${EXPORT:-}" ]; then  # EXPORT=MODEL:SEED also writes that run's QAT model to OUT/default-model
-      run "$model" "$seed" "$OUT/$model-s$seed" --export "$OUT/default-model" &
+    if [[ " ${EXPORT:-} " == *" $r "* ]]; then  # EXPORT="MODEL:SEED ...": those runs' QAT models (bf16) to OUT/models/
+      run "$model" "$seed" "$OUT/$model-s$seed" --export "$OUT/models/$model-s$seed" &
     else
       run "$model" "$seed" "$OUT/$model-s$seed" &
     fi
