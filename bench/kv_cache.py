@@ -31,7 +31,7 @@ import tvm
 
 from bench import common, measure
 from bench.common import log
-from bench.roofline import _best_s, _compile, sum_kernel
+from bench.roofline import compile_kernel, sum_kernel
 from compiler.generation import generation, kernel_time, prompt_cache
 from mobilemoe.runtimes import load_artifact
 
@@ -45,8 +45,9 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     width, chunks = 64, 64 * threads
     rows = int(gib * 2**30) // 4 // width // chunks
     x = torch.ones(chunks, rows, width)
-    kern, res = _compile(sum_kernel(chunks, rows, width)), tvm.runtime.empty((chunks, width), "float32", tvm.cpu())
-    t, _ = _best_s(lambda: kern["main"](tvm.runtime.from_dlpack(x), res))
+    kern = compile_kernel(sum_kernel(chunks, rows, width))
+    res = tvm.runtime.empty((chunks, width), "float32", tvm.cpu())
+    t, _ = measure.best_time(lambda: kern["main"](tvm.runtime.from_dlpack(x), res))
     return x.numel() * 4 / t
 
 

@@ -25,9 +25,12 @@ bench/peers.py --llama-cpp runs this peer alternating with our artifact (the rat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -35,6 +38,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from compiler.generation import generation, prompt_cache
+from mobilemoe.runtimes import load_artifact
+from mobilemoe.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python"
@@ -88,7 +97,6 @@ class Build:
 
 def build_key() -> dict:
     """What a build depends on besides the llama.cpp version: a change makes cached builds stale."""
-    import hashlib
     return {"cmake": CMAKE_FLAGS, "logits_c_sha256": hashlib.sha256(LOGITS_SRC.read_bytes()).hexdigest()}
 
 
@@ -306,7 +314,6 @@ MIN_TOP1 = 0.95
 
 def llama_logits(b: Build, gguf: Path, ids: list[int], threads: int = 2) -> "np.ndarray":
     """llama.cpp's logits of every position of `ids` (one llama_decode): [len(ids), n_vocab] float32."""
-    import numpy as np
     with tempfile.TemporaryDirectory(prefix="llamacpp-logits-") as d:
         tok, out = Path(d) / "tokens.txt", Path(d) / "logits.f32"
         tok.write_text(" ".join(map(str, ids)) + "\n")
@@ -317,10 +324,8 @@ def llama_logits(b: Build, gguf: Path, ids: list[int], threads: int = 2) -> "np.
 
 def check_tokens(ckpt: Path, cfg, n: int = 64) -> list[int]:
     """BOS + the real-text sample (tests/data) when the checkpoint has a tokenizer, else seeded random ids."""
-    import numpy as np
     sample = ROOT / "tests" / "data" / "heldout_sample.txt"
     if (Path(ckpt) / "tokenizer.json").is_file() and sample.is_file():
-        from mobilemoe.tokenizer import load_tokenizer
         ids = load_tokenizer(Path(ckpt) / "tokenizer.json").encode(sample.read_text()).ids
         return [cfg.bos_token_id, *[t % cfg.vocab_size for t in ids[: n - 1]]]
     return [int(i) for i in np.random.default_rng(0).integers(3, cfg.vocab_size, size=n)]
@@ -328,7 +333,6 @@ def check_tokens(ckpt: Path, cfg, n: int = 64) -> list[int]:
 
 def compare_logits(ref, got) -> dict:
     """Our PyTorch logits vs llama.cpp's, both [n, vocab]: max |diff|, relative to the logit range, top-1."""
-    import numpy as np
     if ref.shape != got.shape:
         raise ConversionError(f"logits shapes differ: ours {tuple(ref.shape)}, llama.cpp {tuple(got.shape)}")
     diff = float(np.abs(ref - got).max())
@@ -340,9 +344,9 @@ def compare_logits(ref, got) -> dict:
 def conversion_check(b: Build, f16: Path, ckpt: Path, n: int = 64, threads: int = 2) -> dict:
     """llama.cpp's F16 logits vs our PyTorch model (float32) on the same tokens; ConversionError unless
     top-1 agreement >= MIN_TOP1 and max |diff| <= MAX_REL_ERR of the logit range."""
-    import torch
+    import torch  # deferred: torch (and the checkpoint loader) only for the conversion check
 
-    from mobilemoe.checkpoint import load_checkpoint
+    from mobilemoe.checkpoint import load_checkpoint  # deferred: imports torch
     model = load_checkpoint(ckpt).float().eval()
     ids = check_tokens(ckpt, model.config, n)
     with torch.no_grad():
@@ -394,8 +398,6 @@ def run_llama_bench(b: Build, models: list[Path], threads: int, prompts=(128, 51
                     repeats: int = 1) -> list[dict]:
     """llama-bench's rows (parse_llama_bench), each with the run's CPU time / wall time (load, warm-up
     included): near `threads` when the cores were its own."""
-    import resource
-
     def cpu():
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
@@ -413,9 +415,6 @@ def ours_round(rt, prompts=(128, 512), gen: int = 128, context: int = 1) -> dict
     pp<n>: one prefill of n random tokens (rt.step(ids, None)); tg<gen>: `gen` decode steps in a row
     from a cache of `context` tokens (compiler/generation.py: greedy feedback, the cache growing),
     as llama-bench's tg runs from an empty context."""
-    import numpy as np
-
-    from compiler.generation import generation, prompt_cache
     vocab = rt.config.vocab_size
     out = {}
     for n in prompts:
@@ -431,7 +430,6 @@ def ours_round(rt, prompts=(128, 512), gen: int = 128, context: int = 1) -> dict
 def ours_worker(artifact: Path, threads: int, prompts, gen: int) -> None:
     """A process holding our artifact at `threads` (TVM's pool size is fixed per process): one warm-up
     round, then one timed round per 'round' line on stdin, its JSON on stdout."""
-    from mobilemoe.runtimes import load_artifact
     rt = load_artifact(artifact, num_threads=threads)
     ours_round(rt, prompts, gen)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
@@ -474,7 +472,6 @@ class OursProcess:
 # ---------------------------------------------------------------------------------------- compare
 
 def stats(samples: list[float]) -> dict:
-    import statistics
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
@@ -576,8 +573,8 @@ def load_note(res: dict) -> str:
 def random_checkpoint(preset: str, out: Path) -> Path:
     """A checkpoint of the preset's shapes with random weights (bfloat16), written once and reused:
     our artifact and llama.cpp then run the same weights."""
-    from compiler.build import shape_only_model
-    from mobilemoe.checkpoint import CheckpointError, read_config, save_checkpoint
+    from compiler.build import shape_only_model  # deferred: imports TVM and torch, the --preset path only
+    from mobilemoe.checkpoint import CheckpointError, read_config, save_checkpoint  # deferred: imports torch
     model = shape_only_model(preset)
     try:
         if read_config(out).to_dict() == model.config.to_dict():
@@ -585,7 +582,7 @@ def random_checkpoint(preset: str, out: Path) -> Path:
             return out
     except (CheckpointError, OSError, ValueError):
         pass
-    import torch
+    import torch  # deferred: torch only to write the random weights
     log(f"writing {out}: {preset} with random weights (bfloat16)")
     with torch.no_grad():
         model.reset_parameters()
@@ -596,7 +593,7 @@ def peer_run(a, ckpt: Path | None, name: str, label: str) -> dict:
     """bench/peers.py --llama-cpp: build (cached) llama.cpp, convert the checkpoint (or a random-weight
     checkpoint of --preset), check the conversion, alternate llama-bench with our host artifact; print
     the ratio table."""
-    from bench import common
+    from bench import common  # deferred: imports torch; the build and llama-bench parts need none
     b = find_build() or build()
     log(f"llama.cpp {b.version}: {b.dir}")
     if ckpt is None:

@@ -39,6 +39,18 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def best_time(fn, repeats: int = 5) -> tuple[float, float]:
+    """(best wall seconds of `repeats` calls after a warm-up, process CPU / wall over them): the peaks'
+    measure (bench/roofline.py: a peak is the best run, where median_time is for the artifact's figures)."""
+    fn()
+    best, c0, w0 = float("inf"), time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, (time.process_time() - c0) / (time.perf_counter() - w0)
+
+
 def torch_step(model):
     @torch.no_grad()
     def step(ids, kv):

@@ -42,6 +42,13 @@ from bench import common, llamacpp
 from bench.common import log
 from bench.measure import load_note, measure, pin_threads, torch_step
 from bench.ort_vs_tvm import SAMPLE, top1_agreement
+from compiler.build import shape_only_model
+from mobilemoe.artifact import ArtifactError
+from mobilemoe.checkpoint import CheckpointError, load_checkpoint
+from mobilemoe.config import ConfigError
+from mobilemoe.generate import DEFAULT_MODEL_DIR
+from mobilemoe.runtimes import load_artifact
+from train.qat import simulate_int4
 
 SIMULATE_INT4_MAX_PARAMS = 300e6  # the INT4-dequantized PyTorch copy: only when a float copy is cheap
 
@@ -66,13 +73,6 @@ def prefill_agreement(a, b, n: int = 64) -> dict:
 
 
 def main(argv=None):
-    from mobilemoe.artifact import ArtifactError
-    from compiler.build import shape_only_model
-    from mobilemoe.checkpoint import CheckpointError, load_checkpoint
-    from mobilemoe.config import ConfigError
-    from mobilemoe.generate import DEFAULT_MODEL_DIR
-    from mobilemoe.runtimes import load_artifact
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help=f"default: the bundled model ({DEFAULT_MODEL_DIR})")
@@ -137,7 +137,6 @@ def main(argv=None):
     else:
         agree["tvm_vs_pytorch_float32"] = {"teacher_forced_top1": top1_agreement(tvm_rt, torch_rt)}
         if cfg.total_params() <= SIMULATE_INT4_MAX_PARAMS:
-            from train.qat import simulate_int4
             with torch.no_grad():
                 sim = simulate_int4(model)
             sim_rt = SimpleNamespace(step=torch_step(sim.eval()), config=sim.config)

@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,8 @@ REG_BLOCKS = 12  # independent accumulators of the peak kernels (hide the FMA / 
 
 
 # ------------------------------------------------------------------ micro kernels (TVMScript)
-def _compile(func):
+def compile_kernel(func):
+    """A micro kernel (a PrimFunc) compiled for this machine's CPU (llvm, mcpu=host) as "main"."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod
 
@@ -128,17 +128,6 @@ def dot_kernel(par: int, isa: str):
     return func
 
 
-def _best_s(fn, repeats: int = 5) -> tuple[float, float]:
-    """(best wall seconds of `repeats` calls after a warm-up, process CPU / wall over them)."""
-    fn()
-    best, c0, w0 = float("inf"), time.process_time(), time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, (time.process_time() - c0) / (time.perf_counter() - w0)
-
-
 def measure_peaks(threads: int, buffer_gib: float, flags: list[str]) -> dict:
     dev, out = tvm.cpu(), {}
 
@@ -148,31 +137,31 @@ def measure_peaks(threads: int, buffer_gib: float, flags: list[str]) -> dict:
     x = torch.ones(chunks, rows, width)  # touched: no page faults inside the timing
     nbytes = x.numel() * 4
     res = tvm.runtime.empty((chunks, width), "float32", dev)
-    kern, xt = _compile(sum_kernel(chunks, rows, width)), tvm.runtime.from_dlpack(x)
-    t, cpu = _best_s(lambda: kern["main"](xt, res))
+    kern, xt = compile_kernel(sum_kernel(chunks, rows, width)), tvm.runtime.from_dlpack(x)
+    t, cpu = measure.best_time(lambda: kern["main"](xt, res))
     out["bw_tvm_sum"], out["cpu_per_wall_tvm_sum"] = nbytes / t, cpu
     log(f"  [{threads} thread(s)] read bandwidth, TVM sum over {nbytes / 2**30:.2f} GiB: {nbytes / t / 1e9:.1f} GB/s "
         f"(CPU/wall {cpu:.2f})")
-    t, cpu = _best_s(lambda: x.sum())
+    t, cpu = measure.best_time(lambda: x.sum())
     out["bw_torch_sum"] = nbytes / t
     log(f"  [{threads} thread(s)] read bandwidth, torch.sum: {nbytes / t / 1e9:.1f} GB/s (CPU/wall {cpu:.2f})")
     del x, xt
 
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     iters = 1 << 17
-    kern = _compile(fma_kernel(threads, lanes))
+    kern = compile_kernel(fma_kernel(threads, lanes))
     buf = [tvm.runtime.tensor(np.ones((threads, lanes * REG_BLOCKS), "float32"), dev) for _ in range(2)]
-    t, cpu = _best_s(lambda: kern["main"](*buf, iters))
+    t, cpu = measure.best_time(lambda: kern["main"](*buf, iters))
     out["fp32_tvm_fma"], out["cpu_per_wall_fma"] = threads * iters * REG_BLOCKS * lanes * 2 / t, cpu
     a = torch.randn(2048, 2048)
-    t, _ = _best_s(lambda: a @ a)
+    t, _ = measure.best_time(lambda: a @ a)
     out["fp32_torch_mm"] = 2 * 2048**3 / t
     isa = next((f for f in DOT_ISAS if f in flags), None)
     if isa:
         _, lanes, _, ops = DOT_ISAS[isa]
-        kern = _compile(dot_kernel(threads, isa))
+        kern = compile_kernel(dot_kernel(threads, isa))
         buf = [tvm.runtime.tensor(np.ones((threads, lanes * REG_BLOCKS), "int32"), dev) for _ in range(2)]
-        t, _ = _best_s(lambda: kern["main"](*buf, iters))
+        t, _ = measure.best_time(lambda: kern["main"](*buf, iters))
         out["int8_dot"], out["int8_dot_isa"] = threads * iters * REG_BLOCKS * ops / t, isa
     dot = f"{out['int8_dot'] / 1e9:.0f} GOP/s ({isa})" if isa else "n/a (no dot-product ISA)"
     log(f"  [{threads} thread(s)] fp32 FMA {out['fp32_tvm_fma'] / 1e9:.0f} GFLOP/s (TVM), "

@@ -46,7 +46,9 @@ class ImportError_(RuntimeError):
     """The checkpoint could not be imported; the message names the op and the layer."""
 
 
-def _layer_of(node) -> str:
+def layer_of(node) -> str:
+    """For error messages: the model layer an exported FX node comes from, its innermost nn_module_stack
+    entry ("layers.0.moe"; "model" for the top module, "?" when the node has none)."""
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else "?"
     return re.sub(r"^L\['self'\]\.?", "", str(path)) or "model"
@@ -91,7 +93,7 @@ def _check_supported(ep, entry: str) -> None:
             continue
         name = getattr(node.target, "__name__", str(node.target))
         if name not in known and not name.startswith(("getitem", "_assert", "sym_")):
-            raise ImportError_(f"{entry}: op '{name}' (from layer '{_layer_of(node)}') is not supported by "
+            raise ImportError_(f"{entry}: op '{name}' (from layer '{layer_of(node)}') is not supported by "
                                f"TVM's PyTorch importer; rewrite that layer with supported ops")
 
 

@@ -139,7 +139,7 @@ def write_outputs(stats: dict, out: Path) -> tuple[Path, Path]:
     """routing.json (atomically) and routing.png under `out`."""
     import matplotlib  # deferred on purpose: the plot is the only use, and the backend must be set first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred with matplotlib, after use("Agg")
 
     out.mkdir(parents=True, exist_ok=True)
     js = out / "routing.json"

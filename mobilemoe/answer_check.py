@@ -108,7 +108,7 @@ def torch_answerer(model, tokenizer, max_new_tokens: int = 48) -> Callable[[str]
     # deferred on purpose here and below: train's corpus tools import the answer matching above,
     # which needs neither torch nor the model
     from .generate import generate, prompt_ids
-    from .tokenizer import BOS_ID, STOP_TOKEN_IDS
+    from .tokenizer import BOS_ID, STOP_TOKEN_IDS  # deferred: as above
 
     def answer(question: str) -> str:
         ids = prompt_ids(tokenizer, question, chat=True, bos_id=BOS_ID)
@@ -124,11 +124,11 @@ def torch_answerer(model, tokenizer, max_new_tokens: int = 48) -> Callable[[str]
 def evaluate_checkpoint(ckpt_dir, qa_path, limit: int = 0, device: str = "cpu", int4: bool = False,
                         max_new_tokens: int = 48) -> dict:
     """exact_answer_rate of a checkpoint's greedy answers on a QA file (float, or INT4 weights)."""
-    import torch
+    import torch  # deferred: see torch_answerer (the answer matching needs no torch)
 
-    from .checkpoint import load_checkpoint
-    from .quant import simulate_int4
-    from .tokenizer import load_tokenizer
+    from .checkpoint import load_checkpoint  # deferred: imports torch
+    from .quant import simulate_int4  # deferred: imports torch
+    from .tokenizer import load_tokenizer  # deferred: see torch_answerer
     model = load_checkpoint(ckpt_dir)
     if int4:  # every INT4 weight replaced by dequant(quantize(w)), as train.evaluate does
         model = simulate_int4(model)

@@ -333,7 +333,8 @@ def load_config(path) -> MobileMoEConfig:
     return MobileMoEConfig.from_dict(d, source=str(path))
 
 
-def _fmt(n: float, unit: str = "") -> str:
+def format_count(n: float, unit: str = "") -> str:
+    """A count as preset_table prints it: 2 decimals, a K / M / G / T suffix, then unit (1.23G); whole below 1000."""
     for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
             return f"{n / div:.2f}{suf}{unit}"
@@ -345,10 +346,10 @@ def preset_table(names=None, ctx: int = 1024, prompt: int = 512) -> str:
              "decode FLOPs/tok", "prefill FLOPs/tok")]
     for n in names or PRESETS:
         c = PRESETS[n]
-        rows.append((n, _fmt(c.total_params()), _fmt(c.total_params(False)), _fmt(c.active_params()),
-                     _fmt(c.active_params(False)),
-                     f"{c.int4_weight_bytes() / 2**20:.1f}", _fmt(c.flops_per_token(ctx)),
-                     _fmt(c.flops_per_token(prompt, prefill=True))))
+        rows.append((n, format_count(c.total_params()), format_count(c.total_params(False)),
+                     format_count(c.active_params()), format_count(c.active_params(False)),
+                     f"{c.int4_weight_bytes() / 2**20:.1f}", format_count(c.flops_per_token(ctx)),
+                     format_count(c.flops_per_token(prompt, prefill=True))))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.rjust(w[i]) if i else v.ljust(w[i]) for i, v in enumerate(r)) for r in rows]
     lines.insert(1, "  ".join("-" * x for x in w))

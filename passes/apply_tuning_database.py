@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord
-from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # TVM's private helper: no public equivalent in 0.27
 from tvm.s_tir.schedule import Instruction, Trace
 
 from .kernel_workloads import builds, call_dims, is_buffer, is_call_tir, is_tunable, model_dims, resolve, specialize, \

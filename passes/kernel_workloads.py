@@ -19,7 +19,7 @@ import tvm
 import tvm.s_tir
 import tvm.sym
 from tvm import relax, tirx
-from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # TVM's private helper: no public equivalent in 0.27
 
 from tir_kernels.schedules import KERNEL_BLOCKS
 
@@ -138,7 +138,7 @@ def without_tensor_intrinsics():
 # that uses it (seen: dl.gpu.Matmul on the dynamic-length attention einsum p.V, inside a vstore8's
 # address): source that no OpenCL compiler accepts ("expected ')'" on POCL), though TVM builds it.
 # (the statement keeps its indentation: "+ ((((      long rmod_23 = ..."; "for (int k = 0" has none)
-_STATEMENT_IN_EXPRESSION = re.compile(r"[(+*,-][ \t]{2,}(?:long|int|uint|ulong) [A-Za-z_]\w* = ")
+STATEMENT_IN_EXPRESSION = re.compile(r"[(+*,-][ \t]{2,}(?:long|int|uint|ulong) [A-Za-z_]\w* = ")
 
 
 def _device_sources(module) -> list[str]:
@@ -161,7 +161,7 @@ def builds(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> str | None:
         lines = str(err).strip().splitlines()
         return lines[-1] if lines else type(err).__name__
     for source in _device_sources(getattr(built, "mod", built)):
-        bad = _STATEMENT_IN_EXPRESSION.search(source)
+        bad = STATEMENT_IN_EXPRESSION.search(source)
         if bad:
             return f"malformed device source (a declaration inside an expression: {bad.group(0).strip()!r})"
     return None

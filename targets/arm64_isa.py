@@ -29,7 +29,7 @@ ENCODINGS = {
 def count_instructions(lib: str | Path) -> dict[str, int]:
     """Occurrences of each ENCODINGS instruction in the executable sections of an AArch64 ELF."""
     from elftools.elf.constants import SH_FLAGS  # pyelftools: deferred, only this tool needs it
-    from elftools.elf.elffile import ELFFile
+    from elftools.elf.elffile import ELFFile  # deferred: pyelftools, as above
 
     counts = dict.fromkeys(ENCODINGS, 0)
     with open(lib, "rb") as f:

@@ -7,7 +7,7 @@ on a scatter kernel. ApplyDefaultSchedule stops at the first rule that returns a
 such rule breaks the whole build. Wrapped, the rule returns None for that kernel (the next rule of
 the list schedules it) when applying it raises, when its schedule fails to compile alone, or when
 the device source it compiles to is malformed (a TVM codegen bug, see
-passes/kernel_workloads._STATEMENT_IN_EXPRESSION).
+passes/kernel_workloads.STATEMENT_IN_EXPRESSION).
 
     dl.ApplyDefaultSchedule(GuardedRule(dl.gpu.Matmul()), ..., GuardedRule(dl.gpu.Fallback()))
 """

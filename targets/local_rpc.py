@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .rpc_device import LOOPBACK, DeviceError, TrackedDevice, _pick_port_range, registered_servers
+from .rpc_device import LOOPBACK, DeviceError, TrackedDevice, pick_port_range, registered_servers
 
 DEFAULT_KEY = "x86-local"
 
@@ -95,7 +95,7 @@ class LocalRpcDevice(TrackedDevice):
         """Start the tracker (once) and the server (if not running); returns once it is registered."""
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mobilemoe-local-rpc-"))
-            self._base = _pick_port_range(self.port_span)
+            self._base = pick_port_range(self.port_span)
         if not self._alive("tracker"):
             self._start_tracker()
         if self._alive("server"):

@@ -156,7 +156,7 @@ def request_session(tracker_host: str, tracker_port: int, key: str, timeout: flo
 
 
 # --------------------------------------------------------------------------------- the device
-def _pick_port_range(span: int) -> int:
+def pick_port_range(span: int) -> int:
     """A base port below Linux's ephemeral range whose first port is free now; the tracker and
     server search [base, base+span) themselves, so a port taken in between costs nothing."""
     for _ in range(50):
@@ -236,7 +236,7 @@ class EmulatedArm64Device(TrackedDevice):
         if self.run_dir is None:
             (self.root / "run").mkdir(parents=True, exist_ok=True)
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"py{os.getpid()}-", dir=self.root / "run"))
-            self._base_port = _pick_port_range(self.port_span)
+            self._base_port = pick_port_range(self.port_span)
         proc = self._script("start", "--key", self.key, "--tracker-port", str(self._base_port),
                             "--port-end", str(self._base_port + self.port_span),
                             "--timeout", str(int(self.start_timeout)),

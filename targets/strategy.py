@@ -65,9 +65,9 @@ class CpuStrategy(Strategy):
         without a libm call (vectorizable)."""
         from tvm.target import codegen  # deferred: see the module docstring
 
-        from passes.append_last_axis import AppendLastAxis
-        from passes.fast_sigmoid import FastSigmoid
-        from passes.softmax_rows import SoftmaxRows
+        from passes.append_last_axis import AppendLastAxis  # deferred: the passes import TVM
+        from passes.fast_sigmoid import FastSigmoid  # deferred: the passes import TVM
+        from passes.softmax_rows import SoftmaxRows  # deferred: the passes import TVM
         width = codegen.llvm_get_vector_width(target) if target.kind.name == "llvm" else -1
         return [AppendLastAxis(), SoftmaxRows(lanes=max(4, min(16, width // 32)) if width > 0 else 4), FastSigmoid()]
 
@@ -78,9 +78,9 @@ class CpuStrategy(Strategy):
     def schedule_passes(self) -> list:
         from tvm.s_tir import dlight as dl  # deferred: see the module docstring
 
-        from passes.schedule_int4_kernels import ScheduleInt4Kernels
+        from passes.schedule_int4_kernels import ScheduleInt4Kernels  # deferred: imports TVM
 
-        from .cpu_rules import BatchMatmul, Injective, SafeReduction
+        from .cpu_rules import BatchMatmul, Injective, SafeReduction  # deferred: imports TVM
         return [ScheduleInt4Kernels(),
                 dl.ApplyDefaultSchedule(dl.cpu.GEMV(), SafeReduction(), Injective(), BatchMatmul())]
 
@@ -98,7 +98,7 @@ class GpuStrategy(Strategy):
     def schedule_passes(self) -> list:
         from tvm.s_tir import dlight as dl  # deferred: see the module docstring
 
-        from passes.use_gpu_int4_matmul import UseGpuInt4Matmul
+        from passes.use_gpu_int4_matmul import UseGpuInt4Matmul  # deferred: imports TVM
 
-        from .gpu_rules import GuardedRule
+        from .gpu_rules import GuardedRule  # deferred: imports TVM
         return [UseGpuInt4Matmul(), dl.ApplyDefaultSchedule(*(GuardedRule(getattr(dl.gpu, n)()) for n in self.rules))]

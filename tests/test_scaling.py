@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mobilemoe.config import PRESETS, ConfigError, MobileMoEConfig, _fmt, load_config, preset_table
+from mobilemoe.config import PRESETS, ConfigError, MobileMoEConfig, format_count, load_config, preset_table
 from mobilemoe.model import MobileMoE
 from train.scaling.__main__ import main
 from train.scaling.arch import budget, law_vars, make_config
@@ -34,7 +34,7 @@ def test_budget_is_config_list_accounting(name):
     assert b["int4_mb"] == cfg.int4_weight_bytes() / 2**20
     assert b["decode_gflops"] == cfg.flops_per_token(1024) / 1e9
     row = next(line for line in preset_table().splitlines() if line.split()[0] == name)
-    assert f"{b['int4_mb']:.1f}" in row.split() and _fmt(b["decode_gflops"] * 1e9) in row.split()
+    assert f"{b['int4_mb']:.1f}" in row.split() and format_count(b["decode_gflops"] * 1e9) in row.split()
 
 
 def test_law_vars_by_hand():

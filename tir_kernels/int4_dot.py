@@ -88,14 +88,14 @@ def dot_isa(target: Target | None) -> DotISA | None:
     return None
 
 
-def _dot(isa: DotISA, lanes: int, acc, weights, acts):
+def dot_acc(isa: DotISA, lanes: int, acc, weights, acts):
     """acc + per-lane dot of 4 weight bytes (0..15) with 4 signed activation bytes."""
     as_bytes = f"int8x{4 * lanes}"
     return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsics[lanes], acc,
                                       tirx.reinterpret(as_bytes, weights), tirx.reinterpret(as_bytes, acts))
 
 
-def _lane_scales(s, e, row, block, lanes: int):
+def lane_scales(s, e, row, block, lanes: int):
     """fp32 x lanes: the weight scale of each lane's group (lane l of word block b: group (b*lanes + l) // 4)."""
     groups = lanes // WORDS_PER_GROUP
     if groups == 1:
@@ -104,7 +104,7 @@ def _lane_scales(s, e, row, block, lanes: int):
     return tirx.Shuffle([vec] * WORDS_PER_GROUP, [lane // WORDS_PER_GROUP for lane in range(lanes)])
 
 
-def _lane_sum(vec, lanes: int):
+def lane_sum(vec, lanes: int):
     """Sum of the lanes of a float32 vector (a halving tree of shuffles)."""
     while lanes > 1:
         half = lanes // 2
@@ -114,7 +114,7 @@ def _lane_sum(vec, lanes: int):
     return vec
 
 
-def _pack4(q0, q1, q2, q3):
+def pack4(q0, q1, q2, q3):
     """4 int32 values in [-127, 127] -> one int32 of their bytes, q0 in the lowest."""
     byte = tirx.const(255, "int32")
     return ((q0 & byte) | ((q1 & byte) << 8) | ((q2 & byte) << 16) | (q3 << 24))
@@ -137,8 +137,8 @@ def _quantize_macro(k: int):
                     for j in T.unroll(8):
                         q[j] = T.Cast("int32", T.round(x[i, (g * WORDS_PER_GROUP + wd) * 8 + j] * T.if_then_else(
                             amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
-                    xe[i, g * WORDS_PER_GROUP + wd] = _pack4(q[0], q[2], q[4], q[6])
-                    xo[i, g * WORDS_PER_GROUP + wd] = _pack4(q[1], q[3], q[5], q[7])
+                    xe[i, g * WORDS_PER_GROUP + wd] = pack4(q[0], q[2], q[4], q[6])
+                    xo[i, g * WORDS_PER_GROUP + wd] = pack4(q[1], q[3], q[5], q[7])
                     xc[i, g * WORDS_PER_GROUP + wd] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7]) * T.int32(-8)
                     xs[i, g * WORDS_PER_GROUP + wd] = amax[0] / T.float32(127)
 
@@ -169,9 +169,9 @@ def _block_macro(kw: int, lanes: int, rows: int, isa: DotISA):
                 # one expression, no assigned temporaries (see _STACK_NOTE)
                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
                     f"float32x{lanes}",
-                    _dot(isa, lanes, _dot(isa, lanes, xc[i, ramp(b)], word(w, e, row0, b, r) & mask, xe[i, ramp(b)]),
-                         (word(w, e, row0, b, r) >> four) & mask, xo[i, ramp(b)])
-                ) * (_lane_scales(s, e, row0 + r, b, lanes) * xs[i, ramp(b)])
+                    dot_acc(isa, lanes, dot_acc(isa, lanes, xc[i, ramp(b)], word(w, e, row0, b, r) & mask, xe[i, ramp(b)]),
+                            (word(w, e, row0, b, r) >> four) & mask, xo[i, ramp(b)])
+                ) * (lane_scales(s, e, row0 + r, b, lanes) * xs[i, ramp(b)])
 
     return block
 
@@ -192,7 +192,8 @@ def _setup(kernel: str, n: int, k: int, isa: DotISA, rows: int):
     return kw, k // GROUP_SIZE, lanes, rows, _quantize_macro(k), _block_macro(kw, lanes, rows, isa)
 
 
-def _attrs(kernel: str, isa: DotISA) -> dict:
+def kernel_attrs(kernel: str, isa: DotISA) -> dict:
+    """The function attributes of a scheduled dot-product kernel: its name, the ISA, op_pattern 8, noalias."""
     return {"mobilemoe.kernel": kernel, "mobilemoe.dot": isa.name, "op_pattern": 8, "tirx.noalias": True,
             "tirx.is_scheduled": True}
 
@@ -204,7 +205,7 @@ def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimF
     @T.prim_func(private=True)
     def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
              s: T.Buffer((T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
-        T.func_attr(_attrs("int4_matmul", isa))
+        T.func_attr(kernel_attrs("int4_matmul", isa))
         m = T.int64()
         x = T.match_buffer(x_handle, (m, T.int64(k)), "float32")
         y = T.match_buffer(y_handle, (m, T.int64(n)), "float32")
@@ -220,7 +221,7 @@ def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimF
             for i in range(m):
                 block(acc, w3, s3, T.int64(0), nb * rows, xe, xo, xc, xs, i)
                 for r in T.unroll(rows):
-                    y[i, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                    y[i, nb * rows + r] = lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
 
@@ -240,7 +241,7 @@ def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_
     def func(x_handle: T.handle, ids_handle: T.handle,
              w: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kw)), "uint32"),
              s: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
-        T.func_attr(_attrs(kernel, isa))
+        T.func_attr(kernel_attrs(kernel, isa))
         t = T.int64()
         x = T.match_buffer(x_handle, ((t, T.int64(top_k), T.int64(k)) if per_slot else (t, T.int64(k))))
         ids = T.match_buffer(ids_handle, (t, T.int64(top_k)), index_dtype)
@@ -260,7 +261,7 @@ def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_
                 block(acc, wf, s, T.Cast("int64", ids[tj // top_k, tj % top_k]), nb * rows, xe, xo, xc, xs,
                       tj if per_slot else tj // top_k)
                 for r in T.unroll(rows):
-                    y[tj // top_k, tj % top_k, nb * rows + r] = _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                    y[tj // top_k, tj % top_k, nb * rows + r] = lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
 
@@ -276,7 +277,7 @@ def moe_gemv_weighted_sum_dot(num_experts: int, n: int, k: int, top_k: int, isa:
     def func(x_handle: T.handle, ids_handle: T.handle, rw_handle: T.handle,
              w: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kw)), "uint32"),
              s: T.Buffer((T.int64(num_experts), T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
-        T.func_attr(_attrs("moe_gemv_weighted_sum", isa))
+        T.func_attr(kernel_attrs("moe_gemv_weighted_sum", isa))
         t = T.int64()
         x = T.match_buffer(x_handle, (t, T.int64(top_k), T.int64(k)), "float32")
         ids = T.match_buffer(ids_handle, (t, T.int64(top_k)), index_dtype)
@@ -300,7 +301,7 @@ def moe_gemv_weighted_sum_dot(num_experts: int, n: int, k: int, top_k: int, isa:
                 for j in range(top_k):
                     block(acc, wf, s, T.Cast("int64", ids[ti, j]), nb * rows, xe, xo, xc, xs, ti * top_k + j)
                     for r in T.unroll(rows):
-                        out[r] = out[r] + rw[ti, j] * _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                        out[r] = out[r] + rw[ti, j] * lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
                 for r in T.unroll(rows):
                     y[ti, nb * rows + r] = out[r]
 

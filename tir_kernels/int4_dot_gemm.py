@@ -38,8 +38,8 @@ from tvm.script import tirx as T
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_mmla import mmla_group_tile_macro, supports as mmla_supports
-from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, _attrs, _dot, _lane_scales, _lane_sum, _pack4, \
-    interleave_for
+from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, dot_acc, interleave_for, kernel_attrs, lane_scales, \
+    lane_sum, pack4
 from .moe_grouped import ARGS_ATTR
 
 MT = 4  # token rows per register tile (this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 / 8 ~ 4)
@@ -65,8 +65,8 @@ def _quantize_macro(k: int, lanes: int):
                     wi: T.let = g * WORDS_PER_GROUP + wd
                     for j in T.unroll(8):
                         q[j] = T.Cast("int32", T.round(x[i, wi * 8 + j] * inv))
-                    xq[i, wi // lanes, 0, wi % lanes] = _pack4(q[0], q[2], q[4], q[6])
-                    xq[i, wi // lanes, 1, wi % lanes] = _pack4(q[1], q[3], q[5], q[7])
+                    xq[i, wi // lanes, 0, wi % lanes] = pack4(q[0], q[2], q[4], q[6])
+                    xq[i, wi // lanes, 1, wi % lanes] = pack4(q[1], q[3], q[5], q[7])
                     xq[i, wi // lanes, 2, wi % lanes] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6]
                                                          + q[7]) * T.int32(-8)
                     xq[i, wi // lanes, 3, wi % lanes] = T.reinterpret("int32", amax[0] / T.float32(127))
@@ -99,10 +99,10 @@ def _tile_macro(kw: int, lanes: int, rows: int, r_tile: int, m_tile: int, isa: D
                 wv: T.let = wf[e, T.ramp((row0 // rows * kb + b) * (rows * lanes) + (row0 % rows + r) * lanes, 1, lanes)]
                 lo: T.let = wv & mask
                 hi: T.let = (wv >> four) & mask
-                sw: T.let = _lane_scales(s, e, row0 + r, b, lanes)
+                sw: T.let = lane_scales(s, e, row0 + r, b, lanes)
                 for t in T.unroll(m_tile):
-                    d: T.let = _dot(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0))
-                    d2: T.let = _dot(isa, lanes, d, hi, xv(xq, tok, t, b, 1))
+                    d: T.let = dot_acc(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0))
+                    d2: T.let = dot_acc(isa, lanes, d, hi, xv(xq, tok, t, b, 1))
                     acc[a(r, t)] = acc[a(r, t)] + T.Cast(fvec, d2) * (
                         sw * T.reinterpret(fvec, xv(xq, tok, t, b, 3)))
 
@@ -157,8 +157,8 @@ def _group_tile_macro(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
         return wf[e, tirx.Ramp((row0 // rows * kb + b) * (rows * lanes) + (row0 % rows + r) * lanes, 1, lanes)]
 
     def dots(xq, tok, t, b, lo, hi):
-        return _dot(isa, lanes, _dot(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0)), hi,
-                    xv(xq, tok, t, b, 1))
+        return dot_acc(isa, lanes, dot_acc(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0)), hi,
+                       xv(xq, tok, t, b, 1))
 
     @T.macro
     def tile(acc, wf, s, e, row0, xq, tok):
@@ -220,7 +220,7 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
     @T.prim_func(private=True)
     def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
              s: T.Buffer((T.int64(n), T.int64(kg)), "float16"), y_handle: T.handle):
-        T.func_attr(_attrs("int4_matmul", isa))
+        T.func_attr(kernel_attrs("int4_matmul", isa))
         m = T.int64()
         x = T.match_buffer(x_handle, (m, T.int64(k)), "float32")
         y = T.match_buffer(y_handle, (m, T.int64(n)), "float32")
@@ -246,7 +246,7 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
                             tile(acc, wf, s3, T.int64(0), nb * rows + h * r_tile, xq, tok)
                             for r in T.unroll(r_tile):
                                 for t in T.unroll(m_tile):
-                                    y[it * m_tile + t, nb * rows + h * r_tile + r] = _lane_sum(
+                                    y[it * m_tile + t, nb * rows + h * r_tile + r] = lane_sum(
                                         acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
         if m % m_tile > 0:
             for nb in T.parallel(T.int64(n // rows)):
@@ -256,7 +256,7 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
                     tok1[0] = i
                     single(acc1, wf, s3, T.int64(0), nb * rows, xq, tok1)
                     for r in T.unroll(rows):
-                        y[i, nb * rows + r] = _lane_sum(acc1[T.ramp(r * lanes, 1, lanes)], lanes)
+                        y[i, nb * rows + r] = lane_sum(acc1[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
 
@@ -281,7 +281,7 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
     single = _tile_macro(kw, lanes, rows, rows, 1, isa)
     gtile = group_tile(kw, lanes, rows, m_tile, isa)
     quads = rows % 4 == 0
-    attrs = {**_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
+    attrs = {**kernel_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
     E = num_experts
 
     def src(order, r):  # the activation row of sorted row r
@@ -326,12 +326,12 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
                                 for r in T.unroll(r_tile):
                                     for q in T.unroll(m_tile):
                                         emit(y, rw, order, lo + it * m_tile + q, nb * rows + h * r_tile + r,
-                                             _lane_sum(acc[T.ramp((r * m_tile + q) * lanes, 1, lanes)], lanes))
+                                             lane_sum(acc[T.ramp((r * m_tile + q) * lanes, 1, lanes)], lanes))
                     for i in range(cnt // m_tile * m_tile, cnt):  # ragged rest, one row at a time
                         tok[0] = src(order, lo + i)
                         single(acc, wf, s, e, nb * rows, xq, tok)
                         for r in T.unroll(rows):
-                            emit(y, rw, order, lo + i, nb * rows + r, _lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes))
+                            emit(y, rw, order, lo + i, nb * rows + r, lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes))
 
     W, S = (T.int64(E), T.int64(n), T.int64(kw)), (T.int64(E), T.int64(n), T.int64(kg))
     if down:

@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from mobilemoe.kv_cache import BLOCK
 
-from .softmax import _lane_reduce, exp_le0
+from .softmax import exp_le0, lane_reduce
 
 WRITE, ATTEND = "kv_write", "prefix_attention"
 _NEG = -3.4028234663852886e38
@@ -97,13 +97,13 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK) -> tirx.Pri
                             q[0, g * rep + r, 0, e] * T.float32(scale), b) * k[0, g, e, lanes_b(blk * b)]
                     s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b), s[r, lanes_b(0)],
                                                 bcast(T.float32(_NEG), b))
-                    st[r, 2] = T.max(st[r, 0], _lane_reduce(s[r, lanes_b(0)], b, tirx.Max))
+                    st[r, 2] = T.max(st[r, 0], lane_reduce(s[r, lanes_b(0)], b, tirx.Max))
                     st[r, 1] = st[r, 1] * exp_le0(st[r, 0] - st[r, 2], 1)
                     acc[r, lanes_d()] = acc[r, lanes_d()] * bcast(exp_le0(st[r, 0] - st[r, 2], 1), d)
                     s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b),
                                                 exp_le0(s[r, lanes_b(0)] - bcast(st[r, 2], b), b),
                                                 bcast(T.float32(0), b))
-                    st[r, 1] = st[r, 1] + _lane_reduce(s[r, lanes_b(0)], b, tirx.Add)
+                    st[r, 1] = st[r, 1] + lane_reduce(s[r, lanes_b(0)], b, tirx.Add)
                     for j in range(b):
                         acc[r, lanes_d()] = acc[r, lanes_d()] + bcast(s[r, j], d) * v[0, g, blk * b + j, lanes_d()]
                     st[r, 0] = st[r, 2]

@@ -42,7 +42,8 @@ def exp_le0(x, lanes: int):
     return tirx.Select(low, c(0.0), p * tirx.reinterpret(vt, bits))
 
 
-def _lane_reduce(vec, lanes: int, op):
+def lane_reduce(vec, lanes: int, op):
+    """op (tirx.Max, tirx.Add, ...) over the `lanes` lanes of a vector: a halving tree of shuffles."""
     while lanes > 1:
         half = lanes // 2
         vec = op(tirx.Shuffle([vec], list(range(half))), tirx.Shuffle([vec], list(range(half, lanes))))
@@ -72,14 +73,14 @@ def softmax_rows(lanes: int = 16) -> tirx.PrimFunc:
                 acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(-3.4028234663852886e38), lanes)
                 for c in range(t // lanes):
                     acc[T.ramp(0, 1, lanes)] = T.max(acc[T.ramp(0, 1, lanes)], x[i, vec(c)])
-                red[0] = _lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Max)
+                red[0] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Max)
                 for j in range(t // lanes * lanes, t):
                     red[0] = T.max(red[0], x[i, j])
                 acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(t // lanes):
                     y[i, vec(c)] = exp_le0(x[i, vec(c)] - T.Broadcast(red[0], lanes), lanes)
                     acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + y[i, vec(c)]
-                red[1] = _lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Add)
+                red[1] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Add)
                 for j in range(t // lanes * lanes, t):
                     y[i, j] = exp_le0(x[i, j] - red[0], 1)
                     red[1] = red[1] + y[i, j]

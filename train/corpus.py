@@ -39,8 +39,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from mobilemoe.tokenizer import load_tokenizer
 from train.corpus_docs import MIN_CHARS, find_source_files, iter_documents  # noqa: F401 (re-exported)
-from train.corpus_fetch import CorpusError, _run, deb_version, extract_deb, extract_tarball, fetch_deb  # noqa: F401
+from train.corpus_fetch import CorpusError, deb_version, extract_deb, extract_tarball, fetch_deb, run_tool  # noqa: F401
 from train.corpus_sources import SOURCES
 from train.dedup import Deduper, quality_problem
 
@@ -210,10 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out} already holds a complete corpus (SOURCES.json); use --force to rebuild")
         return 0
     try:
-        from mobilemoe.tokenizer import load_tokenizer
         tok = load_tokenizer(args.tokenizer)
         if args.apt_update:
-            _run(["apt-get", "update"], "apt-get update")
+            run_tool(["apt-get", "update"], "apt-get update")
         rec = build_corpus(args.out, args.cache, [s for s in args.sources.split(",") if s],
                            force=args.force, heldout_frac=args.heldout_frac, tokenizer=tok,
                            dedup=not args.no_dedup)

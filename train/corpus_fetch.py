@@ -18,7 +18,9 @@ class CorpusError(RuntimeError):
     """A corpus build step failed; the message names the command or package needed."""
 
 
-def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    """Run a Debian tool (apt-get, dpkg-deb, tar) for `what`, output captured; CorpusError when the tool
+    is missing or exits non-zero (the message names the command and its last line of output)."""
     if shutil.which(cmd[0]) is None:
         raise CorpusError(f"`{cmd[0]}` not found: {what} needs Debian's `{cmd[0]}` "
                           f"(a Debian/Ubuntu machine with apt and dpkg)")
@@ -46,7 +48,7 @@ def fetch_deb(package: str, cache_dir: Path) -> Path:
     tmp.mkdir()
     try:
         try:
-            _run(["apt-get", "download", package], f"download of package {package}", cwd=tmp)
+            run_tool(["apt-get", "download", package], f"download of package {package}", cwd=tmp)
         except CorpusError as e:
             raise CorpusError(f"cannot fetch Debian package `{package}` ({e}); run `apt-get update` as root "
                               f"with a Debian mirror reachable, or put {package}_*.deb into {cache_dir}") from None
@@ -61,7 +63,7 @@ def fetch_deb(package: str, cache_dir: Path) -> Path:
 
 
 def deb_version(deb: Path) -> str:
-    return _run(["dpkg-deb", "-f", str(deb), "Version"], f"reading {deb}").stdout.strip()
+    return run_tool(["dpkg-deb", "-f", str(deb), "Version"], f"reading {deb}").stdout.strip()
 
 
 def _extract_once(dest: Path, stamp: str, fill) -> Path:
@@ -83,7 +85,7 @@ def _extract_once(dest: Path, stamp: str, fill) -> Path:
 def extract_deb(deb: Path, dest: Path) -> Path:
     """Unpack deb into dest with ``dpkg-deb -x`` (once; a ``.complete`` marker records success)."""
     return _extract_once(dest, Path(deb).name,
-                         lambda tmp: _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"extraction of {deb}"))
+                         lambda tmp: run_tool(["dpkg-deb", "-x", str(deb), str(tmp)], f"extraction of {deb}"))
 
 
 def extract_tarball(tarball: Path, member: str, dest: Path) -> Path:
@@ -92,5 +94,5 @@ def extract_tarball(tarball: Path, member: str, dest: Path) -> Path:
     if not tarball.is_file():
         raise CorpusError(f"{tarball}: tarball not found in the unpacked package")
     return _extract_once(dest, f"{tarball.name}:{member}",
-                         lambda tmp: _run(["tar", "-xf", str(tarball), "-C", str(tmp), member],
-                                          f"extraction of {member} from {tarball}"))
+                         lambda tmp: run_tool(["tar", "-xf", str(tarball), "-C", str(tmp), member],
+                                              f"extraction of {member} from {tarball}"))

@@ -96,7 +96,7 @@ def iter_records(path, text_field: str = "text") -> Iterator[dict]:
     path = Path(path)
     if is_hf_dataset_dir(path):
         try:
-            import datasets
+            import datasets  # deferred: optional (HF dataset directories only), and heavy
         except ImportError:
             raise DataError(f"{path}: a Hugging Face datasets directory needs the `datasets` package "
                             f"(pip install datasets)") from None
@@ -109,7 +109,7 @@ def iter_records(path, text_field: str = "text") -> Iterator[dict]:
             yield _record(row, f"{path}[{i}]", text_field)
     elif path.name.endswith(PARQUET_SUFFIXES):
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # deferred: optional, Parquet files only
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs the `pyarrow` package (pip install pyarrow)") from None
         pf = pq.ParquetFile(str(path))

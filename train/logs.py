@@ -50,9 +50,9 @@ def read_metrics(path) -> list[dict]:
 def plot_losses(runs: dict[str, list[dict]], png, title: str = "") -> bool:
     """Train (line) and held-out (markers) loss against tokens for one or more runs; False without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: optional and heavy, only the plot needs it
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred with matplotlib, after use("Agg")
     except ImportError:
         warnings.warn(f"matplotlib is not installed: no loss curve written to {png}", stacklevel=2)
         return False

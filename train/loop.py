@@ -378,7 +378,9 @@ class StageHooks:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _data(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str, fmt: TextFormat = OURS):
+def stage_rows(cfg: StageConfig, tok, d: Dist, files, split: str, packing: str, fmt: TextFormat = OURS):
+    """A stage's token rows of `files` for one split ("train" | "eval"), as train/data.py build_rows
+    caches them in cfg.cache_dir: rank 0 tokenizes, the other ranks then read its cache."""
     # the quality filter picks training data; held-out data stays whole, comparable across stages
     spec = DataSpec(tuple(files), cfg.seq_len, packing, cfg.text_field,
                     cfg.data_filter if split == "train" else "",
@@ -436,8 +438,8 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     resume_state = check_resume(cfg, mcfg, d.world)  # raises before anything is written
     dtype = (torch.bfloat16 if d.device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
-    train_rows = _data(cfg, tok, d, cfg.train_data, "train", cfg.packing, fmt)
-    eval_rows = _data(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing, fmt)
+    train_rows = stage_rows(cfg, tok, d, cfg.train_data, "train", cfg.packing, fmt)
+    eval_rows = stage_rows(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing, fmt)
     eval_ids = split_for_eval(eval_rows, cfg.eval_tokens)
     max_steps = resolve_steps(cfg, len(train_rows), d.world)
     if resume_state is not None and cfg.max_seconds > 0:  # the length fitted to the budget before

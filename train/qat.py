@@ -69,7 +69,7 @@ class StorageRound(nn.Module):
 def _torchao_fake_quantizer():
     """torchao's IntxFakeQuantizer for the INT4 format, or None where torchao does not import."""
     try:
-        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer  # deferred: heavy, may fail to import
     except Exception as e:  # noqa: BLE001 - a torchao built for another torch fails in many ways
         warnings.warn(f"torchao unavailable ({type(e).__name__}: {e}); QAT uses mobilemoe.quant."
                       f"fake_quantize_int4, the same forward values", stacklevel=3)

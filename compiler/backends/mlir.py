@@ -47,7 +47,7 @@ from mobilemoe.export import export_entry
 from targets import TARGETS
 
 from ..artifact import write_artifact_files
-from ..importer import ENTRY_POINTS, _layer_of
+from ..importer import ENTRY_POINTS, layer_of
 from ..params import weight_source
 from .options import BuildOptions
 
@@ -137,7 +137,7 @@ def _unsupported(text: str, programs: dict, form: str) -> MlirExportError:
         for node in ep.graph.nodes:
             target = str(node.target)
             if node.op == "call_function" and (target == op or target.startswith(op + ".")):
-                return MlirExportError(f"{entry}: op '{target}' (from layer '{_layer_of(node)}') cannot be lowered "
+                return MlirExportError(f"{entry}: op '{target}' (from layer '{layer_of(node)}') cannot be lowered "
                                        f"by torch-mlir to {form}; rewrite that layer with supported ops")
     return MlirExportError(f"op '{op}' cannot be lowered by torch-mlir to {form}: {text[:2000]}")
 
@@ -163,8 +163,8 @@ def export_mlir(model) -> tuple[dict[str, str], list[str], dict]:
     (torch-mlir's StableHLO pipeline refines the shapes of a module's single function). No files written."""
     require("torch_mlir")
     from torch_mlir import ir  # the optional [mlir] extra: deferred (require() named it above)
-    from torch_mlir.dialects import torch as torch_d
-    from torch_mlir.fx import export_and_import
+    from torch_mlir.dialects import torch as torch_d  # deferred: torch_mlir, as above
+    from torch_mlir.fx import export_and_import  # deferred: torch_mlir, as above
 
     ctx = ir.Context()
     torch_d.register_dialect(ctx)

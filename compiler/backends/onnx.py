@@ -118,7 +118,7 @@ def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:
                                        options.external_data)
 
     try:  # deferred on purpose: onnxruntime is only recorded here (its version), the build needs none
-        import onnxruntime
+        import onnxruntime  # deferred: see the line above
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
-from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # TVM's private helper: no public equivalent in 0.27
 
 from passes.kernel_workloads import call_dims, is_buffer, is_call_tir, is_tunable, model_dims, resolve, specialize, \
     workload

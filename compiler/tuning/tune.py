@@ -245,7 +245,7 @@ def plot(session: dict, db_dir, path) -> Path:
     """Best latency vs trials, one panel per task, the untuned latency dashed."""
     import matplotlib  # deferred on purpose: the plot is the only use, and the backend must be set first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred with matplotlib, after use("Agg")
 
     records = tdb.records_by_workload(db_dir)
     tasks = [t for t in session["tasks"] if records.get(t["hash"])]

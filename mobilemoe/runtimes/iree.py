@@ -42,7 +42,7 @@ class IreeRuntime(Runtime):
             if name not in self.manifest["files"]:
                 raise ArtifactError(f"{self.dir}: manifest.json lists no {name}")
         try:  # deferred on purpose: an optional dependency (the [mlir] extra), needed by MLIR artifacts only
-            import iree.runtime as rt
+            import iree.runtime as rt  # deferred: see the line above
         except ImportError:
             raise ArtifactError(f"{self.dir}: an MLIR artifact runs with iree.runtime: "
                                 f"pip install -e '.[mlir]' (iree-base-runtime)") from None

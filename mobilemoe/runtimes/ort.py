@@ -34,7 +34,7 @@ class OrtRuntime(Runtime):
     def __init__(self, artifact_dir, num_threads: int | None = None):
         self._open_manifest(artifact_dir)  # every hash, before anything is parsed
         try:  # deferred on purpose: importing the runtimes must not load onnxruntime (nor need it installed)
-            import onnxruntime as ort
+            import onnxruntime as ort  # deferred: see the line above
         except ImportError:
             raise ArtifactError(f"{self.dir}: an ONNX artifact needs onnxruntime: {_ORT_INSTALL}") from None
         have = _cpu_kernels(ort)

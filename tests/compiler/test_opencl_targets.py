@@ -160,9 +160,9 @@ def test_int4_matmul_on_pocl_matches_numpy(pocl, rows):
 
 def test_guard_spots_a_declaration_inside_an_expression():
     """TVM 0.27's OpenCL codegen bug the GPU rule guard rejects (seen on the attention einsum p.V)."""
-    from passes.kernel_workloads import _STATEMENT_IN_EXPRESSION
+    from passes.kernel_workloads import STATEMENT_IN_EXPRESSION
     bad = "  vstore8(acc[0], 0, out + ((((      long rmod_23 = ((convert_long(get_group_id(1))) % n);"
     good = ["    long rmod_16 = ((convert_long(get_group_id(1))) % cse_v4);",
             "    for (int k = 0; k < 16; ++k) {", "    float x = (a + b);"]
-    assert _STATEMENT_IN_EXPRESSION.search(bad)
-    assert not any(_STATEMENT_IN_EXPRESSION.search(line) for line in good)
+    assert STATEMENT_IN_EXPRESSION.search(bad)
+    assert not any(STATEMENT_IN_EXPRESSION.search(line) for line in good)

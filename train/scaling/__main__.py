@@ -6,17 +6,18 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mobilemoe.config import ConfigError
-from train.scaling.design import DesignError
-from train.scaling.grid import SweepError
-from train.scaling.law import LawError
+import numpy as np
+
+from mobilemoe.config import ConfigError, MobileMoEConfig
+from train.scaling.design import DesignError, design, evaluate, plot_design, table, write_design
+from train.scaling.grid import SweepError, load_grid
+from train.scaling.law import FORMS, LawError, bootstrap, coefficients, fit_law, load_law, plot_fit, save_law
 
 DEFAULT_DIR = Path("train/runs/scaling")
 
 
 def _sweep(a) -> int:
     # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
-    from train.scaling.grid import load_grid
     from train.scaling.sweep import SweepOptions, run_sweep
     grid = load_grid(a.grid, vocab=a.vocab)
     if a.only:
@@ -40,9 +41,6 @@ def _sweep(a) -> int:
 
 def _fit(a) -> int:
     # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
-    import numpy as np
-
-    from train.scaling.law import FORMS, bootstrap, coefficients, fit_law, plot_fit, save_law
     from train.scaling.sweep import read_log, sweep_table
     logged = read_log(a.log)
     records = [r for r in logged if r["tokens"] >= a.min_tokens]
@@ -89,10 +87,6 @@ def _reference(records: list[dict]) -> dict:
 
 
 def _design(a) -> int:
-    # deferred on purpose: each subcommand imports only what it runs (sweep brings torch and training)
-    from mobilemoe.config import MobileMoEConfig
-    from train.scaling.design import design, evaluate, plot_design, table, write_design
-    from train.scaling.law import load_law
     params = load_law(a.law)
     res = design(params, a.memory_mb, a.gflops_per_token, a.tokens, a.space, a.ctx, a.top)
     b = res["best"]

@@ -25,7 +25,7 @@ import numpy as np
 from mobilemoe.config import PRESETS, MobileMoEConfig
 from train.scaling.arch import DECODE_CTX, budget, law_vars, make_config, shape_name
 from train.scaling.files import atomic_write_text
-from train.scaling.law import _ln_neff, features, predict_log
+from train.scaling.law import features, ln_neff, predict_log
 
 
 class DesignError(ValueError):
@@ -133,7 +133,7 @@ def design(params: dict, memory_mb: float, gflops_per_token: float, tokens: floa
             f"{small[0]['int4_mb']:.1f} MB ({shape_name(small[1])}), the cheapest "
             f"{cheap[0]['decode_gflops']:.3f} GFLOPs/token ({shape_name(cheap[1])}); raise a budget")
     X = features([law_vars(c, tokens) for c in fit])
-    loss, n_eff = np.exp(predict_log(params, X)), np.exp(_ln_neff(params, X))
+    loss, n_eff = np.exp(predict_log(params, X)), np.exp(ln_neff(params, X))
     order = np.argsort(loss, kind="stable")
     rows = [_row(fit[i], loss[i], n_eff[i], tokens, ctx) for i in order]
     best = rows[0]
@@ -152,7 +152,7 @@ def design(params: dict, memory_mb: float, gflops_per_token: float, tokens: floa
 def evaluate(params: dict, cfgs: list[MobileMoEConfig], tokens: float, ctx: int = DECODE_CTX) -> list[dict]:
     """Rows (as design's) for given configs, e.g. presets to compare with the designed one."""
     X = features([law_vars(c, tokens) for c in cfgs])
-    loss, n_eff = np.exp(predict_log(params, X)), np.exp(_ln_neff(params, X))
+    loss, n_eff = np.exp(predict_log(params, X)), np.exp(ln_neff(params, X))
     return [_row(c, lo, ne, tokens, ctx) | {"shape": c.name} for c, lo, ne in zip(cfgs, loss, n_eff)]
 
 
@@ -187,9 +187,9 @@ def write_design(result: dict, out: Path, law_path: str) -> Path:
 def plot_design(result: dict, png) -> bool:
     """Predicted loss of every feasible config against its expansion R, coloured by granularity."""
     try:  # optional: the plot is skipped without matplotlib
-        import matplotlib
+        import matplotlib  # deferred: optional, only the plot needs it
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred with matplotlib, after use("Agg")
     except ImportError:
         return False
     rows = result["all"]

@@ -106,13 +106,15 @@ def _feature(X: np.ndarray, k: str) -> np.ndarray:
     return col**2 if k == "gamma2" else col
 
 
-def _ln_neff(p: dict, X: np.ndarray) -> np.ndarray:
+def ln_neff(p: dict, X: np.ndarray) -> np.ndarray:
+    """ln N_eff of every row of X (features()) under parameters p: ln N + rho ln R + gamma ln G + sigma s
+    + gamma2 ln^2 G + mu m (ln N for a dense model; design reports exp of it as N_eff)."""
     return X[:, 0] + sum(p[k] * _feature(X, k) for k in MOE_TERMS)
 
 
 def predict_log(p: dict, X: np.ndarray) -> np.ndarray:
     """ln L of every row of X (features()) under parameters p."""
-    z = np.stack([p["a"] - p["alpha"] * _ln_neff(p, X), p["b"] - p["beta"] * X[:, 1], np.full(len(X), p["e"])])
+    z = np.stack([p["a"] - p["alpha"] * ln_neff(p, X), p["b"] - p["beta"] * X[:, 1], np.full(len(X), p["e"])])
     top = z.max(0)
     return top + np.log(np.exp(z - top).sum(0))
 
@@ -153,7 +155,7 @@ def start_grid(free: tuple[str, ...]) -> list[np.ndarray]:
 def _one_blas_thread():
     """L-BFGS-B's tiny BLAS calls run ~40x slower with a threaded BLAS on a busy machine."""
     try:  # optional: present with a threaded BLAS
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # deferred: optional (see the line above)
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(1, user_api="blas")
@@ -314,10 +316,10 @@ def load_law(path) -> dict:
 def plot_fit(records: list[dict], result: FitResult, png, reference: dict) -> bool:
     """Observed vs predicted, and the loss against N, D, R, G and s (partial residuals at `reference`)."""
     try:  # optional: the plot is skipped without matplotlib
-        import matplotlib
+        import matplotlib  # deferred: optional, only the plot needs it
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
+        import matplotlib.pyplot as plt  # deferred with matplotlib, after use("Agg")
+        import matplotlib.ticker  # deferred with matplotlib
     except ImportError:
         return False
     obs = np.array([r["eval_loss"] for r in records])

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.tokenizer import load_tokenizer
-from train.loop import Dist, _data, apply_overrides, run_stage
+from train.loop import Dist, apply_overrides, run_stage, stage_rows
 from train.pretrain import PretrainConfig
 from train.scaling.arch import budget, law_vars
 from train.scaling.grid import SPEC_KEYS, SweepError
@@ -132,8 +132,8 @@ def prepare_data(stage_cfgs) -> None:
             continue
         seen.add(key)
         tok = load_tokenizer(cfg.tokenizer or None)
-        _data(cfg, tok, Dist(), cfg.train_data, "train", cfg.packing)
-        _data(cfg, tok, Dist(), cfg.heldout_data, "eval", cfg.packing)
+        stage_rows(cfg, tok, Dist(), cfg.train_data, "train", cfg.packing)
+        stage_rows(cfg, tok, Dist(), cfg.heldout_data, "eval", cfg.packing)
 
 
 def est_cost(run: dict) -> float:
