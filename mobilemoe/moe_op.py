@@ -60,18 +60,25 @@ def shared_expert(x, w1, w3, w2, gate):
     return y if gate is None else torch.sigmoid(F.linear(x, gate)) * y  # [N, 1] * [N, H]
 
 
-@torch.library.custom_op("mobilemoe::moe", mutates_args=())
-def moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor],
-        w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-        shared_w1: Optional[torch.Tensor], shared_w3: Optional[torch.Tensor], shared_w2: Optional[torch.Tensor],
-        shared_gate: Optional[torch.Tensor], top_k: int, scoring: str, norm_topk_prob: bool) -> torch.Tensor:
-    """x [N, H] -> [N, H]: the MoE block of the module docstring (the dense reference)."""
+def reference(x, router_weight, router_bias, w1, w3, w2, shared_w1, shared_w3, shared_w2, shared_gate,
+              top_k: int, scoring: str, norm_topk_prob: bool) -> torch.Tensor:
+    """The op in plain PyTorch ops (its eager kernel; a backend without the op decomposes it with this)."""
     logits = F.linear(x, router_weight, router_bias).float()
     w, ids = route(logits, top_k, scoring, norm_topk_prob)
     y = dense_experts(x, w.to(x.dtype), ids, w1, w3, w2)
     if shared_w1 is not None:
         y = y + shared_expert(x, shared_w1, shared_w3, shared_w2, shared_gate)
     return y
+
+
+@torch.library.custom_op("mobilemoe::moe", mutates_args=())
+def moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor],
+        w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+        shared_w1: Optional[torch.Tensor], shared_w3: Optional[torch.Tensor], shared_w2: Optional[torch.Tensor],
+        shared_gate: Optional[torch.Tensor], top_k: int, scoring: str, norm_topk_prob: bool) -> torch.Tensor:
+    """x [N, H] -> [N, H]: the MoE block of the module docstring (the dense reference)."""
+    return reference(x, router_weight, router_bias, w1, w3, w2, shared_w1, shared_w3, shared_w2, shared_gate,
+                     top_k, scoring, norm_topk_prob)
 
 
 @moe.register_fake

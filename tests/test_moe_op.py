@@ -3,18 +3,14 @@ routing variant of the registry's MoE architectures, and torch.export records on
 import pytest
 import torch
 
-from mobilemoe.arch import REGISTRY, config_from_hf
+from mobilemoe.arch import REGISTRY
 from mobilemoe.config import MobileMoEConfig
+from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 from mobilemoe.moe_op import moe
-from tests.arch.hf_models import COMMON, TINY, randomize
+from tests.arch.hf_models import TINY, randomize, variant_config
 
 MOE_TYPES = sorted(t for t in TINY if t in REGISTRY and REGISTRY[t].name != "llama")
-
-
-def variant_config(model_type: str) -> MobileMoEConfig:
-    """Our config of the tiny HF config of `model_type` (tests/arch/hf_models.py), read by its family."""
-    return config_from_hf({"model_type": model_type, **COMMON, **TINY[model_type][0]}, f"{model_type} config")
 
 
 def _model(cfg: MobileMoEConfig) -> MobileMoE:
@@ -70,3 +66,20 @@ def test_bad_scoring_names_the_op():
     with pytest.raises(ValueError, match=r"mobilemoe::moe: scoring must be one of"):
         moe(x, torch.randn(3, 4), None, torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 4, 2),
             None, None, None, None, top_k=1, scoring="sigmoid", norm_topk_prob=False)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "test-moe"])
+def test_export_records_one_op_per_layer(name):
+    model = _model(CONFIGS[name])
+    ep = export_entry(model, "decode")
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == torch.ops.mobilemoe.moe.default]
+    assert len(calls) == model.config.num_layers
+    einsums = [n for n in ep.graph.nodes if n.op == "call_function" and "einsum" in str(n.target)]
+    assert all("e" not in n.args[0].split("->")[1] for n in einsums)  # no expert einsum outside the op
+    c = model.config
+    for node in calls:
+        args = node.args
+        assert args[10:] == (c.top_k, c.router, c.norm_topk_prob)
+        assert args[2] is None  # no router bias
+        assert (args[6] is None) == (c.shared_expert_hidden == 0) and (args[9] is None) == (not c.shared_expert_gate)
+    assert all(layer.moe.impl == "auto" for layer in model.layers)  # export restores the impl
