@@ -7,7 +7,7 @@ from mobilemoe.arch import REGISTRY
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
-from mobilemoe.moe_op import moe
+from mobilemoe.moe_op import exported_calls, moe
 from tests.arch.hf_models import TINY, randomize, variant_config
 
 MOE_TYPES = sorted(t for t in TINY if t in REGISTRY and REGISTRY[t].name != "llama")
@@ -83,3 +83,9 @@ def test_export_records_one_op_per_layer(name):
         assert args[2] is None  # no router bias
         assert (args[6] is None) == (c.shared_expert_hidden == 0) and (args[9] is None) == (not c.shared_expert_gate)
     assert all(layer.moe.impl == "auto" for layer in model.layers)  # export restores the impl
+    calls = exported_calls(ep)  # what a backend maps the op from: attributes, parameter operands
+    assert [a for a, _ in calls] == [{"top_k": c.top_k, "scoring": c.router, "norm_topk_prob": c.norm_topk_prob}] * c.num_layers
+    ops = calls[1][1]
+    assert ops["router_weight"] == "model.layers.1.moe.router.weight" and ops["w2"] == "model.layers.1.moe.w2"
+    assert ops["router_bias"] is None and ops["shared_w1"] == "model.layers.1.moe.shared.w1.weight"
+    assert ops["shared_gate"] == ("model.layers.1.moe.shared_gate.weight" if c.shared_expert_gate else None)
