@@ -6,7 +6,7 @@ from tvm import relax, tirx
 
 from passes import moe_op
 from passes.decompose_moe import DecomposeMoE
-from tests.passes.conftest import E, H, I, K, moe_module, moe_params, run_entry
+from tests.passes.conftest import E, H, K, moe_module, moe_params, run_entry
 
 ATTRS = moe_op.MoEAttrs(top_k=K, scoring="topk_softmax")  # as imported: gate and up separate, no shared expert
 
