@@ -14,10 +14,13 @@ buffers), attention by its prefix_attention over slots 0..position (the custom o
 mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
 functional decode above (each step returns grown copies).
 
+Each MoE layer is one mobilemoe::moe op in the exported program (mobilemoe/moe_op.py) and one
+`mobilemoe.moe` call here (passes/moe_op.py): the routing variant as attributes, the layer's router,
+expert and shared-expert parameters as operands; passes/ act on that call.
+
 Both functions take the same parameters, in the same order, under the same names (the attribute
 "num_input" = num_inputs(config) = 2 + 2L separates user inputs from parameters). The torch.export graphs go through
-PyTorch's default decompositions except einsum, so the MoE layers reach Relax as `R.einsum` calls
-on the stacked expert weights: the form passes/ recognise.
+PyTorch's default decompositions except einsum (attention's einsums import as one reduction each).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from tir_kernels.kv_cache import ATTEND, WRITE, kv_write, prefix_attention
 from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
+from passes import moe_op
 
 ENTRY_POINTS = ("prefill", "decode")
 KV_CACHES = ("inplace", "grow")
@@ -56,7 +60,7 @@ def layer_of(node) -> str:
 
 def _decompose(ep):
     table = torch.export.default_decompositions()
-    table.pop(torch.ops.aten.einsum.default, None)  # keep einsum: the MoE pattern passes match
+    table.pop(torch.ops.aten.einsum.default, None)  # keep einsum: attention's reductions over the cache
     return ep.run_decompositions(table)
 
 
@@ -82,7 +86,22 @@ def _prefix_attention(node, importer):
     return importer.block_builder.emit(relax.call_tir(gv, [q, k, v, pos], out_ty=q.ty))
 
 
-CUSTOM_OPS = {"kv_write.default": _kv_write, "prefix_attention.default": _prefix_attention}
+def _moe(node, importer):
+    """mobilemoe::moe -> one mobilemoe.moe call: the routing variant as MoEAttrs, the tensors as operands."""
+    schema = [a.name for a in node.target._schema.arguments]
+    args = dict(zip(schema, importer.retrieve_args(node)))  # torch.export passes a custom op's arguments by position
+    try:
+        attrs = moe_op.MoEAttrs(top_k=int(args["top_k"]), scoring=str(args["scoring"]),
+                                norm_topk_prob=bool(args["norm_topk_prob"]), router_bias=args["router_bias"] is not None,
+                                num_shared_experts=int(args["shared_w1"] is not None),
+                                shared_expert_gate=args["shared_gate"] is not None)
+    except ValueError as e:
+        raise ImportError_(f"mobilemoe::moe (from layer '{_layer_of(node)}'): {e}") from None
+    operands = {r: args[r] for r in attrs.roles()}
+    return importer.block_builder.emit(moe_op.make(attrs, operands))
+
+
+CUSTOM_OPS = {"kv_write.default": _kv_write, "prefix_attention.default": _prefix_attention, "moe.default": _moe}
 
 
 def _check_supported(ep, entry: str) -> None:

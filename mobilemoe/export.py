@@ -18,8 +18,8 @@ maps onto in-place kernels); the outputs are the written caches (in the artifact
 
 logits are those of the last position (what generation needs). S is a named dynamic dim ("seq"),
 the cache length P is one unbounded Dim("past") shared by the per-layer inputs (Dim.DYNAMIC for the
-stacked one; a bounded Dim(min, max) on P trips torch.export's guards). The MoE layers export in the "dense" form
-(see model.py), which the compiler's passes rewrite into sparse dispatch.
+stacked one; a bounded Dim(min, max) on P trips torch.export's guards). Each MoE layer exports as one
+mobilemoe::moe op (MoE impl "op", mobilemoe/moe_op.py), which the compiler maps to one call.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def example_inputs(model: MobileMoE, seq: int, past: int, cache: str = "stacked"
 
 
 def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> ExportedProgram:
-    """Export `prefill` (dynamic S and P) or `decode` (S = 1, dynamic P) in the dense MoE form, with
+    """Export `prefill` (dynamic S and P) or `decode` (S = 1, dynamic P), each MoE layer one mobilemoe::moe, with
     grouped-query attention that never repeats K/V (Attention._grouped), the cache in `cache` layout."""
     if kind not in ("prefill", "decode"):
         raise ValueError(f"entry point must be 'prefill' or 'decode', got {kind!r}")
@@ -85,7 +85,7 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
     if cache == "inplace" and kind != "decode":
         raise ValueError("the in-place cache layout is exported for decode only")
     was = [layer.moe.impl for layer in model.layers if layer.moe is not None]
-    model.set_moe_impl("dense")
+    model.set_moe_impl("op")
     for layer in model.layers:
         layer.attn.grouped = True  # attention without repeating K/V per query head
     try:

@@ -26,16 +26,18 @@ Options for the Hugging Face families of mobilemoe/arch/ (MobileMoEConfig fields
   qkv_bias, o_bias        attention projection biases (Qwen2, Llama attention_bias)
   embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling   (Granite)
   rope_type "linear" / "llama3" + rope_* fields: RoPE frequency scaling (rope_table)
-They all act outside the expert einsums, so the exported MoE keeps the form the compiler's passes
-rewrite (FuseExpertGateUp, SparseMoEDispatch, QuantizeInt4Weights).
+The routing variant (router, norm_topk_prob, shared expert, its gate) is what the exported MoE
+operator carries as attributes (mobilemoe/moe_op.py); the compiler's passes act on that operator
+(FuseExpertGateUp, SparseMoEDispatch, QuantizeInt4Weights).
 
-The MoE layer has three numerically equivalent implementations (`MoE.impl`):
+The MoE layer has four numerically equivalent implementations (`MoE.impl`):
   "grouped": tokens sorted by expert, one GEMM per non-empty expert (torch._grouped_mm on CUDA bf16):
              training and eager prefill;
   "gather":  gathers the k selected experts' weights per token: eager decode (reads only k experts);
-  "dense":   every expert on every token, combined with a [T, E] routing matrix: the export form
-             the compiler's expert-fusion / sparse-dispatch passes recognise. Uses only ops that
-             torch.export and TVM's importer handle (no scatter_add/index_add/nonzero/bincount).
+  "dense":   every expert on every token, combined with a [T, E] routing matrix (training sweeps
+             that want no data-dependent shapes);
+  "op":      the whole block as one mobilemoe::moe custom op (its eager kernel: route + "dense"):
+             the export form (mobilemoe/export.py), inference only (no router logits, no autograd).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kv_cache
+from . import kv_cache, moe_op
 from .config import MobileMoEConfig
 
 
@@ -198,19 +200,15 @@ class MoE(nn.Module):
     def route(self, x):
         # x [N, H] -> logits [N, E] (fp32), weights [N, k], ids [N, k]
         logits = self.router(x).float()
-        if self.router_kind == "softmax_topk":  # OLMoE, Qwen-MoE, Mixtral
-            w, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-            if self.norm_topk_prob:
-                w = w / w.sum(dim=-1, keepdim=True)
-        else:  # "topk_softmax": ours, Granite
-            top_logits, ids = torch.topk(logits, self.top_k, dim=-1)
-            w = torch.softmax(top_logits, dim=-1)
+        w, ids = moe_op.route(logits, self.top_k, self.router_kind, self.norm_topk_prob)
         return logits, w.to(x.dtype), ids
 
     def forward(self, x):
-        # x [B, S, H] -> y [B, S, H], router logits [B*S, E], expert ids [B*S, k]
+        # x [B, S, H] -> y [B, S, H], router logits [B*S, E], expert ids [B*S, k] (None for "op")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.impl == "op":
+            return self._op(x).view(shape), None, None
         logits, w, ids = self.route(x)
         impl = self.impl
         if impl == "auto":
@@ -222,12 +220,16 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), logits, ids
 
+    def _op(self, x):
+        """The whole block as one mobilemoe::moe (mobilemoe/moe_op.py): the export form."""
+        s, gate = self.shared, self.shared_gate
+        shared = (s.w1.weight, s.w3.weight, s.w2.weight) if s is not None else (None, None, None)
+        return moe_op.moe(x, self.router.weight, self.router.bias, self.w1, self.w3, self.w2, *shared,
+                          gate.weight if gate is not None else None, top_k=self.top_k, scoring=self.router_kind,
+                          norm_topk_prob=self.norm_topk_prob)
+
     def _dense(self, x, w, ids):
-        combine = (F.one_hot(ids, self.num_experts).to(x.dtype) * w[..., None]).sum(1)  # [N, E]
-        g = torch.einsum("nh,eih->nei", x, self.w1)
-        u = torch.einsum("nh,eih->nei", x, self.w3)
-        y = torch.einsum("nei,ehi->neh", F.silu(g) * u, self.w2)  # [N, E, H]
-        return torch.einsum("neh,ne->nh", y, combine)
+        return moe_op.dense_experts(x, w, ids, self.w1, self.w3, self.w2)
 
     def _gather(self, x, w, ids):
         g = torch.einsum("nh,nkih->nki", x, self.w1[ids])  # w1[ids]: [N, k, I, H]
@@ -309,8 +311,8 @@ class MobileMoE(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def set_moe_impl(self, impl: str) -> None:
-        if impl not in ("auto", "dense", "gather", "grouped"):
-            raise ValueError(f"MoE impl must be auto|dense|gather|grouped, got {impl!r}")
+        if impl not in ("auto", "dense", "gather", "grouped", "op"):
+            raise ValueError(f"MoE impl must be auto|dense|gather|grouped|op, got {impl!r}")
         for layer in self.layers:
             if layer.moe is not None:
                 layer.moe.impl = impl

@@ -209,7 +209,8 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return math.inf if noise == 0 else 20 * math.log10(signal / noise)
 
 
-FLOAT_ONLY = ("router",)  # weights that stay float (with the norms): the compiler and QAT both read this
+FLOAT_ONLY = ("router",)  # weights that stay float (with the norms), by name: what QAT reads (the compiler
+# knows the router by its role in the MoE op: passes/common.py FLOAT_WEIGHTS)
 
 
 def is_int4_weight(name: str, p: torch.Tensor) -> bool:

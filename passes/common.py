@@ -8,6 +8,10 @@ attribute PARAM_TRANSFORMS (a JSON list), how each new parameter is made from th
     {"out": "p_..._wq_weight__s", "op": "int4_scales", "inputs": ["p_..._wq_weight"]}
 compiler/params.py replays the list on the checkpoint's tensors (with mobilemoe.quant, the one INT4
 implementation), so the packed weights are exactly those QAT simulated.
+
+Float weights. A pass that lowers an op whose weight must stay float (SparseMoEDispatch: the MoE
+router) lists that parameter in the function attribute FLOAT_WEIGHTS (a JSON list of names);
+QuantizeInt4Weights leaves the listed parameters float. The role comes from the op, not the name.
 """
 from __future__ import annotations
 
@@ -17,18 +21,12 @@ import tvm
 from tvm import relax
 
 PARAM_TRANSFORMS = "mobilemoe.param_transforms"
+FLOAT_WEIGHTS = "mobilemoe.float_weights"
 NUM_INPUT = "num_input"
 
 
 def is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def einsum_parts(expr) -> tuple[str, list] | None:
-    """(subscripts, operands) of an R.einsum call, else None."""
-    if not is_op(expr, "relax.einsum"):
-        return None
-    return str(expr.attrs.subscripts), list(expr.args[0].fields)
 
 
 def bindings(func: relax.Function) -> dict:
@@ -62,6 +60,21 @@ def get_transforms(func: relax.Function) -> list[dict]:
     if func.attrs is None or PARAM_TRANSFORMS not in func.attrs:
         return []
     return json.loads(str(func.attrs[PARAM_TRANSFORMS]))
+
+
+def float_weights(func: relax.Function) -> set[str]:
+    """Names of the parameters listed as staying float (FLOAT_WEIGHTS)."""
+    if func.attrs is None or FLOAT_WEIGHTS not in func.attrs:
+        return set()
+    return set(json.loads(str(func.attrs[FLOAT_WEIGHTS])))
+
+
+def add_float_weights(func: relax.Function, params: list) -> relax.Function:
+    """`func` with `params` (its parameters) added to FLOAT_WEIGHTS; unchanged when there are none."""
+    if not params:
+        return func
+    names = sorted(float_weights(func) | {p.name for p in params})
+    return func.with_attr(FLOAT_WEIGHTS, json.dumps(names))
 
 
 def rebuild(func: relax.Function, body_func: relax.Function, replace: dict, new_transforms: list[dict]):

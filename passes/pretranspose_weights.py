@@ -1,6 +1,6 @@
 """PretransposeWeights: a float weight read only through R.permute_dims becomes a transposed parameter.
 
-Before (the router, which stays float: mobilemoe.quant.FLOAT_ONLY):
+Before (the router, which stays float: FLOAT_WEIGHTS of passes/common.py):
     wt = R.permute_dims(W, axes=[1, 0])        # W [N, K] param: a transpose kernel on every call
     y  = R.matmul(x, wt)
 After:

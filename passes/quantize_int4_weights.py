@@ -15,8 +15,9 @@ Rewrites (x: activations, float32):
     call_tir(moe_grouped_down_combine, (a, offsets, order, w, W2))
                                             -> call_tir(moe_grouped_down_combine_int4, (.., W2__q4, W2__s))
     R.take(W, ids, axis=0)   (embedding)    -> call_tir(embedding_int4, (ids, W__q4, W__s))
-Router weights (name contains "router") and norms stay float. A weight whose K is not a multiple of
-32 stays float. The fp32 weight is never materialised: the kernels dequantize in the reduction.
+Parameters listed in the function's FLOAT_WEIGHTS (passes/common.py: the MoE router, listed by
+SparseMoEDispatch) and norms stay float. A weight whose K is not a multiple of 32 stays float.
+The fp32 weight is never materialised: the kernels dequantize in the reduction.
 """
 from __future__ import annotations
 
@@ -27,15 +28,14 @@ from tir_kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
 from tir_kernels.embedding import embedding_int4
 from tir_kernels.int4_dot import DotISA, interleave_for
 from tir_kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
-from mobilemoe.quant import FLOAT_ONLY, GROUP_SIZE, NIBBLES_PER_WORD
+from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
 
-from .common import bindings, is_op, rebuild, tensor_shape, weight_params
+from .common import bindings, float_weights, is_op, rebuild, tensor_shape, weight_params
 
 
 def quantizable(param: relax.Var) -> bool:
     shape = tensor_shape(param)
-    return (shape is not None and len(shape) in (2, 3) and shape[-1] % GROUP_SIZE == 0
-            and not any(tag in param.name for tag in FLOAT_ONLY))
+    return shape is not None and len(shape) in (2, 3) and shape[-1] % GROUP_SIZE == 0
 
 
 GROUPED_INT4 = {"moe_grouped_gate_up": moe_grouped_gate_up, "moe_grouped_down_combine": moe_grouped_down_combine}
@@ -62,7 +62,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.mod = mod
         self.func_bindings: dict = {}
-        self.params: set = set()
+        self.params: set = set()  # weight params that may become INT4 (not the function's FLOAT_WEIGHTS)
         self.quant: dict = {}  # float param -> (codes var, scales var)
 
     def _q(self, w: relax.Var):
@@ -157,7 +157,9 @@ class QuantizeInt4Weights:
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
-            rw.func_bindings, rw.params, rw.quant = bindings(func), set(weight_params(func)), {}
+            keep = float_weights(func)
+            rw.func_bindings, rw.quant = bindings(func), {}
+            rw.params = {p for p in weight_params(func) if p.name not in keep}
             body = rw.visit_expr(func)
             replace, transforms = {}, []
             for w, (q, s) in rw.quant.items():

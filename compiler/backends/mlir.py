@@ -21,8 +21,9 @@ The StableHLO files are torch-mlir's output as is: for the dynamic token and cac
 use shape.shape_of + stablehlo.dynamic_broadcast_in_dim, which IREE 3.13's StableHLO input does not
 legalize; IREE compiles the linalg form.
 
-aten.topk is rewritten into k rounds of max + mask before import (topk_as_iterated_max): torch-mlir
-lowers topk to a full tm_tensor.sort, which its StableHLO path cannot express for a dynamic token
+Each MoE layer's mobilemoe::moe op (mobilemoe/moe_op.py) is decomposed into its dense reference
+(einsums over all experts, moe_op.reference), and aten.topk is rewritten into k rounds of max + mask
+before import (topk_as_iterated_max): torch-mlir lowers topk to a full tm_tensor.sort, which its StableHLO path cannot express for a dynamic token
 count, and for which IREE 3.13 returned wrong expert ids in the second MoE layer of the
 dynamic-length prefill (logit error ~1e-2; static shapes and decode were exact).
 """
@@ -43,6 +44,7 @@ from torch.export.graph_signature import InputKind
 
 import mobilemoe
 from mobilemoe.artifact import PARAMS_NAME
+from mobilemoe import moe_op
 from mobilemoe.export import export_entry
 from targets import TARGETS
 
@@ -97,6 +99,7 @@ def _decompositions():
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table  # the optional [mlir] extra: deferred
     table = dict(get_decomposition_table())
     table[torch.ops.aten.topk.default] = topk_as_iterated_max
+    table[torch.ops.mobilemoe.moe.default] = moe_op.reference  # the MoE op as the dense form torch-mlir lowers
     return table
 
 

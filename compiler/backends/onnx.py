@@ -8,7 +8,8 @@ Where TVM cannot serve a target (no tuned kernels, no TVM runtime on the device,
 ONNX Runtime runs on every phone and desktop. The graph (onnx_graph.py) uses ORT's CPU
 contrib ops: MatMulNBits, QMoE, GroupQueryAttention, GatherBlockQuantized, (Skip)Simplified-
 LayerNormalization, with the INT4 weights repacked from the very codes and scales the TVM artifact
-holds. The artifact has the same format as a TVM one (mobilemoe/artifact.py) with manifest backend
+holds. Each MoE layer is mapped from the model's exported mobilemoe::moe op (moe_ops: the op's
+attributes and parameter operands, the same op the TVM importer maps) to QMoE with the op's routing. The artifact has the same format as a TVM one (mobilemoe/artifact.py) with manifest backend
 "onnx" and model.onnx (+ model.onnx.data when the weights exceed EXTERNAL_DATA_BYTES);
 `mobilemoe.runtimes.load_artifact` opens it with an onnxruntime session.
 
@@ -29,7 +30,9 @@ import onnx
 from onnx import helper
 
 import mobilemoe
+from mobilemoe import moe_op
 from mobilemoe.artifact import ONNX_NAME
+from mobilemoe.export import export_entry
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.quant import GROUP_SIZE, INT4_LAYOUT, ORT_INT4_LAYOUT
 
@@ -50,8 +53,8 @@ class OnnxExportError(RuntimeError):
 
 # MobileMoEConfig architecture options (mobilemoe/arch) that onnx_graph.py's decoder does not
 # build yet: an imported model using one of them gets the TVM artifact only
-ONNX_UNSUPPORTED_OPTIONS = ("rope_type", "qkv_bias", "o_bias", "qk_norm", "router", "norm_topk_prob", "shared_expert_gate",
-                            "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+ONNX_UNSUPPORTED_OPTIONS = ("rope_type", "qkv_bias", "o_bias", "qk_norm", "embedding_multiplier", "residual_multiplier",
+                            "attention_multiplier", "logits_scaling")
 
 
 def check_config(cfg) -> None:
@@ -73,12 +76,21 @@ def check_config(cfg) -> None:
                                   f"size {GROUP_SIZE} (MatMulNBits / QMoE block_size)")
 
 
+def moe_ops(model) -> list[tuple[dict, dict]]:
+    """Each MoE layer's mobilemoe::moe as torch.export records it (the compiler's MoE op): its
+    attributes and its operands' parameter names in our state dict ("layers.0.moe.w1")."""
+    if not model.config.is_moe:
+        return []
+    calls = moe_op.exported_calls(export_entry(model, "decode", cache="layers"))
+    return [(attrs, {k: v and v.removeprefix("model.") for k, v in ops.items()}) for attrs, ops in calls]
+
+
 def export_onnx(model, path: Path, random_weights: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                 external_data: bool | None = None) -> dict:
     """Write `path` (model.onnx, + model.onnx.data beside it when large); returns the manifest's "onnx" block."""
     cfg = model.config
     check_config(cfg)
-    proto = build_decoder(cfg, weight_source(model, random_weights), accuracy_level)
+    proto = build_decoder(cfg, weight_source(model, random_weights), accuracy_level, moe_ops(model))
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     if external_data is None:
         external_data = weight_bytes > EXTERNAL_DATA_BYTES

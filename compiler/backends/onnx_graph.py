@@ -15,12 +15,17 @@ Per layer, hidden states x are [S, H] float32:
     qkv    = MatMulNBits(h, wq|wk|wv)                            [S, (nh + 2 nkv) D]
     a, kv' = GroupQueryAttention(qkv, past kv, do_rotary=1)      cos/sin [max_seq_len, D/2]
     x, h   = x + MatMulNBits(a, wo), then normed
-    MoE:     logits = MatMul(h, router^T) in float32             [S, E]
-             router_weights = ScatterElements(0, TopK(logits).indices, Softmax(TopK(logits).values))
-             y = QMoE(h, logits, fc1 = w1/w3 rows interleaved, fc2 = w2, router_weights) + shared(h)
+    MoE:     each layer's mobilemoe::moe op of the exported program (mobilemoe/moe_op.py
+             exported_calls: its attributes and parameter operands) as
+             logits = MatMul(h, router^T) (+ router bias) in float32                         [S, E]
+             w, ids = the op's routing: TopK(logits) then Softmax ("topk_softmax"), or
+                      TopK(Softmax(logits)), renormalised when norm_topk_prob ("softmax_topk")
+             router_weights = ScatterElements(0, ids, w)                                        [S, E]
+             y = QMoE(h, logits, fc1 = w1/w3 rows interleaved, fc2 = w2, router_weights)
+                 + shared(h) (times Sigmoid(MatMulNBits(h, shared_gate)) when gated)
     dense:   y = MatMulNBits(silu(g) * u) with g|u = MatMulNBits(h, w1|w3)
-QMoE picks the top-k of softmax(logits), the same experts as top-k on the logits, and mixes them with
-router_weights as given, so routing is ours exactly (top-k on logits, softmax over the k).
+QMoE picks the top-k of softmax(logits), the same experts as top-k on the logits (softmax keeps the
+order), and mixes them with router_weights as given, so every routing variant of the op is exact.
 Embedding: GatherBlockQuantized on the INT4 table; with tied embeddings it reads the very bytes of
 the LM head's MatMulNBits weight. Router and norm weights stay float32.
 
@@ -91,8 +96,8 @@ class Graph:
 
 
 class DecoderBuilder:
-    def __init__(self, cfg: MobileMoEConfig, weights: Weights, accuracy_level: int):
-        self.cfg, self.w, self.acc = cfg, weights, accuracy_level
+    def __init__(self, cfg: MobileMoEConfig, weights: Weights, accuracy_level: int, moe_ops: list[tuple[dict, dict]]):
+        self.cfg, self.w, self.acc, self.moe_ops = cfg, weights, accuracy_level, moe_ops
         self.g = Graph()
 
     # ------------------------------------------------------------------ pieces
@@ -116,36 +121,51 @@ class DecoderBuilder:
         return self.g.op("MatMulNBits", [x, b, scales], prefix, outputs=outputs, domain=MS, K=k, N=n, bits=BITS,
                          block_size=GROUP_SIZE, accuracy_level=self.acc)
 
-    def swiglu(self, h: str, p: str, width: int, prefix: str) -> str:
-        """Dense FFN / shared expert: w2(silu(w1 h) * w3 h), gate and up as one MatMulNBits."""
-        gu = self.matmul_int4(h, [f"{p}.w1.weight", f"{p}.w3.weight"], prefix, init_name=f"{p}.w13")
-        g, u = self.g.op("Split", [gu, self.g.const(f"{p}.split", [width, width])], prefix, outputs=2, axis=-1)
+    def swiglu(self, h: str, w1: str, w3: str, w2: str, prefix: str) -> str:
+        """Dense FFN / shared expert: w2(silu(w1 h) * w3 h), gate and up as one MatMulNBits ({prefix}.w13)."""
+        gu = self.matmul_int4(h, [w1, w3], prefix, init_name=f"{prefix}.w13")
+        g, u = self.g.op("Split", [gu], prefix, outputs=2, axis=-1, num_outputs=2)
         act = self.g.op("Mul", [self.g.op("Mul", [g, self.g.op("Sigmoid", [g], prefix)], prefix), u], prefix)
-        return self.matmul_int4(act, [f"{p}.w2.weight"], prefix)
+        return self.matmul_int4(act, [w2], prefix)
 
-    def moe(self, h: str, i: int) -> str:
-        c, p = self.cfg, f"layers.{i}.moe"
-        router_t = self.w(f"{p}.router.weight").float().numpy().T  # [H, E]
-        logits = self.g.op("MatMul", [h, self.g.init(f"{p}.router.weight_t", router_t)], p)  # [S, E]
-        top, ids = self.g.op("TopK", [logits, self.g.const(f"{p}.k", [c.top_k])], p, outputs=2,
-                             axis=-1, largest=1, sorted=1)
-        probs = self.g.op("Softmax", [top], p, axis=-1)  # softmax over the k selected logits
+    def routing(self, logits: str, attrs: dict, p: str) -> str:
+        """The op's routing weights scattered over all experts: [S, E], zero off the top-k."""
+        g, k = self.g, self.g.const(f"{p}.k", [attrs["top_k"]])
+        if attrs["scoring"] == "topk_softmax":  # softmax over the k selected logits (ours, Granite)
+            top, ids = g.op("TopK", [logits, k], p, outputs=2, axis=-1, largest=1, sorted=1)
+            w = g.op("Softmax", [top], p, axis=-1)
+        else:  # "softmax_topk": the top-k of the softmax over all experts (OLMoE, Qwen-MoE, Mixtral)
+            w, ids = g.op("TopK", [g.op("Softmax", [logits], p, axis=-1), k], p, outputs=2, axis=-1, largest=1, sorted=1)
+            if attrs["norm_topk_prob"]:
+                w = g.op("Div", [w, g.op("ReduceSum", [w, g.const(f"{p}.last", [-1])], p, keepdims=1)], p)
         zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
-        zeros = self.g.op("ConstantOfShape", [self.g.op("Shape", [logits], p)], p, value=zero)
-        router_weights = self.g.op("ScatterElements", [zeros, ids, probs], p, axis=1)  # [S, E]
-        w1, s1 = int4_ort(self.w(f"{p}.w1"), f"{p}.w1")  # [E, I, H / 2], [E, I, H / 32]
-        w3, s3 = int4_ort(self.w(f"{p}.w3"), f"{p}.w3")
-        w2, s2 = int4_ort(self.w(f"{p}.w2"), f"{p}.w2")  # [E, H, I / 2], [E, H, I / 32]
-        g = self.g
+        zeros = g.op("ConstantOfShape", [g.op("Shape", [logits], p)], p, value=zero)
+        return g.op("ScatterElements", [zeros, ids, w], p, axis=1)
+
+    def moe(self, h: str, i: int, attrs: dict, ops: dict) -> str:
+        """Layer i's mobilemoe::moe (attributes, {operand: our parameter name or None}) as QMoE + routing."""
+        g, p = self.g, f"layers.{i}.moe"
+        router_t = self.w(ops["router_weight"]).float().numpy().T  # [H, E]
+        logits = g.op("MatMul", [h, g.init(f"{p}.router.weight_t", router_t)], p)  # [S, E]
+        if ops["router_bias"] is not None:
+            logits = g.op("Add", [logits, g.init(f"{p}.router.bias", self.w(ops["router_bias"]).float().numpy())], p)
+        router_weights = self.routing(logits, attrs, p)
+        w1, s1 = int4_ort(self.w(ops["w1"]), ops["w1"])  # [E, I, H / 2], [E, I, H / 32]
+        w3, s3 = int4_ort(self.w(ops["w3"]), ops["w3"])
+        w2, s2 = int4_ort(self.w(ops["w2"]), ops["w2"])  # [E, H, I / 2], [E, H, I / 32]
         fc1 = [g.init(f"{p}.w13.q4", interleave_rows(w1, w3)), g.init(f"{p}.w13.scales", interleave_rows(s1, s3))]
         fc2 = [g.init(f"{p}.w2.q4", w2), g.init(f"{p}.w2.scales", s2)]
         # inputs: x, router_probs, fc1 (+ bias), fc2 (+ bias), no fc3, no zero points (8), router_weights
         inputs = [h, logits, *fc1, "", *fc2, "", "", "", "", "", "", "", router_weights]
-        y = g.op("QMoE", inputs, p, domain=MS, k=c.top_k, activation_type="swiglu", swiglu_fusion=1,
+        y = g.op("QMoE", inputs, p, domain=MS, k=attrs["top_k"], activation_type="swiglu", swiglu_fusion=1,
                  expert_weight_bits=BITS, block_size=GROUP_SIZE, normalize_routing_weights=0,
                  accuracy_level=self.acc)
-        if c.shared_expert_hidden:
-            y = g.op("Add", [y, self.swiglu(h, f"{p}.shared", c.shared_expert_hidden, f"{p}.shared")], p)
+        if ops["shared_w1"] is not None:
+            q = f"{p}.shared"
+            shared = self.swiglu(h, ops["shared_w1"], ops["shared_w3"], ops["shared_w2"], q)
+            if ops["shared_gate"] is not None:  # Qwen2-MoE: times sigmoid(h @ gate^T), [S, 1]
+                shared = g.op("Mul", [g.op("Sigmoid", [self.matmul_int4(h, [ops["shared_gate"]], q)], q), shared], q)
+            y = g.op("Add", [y, shared], p)
         return y
 
     def attention(self, h: str, i: int, seqlens: str, total: str) -> str:
@@ -205,7 +225,9 @@ class DecoderBuilder:
         for i in range(c.num_layers):
             a = self.attention(h, i, "seqlens_k", "total_sequence_length")
             h, x = self.norm(x, f"layers.{i}.ffn_norm.weight", skip=a)
-            y = self.moe(h, i) if c.is_moe else self.swiglu(h, f"layers.{i}.ffn", c.ffn_hidden, f"layers.{i}.ffn")
+            f = f"layers.{i}.ffn"
+            y = (self.moe(h, i, *self.moe_ops[i]) if c.is_moe
+                 else self.swiglu(h, f"{f}.w1.weight", f"{f}.w3.weight", f"{f}.w2.weight", f))
             nxt = f"layers.{i + 1}.attn_norm.weight" if i + 1 < c.num_layers else "norm.weight"
             h, x = self.norm(x, nxt, skip=y)
         last = g.op("Slice", [h, g.const("last.start", [-1]), g.const("last.end", [2**62]), g.const("last.axes", [0])],
@@ -218,6 +240,10 @@ class DecoderBuilder:
         return g.model(f"MobileMoE {c.name}: INT4 ({GROUP_SIZE}-group) decoder with an explicit KV cache")
 
 
-def build_decoder(cfg: MobileMoEConfig, weights: Weights, accuracy_level: int = 0) -> onnx.ModelProto:
-    """The decoder graph for `cfg`, with INT4 weights quantized from `weights(name)` (float tensors)."""
-    return DecoderBuilder(cfg, weights, accuracy_level).build()
+def build_decoder(cfg: MobileMoEConfig, weights: Weights, accuracy_level: int = 0,
+                  moe_ops: list[tuple[dict, dict]] = ()) -> onnx.ModelProto:
+    """The decoder graph for `cfg`, with INT4 weights quantized from `weights(name)` (float tensors);
+    moe_ops: each layer's mobilemoe::moe (mobilemoe.moe_op.exported_calls, parameter names as ours)."""
+    if cfg.is_moe and len(moe_ops) != cfg.num_layers:
+        raise ValueError(f"config {cfg.name}: {len(moe_ops)} mobilemoe::moe ops for {cfg.num_layers} MoE layers")
+    return DecoderBuilder(cfg, weights, accuracy_level, list(moe_ops)).build()

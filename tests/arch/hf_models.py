@@ -35,6 +35,12 @@ TINY = {
 }
 
 
+def variant_config(model_type: str):
+    """Our MobileMoEConfig of the tiny HF config of `model_type`, read by its arch family (no transformers)."""
+    from mobilemoe.arch import config_from_hf
+    return config_from_hf({"model_type": model_type, **COMMON, **TINY[model_type][0]}, f"tiny {model_type} config.json")
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -112,6 +112,6 @@ def test_onnx_fallback_refuses_options_it_lacks(tmp_path):
     from compiler.backends.onnx import OnnxExportError, check_config
     cfg = load_checkpoint(save_tiny("olmoe", tmp_path / "olmoe")).config
     with pytest.raises(OnnxExportError, match=r"config olmoe \(arch 'olmoe'\): the ONNX decoder does not implement "
-                                              r"qk_norm='proj', router='softmax_topk'; build a TVM target instead"):
+                                              r"qk_norm='proj'; build a TVM target instead"):
         check_config(cfg)
     check_config(MobileMoEConfig.from_name("test-moe"))  # ours: fine

@@ -1,4 +1,5 @@
 """The ONNX Runtime fallback: INT4 repacking, numerics vs PyTorch and the TVM artifact, bad input, --fallback."""
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -135,11 +136,21 @@ def test_onnx_vs_pytorch_int4_and_tvm_host(int4_model, onnx_default, host_int4):
     assert err <= 1e-4 and agree == 1.0 and agree_tvm >= 0.99
 
 
-@pytest.mark.parametrize("preset", ["test-moe-noshared", "test-dense"])
+ROUTING = {  # the MoE op's routing variants on test-moe (mobilemoe/moe_op.py)
+    "softmax_topk-norm": dict(router="softmax_topk", norm_topk_prob=True),  # Mixtral, Qwen3-MoE
+    "softmax_topk-gated-shared": dict(router="softmax_topk", shared_expert_gate=True,  # Qwen2-MoE
+                                      arch="qwen2_moe"),  # (our own checkpoints have no shared-expert gate)
+}
+
+
+@pytest.mark.parametrize("preset", ["test-moe-noshared", "test-dense", *ROUTING])
 def test_graph_variants_match_pytorch_int4(preset, tmp_path):
-    """Untied LM head, no shared expert, top-1, MHA (nkv = nh); and the dense FFN."""
+    """Untied LM head, no shared expert, top-1, MHA (nkv = nh); the dense FFN; the MoE op's routing
+    variants (softmax then top-k, renormalised; a sigmoid-gated shared expert)."""
     torch.manual_seed(0)
-    ckpt = save_checkpoint(MobileMoE(MobileMoEConfig.from_name(preset)), tmp_path / "ckpt")
+    cfg = (dataclasses.replace(MobileMoEConfig.from_name("test-moe"), name=preset, **ROUTING[preset])
+           if preset in ROUTING else MobileMoEConfig.from_name(preset))
+    ckpt = save_checkpoint(MobileMoE(cfg), tmp_path / "ckpt")
     model = int4_reference(ckpt)
     ids = real_text_ids(model.config.vocab_size, 48)
     got = teacher_forced_logits(load_artifact(build(ckpt, "onnx", tmp_path / "onnx", verbose=False,

@@ -39,3 +39,32 @@ def run_entry(mod, values, entry, model, tokens, past, seed=0):
     new_kv = new_kv.reshape(c.num_layers, 2, *new_kv.shape[1:])  # [L, 2, 1, nkv, P+S, D]
     return out[0].numpy(), new_kv, (torch.from_numpy(feed[0]), torch.from_numpy(feed[1]),
                                     torch.from_numpy(kv.astype("float32")))
+
+
+H, E, I, K = 64, 8, 32, 2  # the MoE of the structural tests: hidden, experts, expert width, top-k
+
+
+def moe_params(attrs, shared: int = 64) -> dict:
+    """{role: relax.Var} of a mobilemoe.moe call's parameters (passes/moe_op.py), named p_<role>."""
+    from tvm import relax
+    shapes = {"router_weight": [E, H], "router_bias": [E], "w1": [E, I, H], "w3": [E, I, H], "w13": [E, 2 * I, H],
+              "w2": [E, H, I], "shared_w1": [shared, H], "shared_w3": [shared, H], "shared_w2": [H, shared],
+              "shared_gate": [1, H]}
+    return {r: relax.Var(f"p_{r}", relax.TensorType(shapes[r], "float32")) for r in attrs.roles() if r != "x"}
+
+
+def moe_module(attrs, n="n"):
+    """main(x [n, H], *params) = mobilemoe.moe(x, *params): one MoE layer, n tokens (a name: symbolic)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from passes import moe_op
+    n = tirx.Var(n, "int64") if isinstance(n, str) else n
+    x = relax.Var("x", relax.TensorType([n, H], "float32"))
+    params = moe_params(attrs)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *params.values()], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(moe_op.make(attrs, {"x": x, **params}))
+        bb.emit_func_output(y)
+    return bb.get()

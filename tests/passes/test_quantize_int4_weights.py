@@ -10,7 +10,7 @@ from tvm.script import relax as R
 
 from tir_kernels import int4_matmul, moe_grouped
 from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
-from passes.common import PARAM_TRANSFORMS
+from passes.common import FLOAT_WEIGHTS, PARAM_TRANSFORMS
 from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
@@ -21,11 +21,11 @@ from tests.passes.conftest import run_entry
 class Before:
     @R.function
     def main(x: R.Tensor(("n", 64), "float32"), p_wq_weight: R.Tensor((32, 64), "float32"),
-             p_router_weight: R.Tensor((8, 64), "float32")):
-        R.func_attr({"num_input": 1})
+             p_gate: R.Tensor((8, 64), "float32")):
+        R.func_attr({"num_input": 1, FLOAT_WEIGHTS: '["p_gate"]'})
         with R.dataflow():
             y = R.matmul(x, R.permute_dims(p_wq_weight, axes=[1, 0]))
-            r = R.matmul(x, R.permute_dims(p_router_weight, axes=[1, 0]))
+            r = R.matmul(x, R.permute_dims(p_gate, axes=[1, 0]))
             out = (y, r)
             R.output(out)
         return out
@@ -36,33 +36,36 @@ def expected():
     x = relax.Var("x", relax.TensorType([n, 64], "float32"))
     q = relax.Var("p_wq_weight__q4", relax.TensorType([32, 8], "uint32"))
     s = relax.Var("p_wq_weight__s", relax.TensorType([32, 2], "float16"))
-    router = relax.Var("p_router_weight", relax.TensorType([8, 64], "float32"))
+    gate = relax.Var("p_gate", relax.TensorType([8, 64], "float32"))
     transforms = json.dumps([{"out": "p_wq_weight__q4", "op": "int4_codes", "inputs": ["p_wq_weight"]},
                              {"out": "p_wq_weight__s", "op": "int4_scales", "inputs": ["p_wq_weight"]}])
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, q, s, router], attrs={"num_input": 1, PARAM_TRANSFORMS: transforms}):
+    attrs = {"num_input": 1, FLOAT_WEIGHTS: '["p_gate"]', PARAM_TRANSFORMS: transforms}
+    with bb.function("main", [x, q, s, gate], attrs=attrs):
         with bb.dataflow():
             gv = bb.add_func(int4_matmul(32, 64), "int4_matmul")
             y = bb.emit(relax.call_tir(gv, [x, q, s], relax.TensorType([n, 32], "float32")))
-            rt = bb.emit(relax.op.permute_dims(router, axes=[1, 0]))
+            rt = bb.emit(relax.op.permute_dims(gate, axes=[1, 0]))
             r = bb.emit(relax.op.matmul(x, rt))
             out = bb.emit_output(relax.Tuple([y, r]))
         bb.emit_func_output(out)
     return bb.get()
 
 
-def test_before_expected_router_stays_float():
+def test_before_expected_float_weights_stay_float():
+    """A parameter in FLOAT_WEIGHTS (SparseMoEDispatch lists the router there) is not quantized,
+    whatever its name."""
     tvm.ir.assert_structural_equal(QuantizeInt4Weights()(Before), expected())
 
 
 def test_before_expected_grouped_prefill_kernels():
-    """SparseMoEDispatch's prefill form: the float grouped kernels become their INT4 versions."""
-    from tests.passes.test_sparse_moe_dispatch import Before as MoEBefore
+    """SparseMoEDispatch's prefill form: the float grouped kernels become their INT4 versions; the
+    router stays float."""
+    from tests.passes.test_sparse_moe_dispatch import ATTRS, Before as MoEBefore, _routing
 
     n = tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([n, 64], "float32"))
-    ids = relax.Var("ids", relax.TensorType([n, 2], "int64"))
-    w = relax.Var("w", relax.TensorType([n, 2], "float32"))
+    router = relax.Var("p_router_weight", relax.TensorType([8, 64], "float32"))
     q13 = relax.Var("p_w13__q4", relax.TensorType([8, 64, 8], "uint32"))
     s13 = relax.Var("p_w13__s", relax.TensorType([8, 64, 2], "float16"))
     q2 = relax.Var("p_w2__q4", relax.TensorType([8, 64, 4], "uint32"))
@@ -70,8 +73,10 @@ def test_before_expected_grouped_prefill_kernels():
     transforms = json.dumps([{"out": f"{p}__{sfx}", "op": f"int4_{op}", "inputs": [p]}
                              for p in ("p_w13", "p_w2") for sfx, op in (("q4", "codes"), ("s", "scales"))])
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, ids, w, q13, s13, q2, s2], attrs={"num_input": 3, PARAM_TRANSFORMS: transforms}):
+    attrs = {"num_input": 1, FLOAT_WEIGHTS: '["p_router_weight"]', PARAM_TRANSFORMS: transforms}
+    with bb.function("main", [x, router, q13, s13, q2, s2], attrs=attrs):
         with bb.dataflow():
+            w, ids = _routing(bb, ATTRS, x, router)
             plan_gv = bb.add_func(moe_grouped.moe_route_plan(8, 2, "int64"), "moe_route_plan")
             plan = bb.emit(relax.call_tir(plan_gv, [ids], [relax.TensorType([9], "int32"),
                                                            relax.TensorType([n * 2], "int32")]))

@@ -1,84 +1,96 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 import tvm
 from tvm import relax, tirx
-from tvm.script import ir as I
-from tvm.script import relax as R
 
 from tir_kernels import moe_float, moe_grouped
+from passes import moe_op
+from passes.common import FLOAT_WEIGHTS
 from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.sparse_moe_dispatch import SparseMoEDispatch
-from tests.passes.conftest import run_entry
+from tests.passes.conftest import H, I, K, moe_module, moe_params, run_entry
+
+ATTRS = moe_op.MoEAttrs(top_k=K, scoring="topk_softmax", gate_up="fused")  # ours without the shared expert
+Before = moe_module(ATTRS)  # prefill: the token count n is symbolic
+BeforeDecode = moe_module(ATTRS, n=1)  # one static token
+ROUTER = json.dumps(["p_router_weight"])
 
 
-@I.ir_module
-class Before:  # prefill: the token count n is symbolic
-    @R.function
-    def main(x: R.Tensor(("n", 64), "float32"), ids: R.Tensor(("n", 2), "int64"), w: R.Tensor(("n", 2), "float32"),
-             p_w13: R.Tensor((8, 64, 64), "float32"), p_w2: R.Tensor((8, 64, 32), "float32")):
-        R.func_attr({"num_input": 3})
-        with R.dataflow():
-            e = R.expand_dims(ids, axis=[-1])
-            r = R.arange(0, 8, 1, dtype="int64")
-            onehot = R.astype(R.astype(R.equal(e, r), "int64"), "float32")
-            combine = R.sum(R.multiply(onehot, R.expand_dims(w, axis=[2])), axis=[1])
-            gu = R.einsum((x, p_w13), subscripts="nh,eih->nei")
-            g = R.strided_slice(gu, axes=[2], begin=[0], end=[32])
-            u = R.strided_slice(gu, axes=[2], begin=[32], end=[64])
-            a = R.multiply(R.multiply(g, R.sigmoid(g)), u)
-            y = R.einsum((a, p_w2), subscripts="nei,ehi->neh")
-            out = R.einsum((y, combine), subscripts="neh,ne->nh")
-            R.output(out)
-        return out
+def _linear(bb, x, w):
+    return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w, axes=[1, 0])), out_dtype="float32"))
 
 
-BeforeDecode = tvm.IRModule({"main": Before["main"].bind_symbolic_vars({"n": 1})})  # one static token
+def _routing(bb, attrs, x, router):
+    """The routing ops as TVM's importer made them of the PyTorch model's (mobilemoe.moe_op.route)."""
+    logits = _linear(bb, x, router)
+    if attrs.scoring == "softmax_topk":
+        logits = bb.emit(relax.op.nn.softmax(logits, axis=-1))
+    top = bb.emit(relax.op.topk(logits, k=K, axis=-1, ret_type="both", largest=True, dtype="int64"))
+    w, ids = bb.emit(relax.TupleGetItem(top, 0)), bb.emit(relax.TupleGetItem(top, 1))
+    if attrs.scoring == "topk_softmax":
+        w = bb.emit(relax.op.nn.softmax(w, axis=-1))
+    elif attrs.norm_topk_prob:
+        w = bb.emit(relax.op.divide(w, bb.emit(relax.op.sum(w, axis=[-1], keepdims=True))))
+    return w, ids
 
 
-def _signature(n):
-    x = relax.Var("x", relax.TensorType([n, 64], "float32"))
-    ids = relax.Var("ids", relax.TensorType([n, 2], "int64"))
-    w = relax.Var("w", relax.TensorType([n, 2], "float32"))
-    w13 = relax.Var("p_w13", relax.TensorType([8, 64, 64], "float32"))
-    w2 = relax.Var("p_w2", relax.TensorType([8, 64, 32], "float32"))
-    return x, ids, w, w13, w2
+def _signature(n, attrs=ATTRS):
+    x = relax.Var("x", relax.TensorType([n, H], "float32"))
+    return x, moe_params(attrs)
 
 
-def expected_gemv(n):
-    """The per-token GEMV form (decode; prefill with group_prefill=False)."""
-    x, ids, w, w13, w2 = _signature(n)
+def expected_gemv(n, attrs=ATTRS):
+    """The per-token GEMV form (decode; prefill with group_prefill=False), + the shared expert if any."""
+    x, p = _signature(n, attrs)
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, ids, w, w13, w2], attrs={"num_input": 3}):
+    with bb.function("main", [x, *p.values()], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
         with bb.dataflow():
-            gu = bb.emit(bb.call_te(moe_float.moe_gate_up, x, ids, w13, primfunc_name_hint="moe_gate_up"))
-            g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[32]))
-            u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[32], end=[64]))
+            w, ids = _routing(bb, attrs, x, p["router_weight"])
+            gu = bb.emit(bb.call_te(moe_float.moe_gate_up, x, ids, p["w13"], primfunc_name_hint="moe_gate_up"))
+            g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[I]))
+            u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[I], end=[2 * I]))
             a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
-            out = bb.emit_output(bb.call_te(moe_float.moe_down_combine, a, ids, w, w2,
-                                            primfunc_name_hint="moe_down_combine"))
+            out = bb.call_te(moe_float.moe_down_combine, a, ids, w, p["w2"], primfunc_name_hint="moe_down_combine")
+            if attrs.num_shared_experts:
+                routed = bb.emit(out)
+                sg = _linear(bb, x, p["shared_w1"])
+                act = bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(sg, bb.emit(relax.op.sigmoid(sg)))),
+                                                _linear(bb, x, p["shared_w3"])))
+                shared = _linear(bb, act, p["shared_w2"])
+                if attrs.shared_expert_gate:
+                    gate = bb.emit(relax.op.sigmoid(_linear(bb, x, p["shared_gate"])))
+                    shared = bb.emit(relax.op.multiply(gate, shared))
+                out = relax.op.add(routed, shared)
+            out = bb.emit_output(out)
         bb.emit_func_output(out)
     return bb.get()
 
 
 def expected_prefill():
     n = tirx.Var("n", "int64")
-    x, ids, w, w13, w2 = _signature(n)
+    x, p = _signature(n)
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, ids, w, w13, w2], attrs={"num_input": 3}):
+    with bb.function("main", [x, *p.values()], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
         with bb.dataflow():
+            w, ids = _routing(bb, ATTRS, x, p["router_weight"])
             plan_gv = bb.add_func(moe_grouped.moe_route_plan(8, 2, "int64"), "moe_route_plan")
             plan = bb.emit(relax.call_tir(plan_gv, [ids], [relax.TensorType([9], "int32"),
                                                            relax.TensorType([n * 2], "int32")]))
             offsets, order = bb.emit(relax.TupleGetItem(plan, 0)), bb.emit(relax.TupleGetItem(plan, 1))
             gate_up = bb.add_func(moe_grouped.moe_grouped_gate_up(8, 64, 64, 2, "float32"), "moe_grouped_gate_up")
-            gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, w13], relax.TensorType([n * 2, 64], "float32")))
+            gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, p["w13"]],
+                                        relax.TensorType([n * 2, 64], "float32")))
             g = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[0], end=[32]))
             u = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[32], end=[64]))
             a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
             down = bb.add_func(moe_grouped.moe_grouped_down_combine(8, 64, 32, 2, "float32"),
                                "moe_grouped_down_combine")
-            out = bb.emit_output(relax.call_tir(down, [a, offsets, order, w, w2], relax.TensorType([n, 64], "float32")))
+            out = bb.emit_output(relax.call_tir(down, [a, offsets, order, w, p["w2"]],
+                                                relax.TensorType([n, 64], "float32")))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -97,8 +109,18 @@ def test_group_prefill_off_keeps_gemvs():
     tvm.ir.assert_structural_equal(out, expected_gemv(tirx.Var("n", "int64")))
 
 
+def test_before_expected_routing_variant_and_gated_shared_expert():
+    """Qwen2-MoE's variant: softmax over all experts then top-k, renormalised, a sigmoid-gated shared expert."""
+    attrs = dataclasses.replace(ATTRS, scoring="softmax_topk", norm_topk_prob=True, num_shared_experts=1,
+                                shared_expert_gate=True)
+    tvm.ir.assert_structural_equal(SparseMoEDispatch()(moe_module(attrs, n=1)), expected_gemv(1, attrs))
+
+
 def test_does_not_fire_on_dense_matmul():
-    @I.ir_module
+    from tvm.script import ir as I_
+    from tvm.script import relax as R
+
+    @I_.ir_module
     class Dense:
         @R.function
         def main(x: R.Tensor(("n", 64), "float32"), p_w: R.Tensor((64, 64), "float32")):
@@ -116,11 +138,14 @@ def test_numeric_against_pytorch(imported, entry, tokens, past):
     model, mod, values = imported
     sparse = SparseMoEDispatch()(FuseExpertGateUp()(mod))
     text = sparse[entry].script()
-    assert not any(sub in text for sub in ("nh,eih->nei", "nei,ehi->neh", "neh,ne->nh"))  # the MoE einsums
+    assert "mobilemoe.moe" not in text  # every MoE call lowered, none to the dense einsums:
+    assert not any(sub in text for sub in ("nh,eih->nei", "nei,ehi->neh", "neh,ne->nh"))
     if entry == "prefill":  # symbolic token count: grouped by expert
         assert "moe_route_plan" in text and "moe_grouped_gate_up" in text and "moe_grouped_down_combine" in text
     else:
         assert "moe_grouped" not in text and "moe_gate_up" in text and "moe_down_combine" in text
+    assert json.loads(str(sparse[entry].attrs[FLOAT_WEIGHTS])) == [f"p_model_layers_{i}_moe_router_weight"
+                                                                  for i in range(model.config.num_layers)]
     logits, kv, feed = run_entry(sparse, values, entry, model, tokens, past)
     with torch.no_grad():
         ref_logits, ref_kv = model(*feed)
@@ -130,7 +155,7 @@ def test_numeric_against_pytorch(imported, entry, tokens, past):
 
 @pytest.mark.parametrize("before,tokens", [(BeforeDecode, 1), (Before, 3)], ids=["decode", "prefill"])
 def test_reads_only_selected_experts(before, tokens):
-    """The kernels' weight reads are indexed by the routed ids: poisoning an unselected expert
+    """The kernels' weight reads are indexed by the routed ids: poisoning every unselected expert
     with NaN leaves the output finite and unchanged."""
     import tvm.runtime
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
@@ -139,13 +164,19 @@ def test_reads_only_selected_experts(before, tokens):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((tokens, 64)).astype("float32")
-    ids = np.array([[0, 1], [1, 2], [2, 0]][:tokens], "int64")
-    w = rng.random((tokens, 2)).astype("float32")
+    router = rng.standard_normal((8, 64)).astype("float32")
     w13 = rng.standard_normal((8, 64, 64)).astype("float32")
     w2 = rng.standard_normal((8, 64, 32)).astype("float32")
-    args = lambda a, b: [tvm.runtime.tensor(v) for v in (x, ids, w, a, b)]
+    logits = x @ router.T
+    ids = np.argsort(-logits, axis=-1)[:, :2]
+    top = np.take_along_axis(logits, ids, -1)
+    w = np.exp(top - top.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    args = lambda a, b: [tvm.runtime.tensor(v) for v in (x, router, a, b)]
     clean = vm["main"](*args(w13, w2)).numpy()
-    w13[3:], w2[3:] = np.nan, np.nan
+    unused = sorted(set(range(8)) - set(ids.ravel()))
+    assert unused
+    w13[unused], w2[unused] = np.nan, np.nan
     poisoned = vm["main"](*args(w13, w2)).numpy()
     np.testing.assert_array_equal(clean, poisoned)
     ref = np.einsum("tj,tjhi,tji->th", w, w2[ids], _swiglu(np.einsum("th,tjih->tji", x, w13[ids])))
@@ -155,4 +186,3 @@ def test_reads_only_selected_experts(before, tokens):
 def _swiglu(gu):
     g, u = np.split(gu, 2, axis=-1)
     return g / (1 + np.exp(-g)) * u
-
