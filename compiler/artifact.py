@@ -17,12 +17,17 @@ from mobilemoe.checkpoint import atomic_dir
 from mobilemoe.tokenizer import default_tokenizer_path
 
 
-def write_artifact(out_dir, *, write_lib, params: dict[str, np.ndarray], manifest: dict,
+def write_artifact(out_dir, *, write_lib, params, manifest: dict,
                    checkpoint_dir: Path | None, extra_files: dict[str, Path] | None = None) -> Path:
-    """write_lib(path) writes lib.so; manifest gets "files" (sha256) added. Atomic."""
+    """write_lib(path) writes lib.so; params: {name: np.ndarray}, or anything with write(path) that
+    writes the safetensors file itself (compiler.params.PackedParams: streamed one tensor at a time).
+    manifest gets "files" (sha256) added. Atomic."""
     def write_files(tmp: Path):
         write_lib(tmp / LIB_NAME)
-        save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp / PARAMS_NAME))
+        if hasattr(params, "write"):
+            params.write(tmp / PARAMS_NAME)
+        else:
+            save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp / PARAMS_NAME))
 
     return write_artifact_files(out_dir, write_files, manifest, checkpoint_dir, extra_files)
 

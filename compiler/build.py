@@ -15,9 +15,12 @@
         [--fallback onnx]         if the TVM build fails, write an ONNX Runtime artifact instead
         [--ort-accuracy-level N]  ONNX only: 0 float32 compute (default), 4 int8 activations (faster)
 
-`build(checkpoint, target, ...)` loads the checkpoint once, resolves the target once and hands both
-to one backend (compiler/backends/): a target of targets/ builds with TVM, `--target onnx` the ONNX
-Runtime artifact, `--target mlir` MLIR (linalg + StableHLO, float32) with IREE modules. With
+`build(checkpoint, target, ...)` opens the checkpoint once, resolves the target once and hands both
+to one backend (compiler/backends/). A TVM target gets a model of the checkpoint's shapes (traced,
+never filled) and its weights read one tensor at a time as they are packed (LazyCheckpoint,
+compiler/params.py): a build never holds the model's weights in float; the other backends get the
+loaded model. A target of targets/ builds with TVM, `--target onnx` the ONNX Runtime artifact,
+`--target mlir` MLIR (linalg + StableHLO, float32) with IREE modules. With
 `--fallback onnx`, a failed TVM build writes the ONNX artifact where the TVM one would have gone.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mobilemoe.artifact import ArtifactError
-from mobilemoe.checkpoint import CheckpointError, load_checkpoint, shape_only_model
+from mobilemoe.checkpoint import CheckpointError, LazyCheckpoint, load_checkpoint, shape_only_model
 from mobilemoe.generate import DEFAULT_MODEL_DIR
 from targets import TARGETS, TargetError, get_target
 
@@ -73,9 +76,16 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     backend, spec = resolve(target_name)  # a usage error: fail before any work, never fall back
     if tuning_db and spec is None:
         raise BuildError(f"--tuning-db: target '{target_name}' is not built by TVM; tuning applies to TVM targets")
-    model = shape_only_model(preset) if preset else load_checkpoint(checkpoint)  # the one load
+    weights = None
+    if preset:
+        model = shape_only_model(preset)
+    elif spec is not None:  # TVM: the graph from the model's shapes, each weight read when it is packed
+        weights = LazyCheckpoint(checkpoint)
+        model = shape_only_model(weights.config)
+    else:
+        model = load_checkpoint(checkpoint)  # the one load
     out = Path(out) if out else Path("dist") / f"{model.config.name}-{target_name}"
-    options = BuildOptions(quant=quant, random_weights=preset is not None,
+    options = BuildOptions(quant=quant, random_weights=preset is not None, weights=weights,
                            checkpoint_dir=Path(checkpoint) if checkpoint and not preset else None, verbose=verbose,
                            dump_ir=dump_ir, tuning_db=tuning_db, kv_cache=kv_cache,
                            accuracy_level=DEFAULT_ACCURACY_LEVEL if ort_accuracy_level is None else ort_accuracy_level,
@@ -89,7 +99,10 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         print(f"warning: the TVM build for target '{target_name}' failed ({reason.strip()}); writing the "
               f"{ONNX_TARGET} fallback artifact instead", file=sys.stderr)
         fallback_from = {"target": target_name, "reason": reason[:4000]}
-        return BACKENDS[ONNX_TARGET].build_artifact(model, None, out, replace(options, fallback_from=fallback_from))
+        if weights is not None:  # the ONNX graph holds its weights: load them
+            model = load_checkpoint(checkpoint)
+        return BACKENDS[ONNX_TARGET].build_artifact(model, None, out, replace(options, weights=None,
+                                                                            fallback_from=fallback_from))
 
 
 def main(argv=None):

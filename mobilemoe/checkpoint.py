@@ -108,10 +108,11 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
-def shape_only_model(preset: str):
-    """A model of a preset's shapes (a name or a config JSON path) whose weights are never
-    initialised (pages untouched): for random-weight builds of paper-scale presets."""
-    cfg = MobileMoEConfig.from_name(preset)  # a preset name or a config JSON path
+def shape_only_model(preset: str | MobileMoEConfig):
+    """A model of a preset's shapes (a name, a config JSON path or a config) whose weights are never
+    initialised (pages untouched): for random-weight builds of paper-scale presets, and for the graph
+    of a checkpoint build whose weights are read lazily (LazyCheckpoint)."""
+    cfg = preset if isinstance(preset, MobileMoEConfig) else MobileMoEConfig.from_name(preset)  # name or JSON path
     with torch.device("meta"):
         model = MobileMoE(cfg)
     model = model.to_empty(device="cpu")
@@ -216,8 +217,9 @@ def weight_files(d: Path) -> dict[str, Path]:
     return files
 
 
-def read_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[str, torch.Tensor]:
-    """Read the expected tensors after checking every name and shape (errors name file and tensor)."""
+def index_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[str, Path]:
+    """{HF tensor name: the file holding it} for the expected tensors, after checking every name and
+    shape (errors name file and tensor); no tensor is read."""
     files = weight_files(d)
     by_file: dict[Path, list[str]] = {}
     if not files:  # one file: its own table of contents
@@ -237,7 +239,7 @@ def read_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[st
     if missing or unexpected:
         raise CheckpointError(f"{where}: tensors do not match {cfg_path} — missing {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    hf = {}
+    index = {}
     for path, file_names in sorted(by_file.items()):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -246,10 +248,58 @@ def read_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[st
                     if shape != expected[name]:
                         raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}, "
                                               f"config expects {list(expected[name])}")
-                    hf[name] = f.get_tensor(name)
+                    index[name] = path
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return index
+
+
+def _read(path: Path, names) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read_tensors(d: Path, expected: dict[str, tuple], cfg_path: Path) -> dict[str, torch.Tensor]:
+    """Read the expected tensors after checking every name and shape (errors name file and tensor)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in index_tensors(d, expected, cfg_path).items():
+        by_file.setdefault(path, []).append(name)
+    hf = {}
+    for path, names in sorted(by_file.items()):
+        hf.update(_read(path, names))
     return hf
+
+
+class LazyCheckpoint:
+    """A checkpoint's weights by our parameter name, each read from its safetensors file when asked for
+    (as load_checkpoint would hold it, in `dtype`) and not kept: a build streams a model of any size
+    tensor by tensor (compiler/params.py). Names and shapes are checked when it is opened, as
+    load_checkpoint checks them."""
+
+    def __init__(self, ckpt_dir, dtype: torch.dtype = torch.float32):
+        d = Path(ckpt_dir)
+        self.config = cfg = read_config(d)
+        self.dtype = dtype
+        self.index = index_tensors(d, expected_hf_shapes(cfg), d / CONFIG_NAME)
+        self.tmap = dict(tensor_map(cfg))
+        if cfg.tie_embeddings:
+            self.tmap["lm_head.weight"] = self.tmap["embed.weight"]
+
+    def __contains__(self, name) -> bool:
+        return name in self.tmap
+
+    def __iter__(self):
+        return iter(self.tmap)
+
+    def __len__(self) -> int:
+        return len(self.tmap)
+
+    def __getitem__(self, name) -> torch.Tensor:
+        sd = from_hf({name: self.tmap[name]}, lambda hf: _read(self.index[hf], [hf])[hf])
+        return sd[name].to(self.dtype)
 
 
 def read_config(ckpt_dir) -> MobileMoEConfig:

@@ -1,7 +1,7 @@
 """What compiler.build hands every backend besides the loaded model and the resolved target."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -9,6 +9,9 @@ from pathlib import Path
 class BuildOptions:
     quant: str = "int4"  # int4 | int4-f32 | none (compiler/pipeline.py QUANT_MODES; ONNX: int4 only)
     random_weights: bool = False  # a preset's shapes with random weights (shape-only build)
+    # TVM: our parameter name -> float tensor, read on access (mobilemoe.checkpoint.LazyCheckpoint); the
+    # model is then shape-only. None: the model's own parameters
+    weights: object | None = field(default=None, compare=False)
     checkpoint_dir: Path | None = None  # its config.json / tokenizer go into the artifact
     verbose: bool = True
     # TVM

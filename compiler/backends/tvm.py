@@ -3,8 +3,9 @@
 
 Steps: torch.export + Relax import (compiler/importer.py) -> graph phases (passes/) -> lowering
 phases with the target strategy's passes and schedules (compiler/pipeline.py) -> link with the
-target's toolchain -> replay the recorded parameter transforms (INT4 packing, the dot kernels' word
-order; compiler/params.py) -> write the artifact atomically (compiler/artifact.py).
+target's toolchain -> write the artifact atomically (compiler/artifact.py), replaying the recorded
+parameter transforms (INT4 packing, the dot kernels' word order; compiler/params.py) one tensor at
+a time into params.safetensors: the weights are never all in memory, in float or packed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from targets import TargetError
 
 from ..artifact import write_artifact
 from ..importer import ENTRY_POINTS, import_model
-from ..params import RandomWeights, materialize
+from ..params import PackedParams, RandomWeights, model_weights
 from ..pipeline import build_pipeline, graph_phases, options_for, phase_names
 from ..reproducible import reproducibility
 from ..tuning.database import TunedKernels
@@ -57,11 +58,16 @@ def kv_cache_layout(spec, kv_cache: str | None) -> str:
 
 def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None, tuning_db: str | None = None,
                   progress=None, random_weights: bool = False, report: dict | None = None,
-                  kv_cache: str | None = None):
-    """-> (executable, params {name: array}, entry_points manifest dict, pipeline phases, pipeline options).
+                  kv_cache: str | None = None, weights=None):
+    """-> (executable, params (compiler.params.PackedParams), entry_points manifest dict, pipeline phases,
+    pipeline options).
 
     `spec` is a targets.TargetSpec. The executable is a tvm Executable; params are the packed
-    parameters every entry point takes. `report` (a dict) receives what the schedule phase did:
+    parameters every entry point takes, produced when written (PackedParams.write streams them one
+    tensor at a time; .arrays() materializes them). Their float source: random (random_weights),
+    `weights` (a mapping of our parameter names -> float tensors read on access, e.g.
+    mobilemoe.checkpoint.LazyCheckpoint) or else the model's own parameters. The model is only traced:
+    the graph is imported without weights. `report` (a dict) receives what the schedule phase did:
     "tuning" (records applied from tuning_db) and "kernel_calls" (each entry's kernels in call
     order with their layer part).
     """
@@ -74,10 +80,12 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
     step = progress or (lambda name: None)
 
     step("import")
-    mod, _, source = import_model(model, with_weights=not random_weights, kv_cache=kv_cache)
+    mod, imported, _ = import_model(model, with_weights=False, kv_cache=kv_cache)  # shapes only: no weight copy
     if random_weights:
         source = RandomWeights({p.name: tuple(int(d) for d in p.ty.shape.values)
                                 for p in weight_params(mod[ENTRY_POINTS[0]])})
+    else:
+        source = model_weights(model, imported, weights)
     instruments = []
     if dump_ir is not None:
         instruments = [tvm.ir.instrument.DumpIR(Path(dump_ir), refresh=True), tvm.ir.instrument.PassTimingInstrument()]
@@ -97,11 +105,11 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
         if dump_ir is not None:
             timing = tvm.ir.instrument.PassTimingInstrument.render()
             Path(dump_ir, "pass_timing.txt").write_text(timing)
-    step("pack params")  # the recorded transforms, the dot kernels' interleaved codes included
-    params = {}
+    # the recorded transforms (the dot kernels' interleaved codes included), replayed when written
+    params = PackedParams(source, progress=progress is not None)
     for e in ENTRY_POINTS:
-        todo = [n for n in names[e] if n not in params]
-        params.update(materialize(todo, transforms[e], source, progress=progress is not None))
+        types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in weight_params(mod[e])}
+        params.add(types, transforms[e])  # as the compiled program takes them
     return executable, params, entry_points, phase_names(opts), opts
 
 
@@ -120,7 +128,7 @@ def quantization(opts) -> dict | None:
 
 def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:
     """The TVM artifact of `model` for the target `spec` (a targets.TargetSpec) at `out`."""
-    bar = tqdm(total=5, desc=f"build {spec.name}", disable=not options.verbose, unit="step")
+    bar = tqdm(total=4, desc=f"build {spec.name}", disable=not options.verbose, unit="step")
     timings = {}
     last = [time.perf_counter(), None]
 
@@ -136,8 +144,8 @@ def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:
     report = {}
     executable, params, entries, pipeline, opts = compile_model(
         model, spec, options.quant, options.dump_ir, options.tuning_db, step, random_weights=options.random_weights,
-        report=report, kv_cache=options.kv_cache)
-    step("write artifact")
+        report=report, kv_cache=options.kv_cache, weights=options.weights)
+    step("pack + write artifact")
     manifest = {
         "backend": BACKEND,
         "model": cfg.name,
