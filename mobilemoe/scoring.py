@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import INDEX_NAME, load_checkpoint
 from .generate import sample
 from .quant import simulate_int4
 from .runtimes import load_artifact
@@ -71,14 +71,15 @@ class ArtifactLM:
 
 
 def kind_of(path) -> str:
-    """'artifact' (manifest.json) or 'checkpoint' (config.json + model.safetensors) for a directory."""
+    """'artifact' (manifest.json) or 'checkpoint' (config.json + model.safetensors, or the sharded
+    model.safetensors.index.json) for a directory."""
     d = Path(path)
     if (d / "manifest.json").is_file():
         return "artifact"
-    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+    if (d / "config.json").is_file() and ((d / "model.safetensors").is_file() or (d / INDEX_NAME).is_file()):
         return "checkpoint"
     raise FileNotFoundError(f"{d}: neither an artifact (no manifest.json) nor a checkpoint "
-                            f"(needs config.json and model.safetensors)")
+                            f"(needs config.json and model.safetensors or {INDEX_NAME})")
 
 
 class Scorer:

@@ -9,6 +9,7 @@ import torch
 from mobilemoe.eval import (TaskError, bundled_tasks, choice_accuracy, compare, load_task, main, markdown,
                             perplexity, read_task_file)
 from mobilemoe.generate import generate
+from mobilemoe.generate import DEFAULT_MODEL_DIR
 from mobilemoe.scoring import ArtifactLM, Scorer, kind_of, open_scorer, rolling_windows
 from mobilemoe.tokenizer import BOS_ID
 from tests.eval_helpers import MC_ROWS, SAMPLE, make_checkpoint, write_jsonl
@@ -150,6 +151,12 @@ def test_kind_of(ckpt, tmp_path):
     assert kind_of(tmp_path) == "artifact"
     with pytest.raises(FileNotFoundError, match="neither an artifact"):
         kind_of(tmp_path / "missing")
+    sharded = tmp_path / "sharded"  # config.json + model.safetensors.index.json (the bundled model's form)
+    sharded.mkdir()
+    (sharded / "config.json").write_text("{}")
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert kind_of(sharded) == "checkpoint"
+    assert kind_of(DEFAULT_MODEL_DIR) == "checkpoint"
 
 
 def test_compare_table_and_cli(ckpt, tmp_path, capsys):
