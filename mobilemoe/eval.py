@@ -174,10 +174,10 @@ def markdown(table: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def open_spec(spec: str, threads: int | None = None) -> Scorer:
+def open_spec(spec: str, threads: int | None = None, device: str = "cpu") -> Scorer:
     """`DIR` (checkpoint or artifact) or `int4:DIR` (checkpoint with INT4 weights simulated)."""
     int4 = spec.startswith("int4:")
-    return open_scorer(spec.removeprefix("int4:"), int4=int4, num_threads=threads)
+    return open_scorer(spec.removeprefix("int4:"), int4=int4, num_threads=threads, device=device)
 
 
 def saved_results(path: Path) -> list[dict]:
@@ -197,6 +197,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N documents of each task (0: all)")
     p.add_argument("--threads", type=int, default=None, help="torch / runtime threads")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument("--device", default="cpu", help="where checkpoints run: cpu | cuda (artifacts: their runtime)")
 
 
 def main(argv=None) -> int:
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
             if spec.endswith(".json"):  # results saved earlier with --json: not recomputed
                 results += saved_results(Path(spec))
                 continue
-            results.append(evaluate(open_spec(spec, a.threads), tasks, a.limit, path=spec))
+            results.append(evaluate(open_spec(spec, a.threads, a.device), tasks, a.limit, path=spec))
             print(f"{spec}: " + json.dumps(results[-1]["tasks"]), file=sys.stderr)
     except (TaskError, FileNotFoundError, ValueError, RuntimeError) as e:  # Checkpoint-/ArtifactError too
         print(f"error: {e}", file=sys.stderr)

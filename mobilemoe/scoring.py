@@ -43,12 +43,12 @@ class TorchLM:
     @torch.no_grad()
     def last(self, ids: list[int], kv=None):
         logits, kv = self.model(torch.tensor([ids], device=self.device), kv=kv, last_only=True)
-        return logits[0, -1].float(), kv  # [V]
+        return logits[0, -1].float().cpu(), kv  # [V] (on the CPU: the scorer's maths)
 
     @torch.no_grad()
     def each(self, ids: list[int], kv=None):
         logits, kv = self.model(torch.tensor([ids], device=self.device), kv=kv)
-        return logits[0].float(), kv  # [S, V]
+        return logits[0].float().cpu(), kv  # [S, V]
 
 
 class ArtifactLM:
@@ -174,9 +174,10 @@ def rolling_windows(ids: list[int], max_len: int) -> list[tuple[list[int], list[
     return windows
 
 
-def open_scorer(path, int4: bool = False, num_threads: int | None = None) -> Scorer:
+def open_scorer(path, int4: bool = False, num_threads: int | None = None, device: str = "cpu") -> Scorer:
     """A Scorer for a checkpoint or artifact directory (kind_of decides). int4: checkpoints only,
-    every INT4 weight replaced by dequant(quantize(w)) (mobilemoe.quant.simulate_int4)."""
+    every INT4 weight replaced by dequant(quantize(w)) (mobilemoe.quant.simulate_int4). device: where
+    a checkpoint's model runs (an artifact runs on its own runtime's device)."""
     path = Path(path)
     kind = kind_of(path)
     if kind == "artifact":
@@ -188,6 +189,7 @@ def open_scorer(path, int4: bool = False, num_threads: int | None = None) -> Sco
     model = load_checkpoint(path)
     if int4:
         model = simulate_int4(model)
+    model = model.to(device)
     tok_file = path / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file if tok_file.is_file() else None)
     return Scorer(TorchLM(model), tokenizer, label=path.name + (" int4" if int4 else ""),

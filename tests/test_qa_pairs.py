@@ -140,9 +140,9 @@ def test_exact_answer_rate_and_build_sft_data(tmp_path):
     assert not {r["item"] for r in recs["train"]} & {r["item"] for r in recs["heldout_qa"]}
     qa = read_qa(tmp_path / "sft" / "heldout_qa.jsonl")
     oracle = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in qa}
-    res = exact_answer_rate(lambda q: oracle[q], qa)
+    res = exact_answer_rate(lambda qs: [oracle[q] for q in qs], qa)
     assert res["rate"] == 1.0 and res["n"] == len(qa) and len(res["samples"]) == min(5, len(qa))
-    assert exact_answer_rate(lambda q: "no idea", qa)["rate"] == 0.0
+    assert exact_answer_rate(lambda qs: ["no idea"] * len(qs), qa)["rate"] == 0.0
     two = read_qa(tmp_path / "sft" / "heldout_qa.jsonl", limit=2)  # spread over the file, in order
     assert len(two) == 2 and two[0] == qa[0] and two[1] == qa[len(qa) // 2]
     with pytest.raises(ValueError, match="'check'"):

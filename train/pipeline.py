@@ -5,6 +5,7 @@
         [--resume] [--export mobilemoe/assets/default-model] [--compare-with runs/tiny-dense]
     python -m train.pipeline --init HF_DIR --stages sft,qat --sft-data data/sft --out runs/ft --export DIR
     torchrun --nproc-per-node 2 -m train.pipeline ...          (the same, data-parallel)
+    python -m train.pipeline ... --set all.cache_dir=C --prepare-data   (tokenize once for runs sharing C)
 
 Layout of --out: sft-data/ (question/answer pairs built from --corpus by train.sft_data), cache/
 (tokenized rows), one dir per stage (train/loop.py: metrics.jsonl, loss.png, checkpoint/, final/,
@@ -36,7 +37,8 @@ from mobilemoe.checkpoint import imported_config, imported_files, load_checkpoin
 from mobilemoe.tokenizer import load_tokenizer
 from train.evaluate import evaluate_checkpoint
 from train.logs import plot_losses, read_metrics
-from train.loop import StageConfig, StageError, StageHooks, apply_overrides, init_dist, run_stage
+from train.loop import (Dist, StageConfig, StageError, StageHooks, apply_overrides, init_dist, run_stage,
+                        stage_rows)
 from train.midtrain import MidtrainConfig
 from train.pretrain import PretrainConfig
 from train.qat import QATHooks, QATStageConfig
@@ -116,6 +118,22 @@ def report(cfgs: dict[str, StageConfig], out: Path, device: str, qa_limit: int =
     return rep
 
 
+def prepare_data(cfgs: dict[str, StageConfig]) -> int:
+    """Tokenize every stage's training and held-out data into its cache_dir (what each stage would do
+    at its start), so that pipelines launched side by side with one all.cache_dir share one copy
+    instead of each tokenizing the corpus; returns the number of distinct caches."""
+    seen = set()
+    for cfg in cfgs.values():
+        key = (cfg.seq_len, cfg.packing, cfg.data_filter, tuple(cfg.train_data), tuple(cfg.heldout_data),
+               cfg.tokenizer, cfg.cache_dir)
+        if key not in seen:
+            seen.add(key)
+            tok = load_tokenizer(cfg.tokenizer or None)
+            stage_rows(cfg, tok, Dist(), cfg.train_data, "train", cfg.packing)
+            stage_rows(cfg, tok, Dist(), cfg.heldout_data, "eval", cfg.packing)
+    return len(seen)
+
+
 def stage_curves(dirs: dict[str, Path]) -> dict[str, list[dict]]:
     """Each stage's metrics (stage name -> its out_dir) with tokens counted from the pipeline's start."""
     curves, offset = {}, 0
@@ -156,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare-with", type=Path, help="another pipeline --out: joint loss plot + table")
     p.add_argument("--device", default="auto")
     p.add_argument("--qa-limit", type=int, default=300, help="held-out questions for the exact-answer check (0: skip)")
+    p.add_argument("--prepare-data", action="store_true", help="only tokenize every stage's data into its "
+                   "cache_dir and exit (before launching pipelines that share all.cache_dir)")
     a = p.parse_args(argv)
 
     d = init_dist(a.device)  # once for all stages (a no-op without torchrun)
@@ -173,6 +193,12 @@ def main(argv=None) -> int:
             if d.main:
                 build_sft_data(a.corpus, sft_dir)
             d.barrier()
+        if a.prepare_data:
+            if a.init:
+                raise StageError("--prepare-data: models of our own only (an --init model tokenizes with its own format)")
+            if d.main:
+                print(f"pipeline: {prepare_data(cfgs)} data cache(s) ready", file=sys.stderr)
+            return 0
         for name in wanted:
             cfg = cfgs[name]
             if a.resume and (Path(cfg.out_dir) / "summary.json").is_file():

@@ -59,3 +59,20 @@ def test_four_stages_with_falling_loss_and_export(corpus_dir, tokenizer_path, tm
     capsys.readouterr()
     assert main(args + ["--resume"] + [a for s in sets for a in ("--set", s)]) == 0  # all stages done
     assert capsys.readouterr().err.count("already finished") == 4
+
+
+def test_prepare_data_fills_the_shared_cache(corpus_dir, tokenizer_path, tmp_path, capsys):
+    """--prepare-data tokenizes each stage's data once into all.cache_dir; a stage then reads it, no new cache."""
+    cache = tmp_path / "cache"
+    sets = ["all.tokenizer=" + str(tokenizer_path), "all.device=cpu", "all.progress=false", "all.seq_len=64",
+            "all.batch_size=4", "all.eval_tokens=512", f"all.cache_dir={cache}", "sft.seq_len=32",
+            "midtrain.data_filter=quality", "pretrain.max_steps=2"]
+    args = ["--model", "test-moe", "--corpus", str(corpus_dir), "--out", str(tmp_path / "run")]
+    args += [a for s in sets for a in ("--set", s)]
+    assert main(args + ["--prepare-data"]) == 0
+    made = sorted(p.name for p in cache.iterdir() if (p / "meta.json").is_file())
+    # text (64) train + held-out, midtrain's quality-filtered train, chats (32 and qat's 64) train + held-out
+    assert len(made) == 7 and not (tmp_path / "run" / "pretrain").exists()
+    assert "data cache(s) ready" in capsys.readouterr().err
+    assert main(args + ["--stages", "pretrain"]) == 0
+    assert sorted(p.name for p in cache.iterdir() if (p / "meta.json").is_file()) == made

@@ -1,10 +1,10 @@
 # on the GPU: the MoE's grouped (torch._grouped_mm under bf16 autocast) and dense impls agree, forward and
-# backward, and how fast each trains mobilemoe-mini's MoE layer
-import time, torch
+# backward, and how fast each trains one MoE layer of MODEL (env, default mobilemoe-mini)
+import os, time, torch
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MoE
 torch.manual_seed(0)
-cfg = MobileMoEConfig.from_name("mobilemoe-mini")
+cfg = MobileMoEConfig.from_name(os.environ.get("MODEL", "mobilemoe-mini"))
 moe = MoE(cfg).cuda()
 for p in moe.parameters():
     torch.nn.init.normal_(p, std=0.02)
