@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare-with", type=Path, help="another pipeline --out: joint loss plot + table")
     p.add_argument("--device", default="auto")
     p.add_argument("--qa-limit", type=int, default=300, help="held-out questions for the exact-answer check (0: skip)")
-    p.add_argument("--prepare-data", action="store_true", help="only tokenize every stage's data into its "
-                   "cache_dir and exit (before launching pipelines that share all.cache_dir)")
+    p.add_argument("--prepare-data", action="store_true", help="only tokenize the data of every stage in --stages "
+                   "into its cache_dir and exit (before launching pipelines that share all.cache_dir)")
     a = p.parse_args(argv)
 
     d = init_dist(a.device)  # once for all stages (a no-op without torchrun)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             if a.init:
                 raise StageError("--prepare-data: models of our own only (an --init model tokenizes with its own format)")
             if d.main:
-                print(f"pipeline: {prepare_data(cfgs)} data cache(s) ready", file=sys.stderr)
+                print(f"pipeline: {prepare_data({n: cfgs[n] for n in wanted})} data cache(s) ready", file=sys.stderr)
             return 0
         for name in wanted:
             cfg = cfgs[name]

@@ -69,6 +69,8 @@ def test_prepare_data_fills_the_shared_cache(corpus_dir, tokenizer_path, tmp_pat
             "midtrain.data_filter=quality", "pretrain.max_steps=2"]
     args = ["--model", "test-moe", "--corpus", str(corpus_dir), "--out", str(tmp_path / "run")]
     args += [a for s in sets for a in ("--set", s)]
+    assert main(args + ["--prepare-data", "--stages", "pretrain,midtrain"]) == 0
+    assert len(list(cache.iterdir())) == 3  # text train + held-out, midtrain's quality-filtered train
     assert main(args + ["--prepare-data"]) == 0
     made = sorted(p.name for p in cache.iterdir() if (p / "meta.json").is_file())
     # text (64) train + held-out, midtrain's quality-filtered train, chats (32 and qat's 64) train + held-out

@@ -7,7 +7,8 @@
 # From a checkout of this branch (the cwd), IN holding corpus.tar.xz (data/corpus/{train,heldout}.jsonl) and
 # whl/ (tokenizers, safetensors, torchao, tqdm wheels for the device's Python). Steps, timed from the start:
 #  1. wheels, corpus, SFT data (train.sft_data), every stage's data tokenized once into one shared cache
-#     (train.pipeline --prepare-data); meanwhile gmm_check.py picks each MoE's impl (grouped or dense).
+#     (train.pipeline --prepare-data; the chat data goes on during 2); meanwhile gmm_check.py picks each
+#     MoE's impl (grouped or dense).
 #  2. calibration: every run at once for 30 pre-training steps; equal_tokens.py gives each GROUP the tokens
 #     its slowest run (the MoE) trains in S seconds at that shared rate.
 #  3. the real runs, all at once, all four stages; pre-training capped at the group's tokens (max_tokens:
@@ -61,8 +62,7 @@ done
 grep -q "CHOICE grouped" "$OUT/gmm_mobilemoe-mini.txt" && export IMPL_MINI=grouped
 grep -q "CHOICE grouped" "$OUT/gmm_mobilemoe-50m.txt" && export IMPL_50M=grouped
 wait $PT || { tail "$OUT/prep_text.log"; exit 5; }
-wait $PS || { tail "$OUT/prep.log"; exit 6; }
-echo "data ready $(el)s; impl mini ${IMPL_MINI:-dense}, 50m ${IMPL_50M:-dense}"
+echo "text data ready $(el)s; impl mini ${IMPL_MINI:-dense}, 50m ${IMPL_50M:-dense}"
 
 # 2. calibration: all runs at once, CAL (30) steps
 mkdir -p "$W/cal" "$W/runs"
@@ -75,6 +75,8 @@ wait
 BUDGET=$(python3 train/runs/issue17/equal_tokens.py "$W/cal" "$S" "$STEP" $(for r in $R; do g=${r%%/*}; run=${r#*/}; echo "$g/${run%%:*}-s${run##*:}"; done)) \
   || { tail -n 30 "$W"/cal/*.log; exit 7; }
 echo "$BUDGET" | tee "$OUT/budget.txt" "$W/budget.txt"; echo "calibrated $(el)s"
+wait $PS || { tail "$OUT/prep.log"; exit 6; }
+echo "chat data ready $(el)s"
 
 # 3. the real runs, all at once, cut (SIGINT) at D - 75 s
 LIMIT=$(( D - 75 - $(el) ))
