@@ -52,9 +52,9 @@ args() {  # args MODEL SEED OUTDIR: the pipeline's arguments for one run
 
 # 1. data (CPU) while the GPU checks the MoE impls
 ( python3 -m train.sft_data --corpus data/corpus --out data/sft > "$OUT/prep.log" 2>&1 &&
-  python3 -m train.pipeline $(args mobilemoe-mini 0 "$W/prep") --stages sft,qat --prepare-data >> "$OUT/prep.log" 2>&1 ) &
+  python3 -m train.pipeline $(args mobilemoe-mini 0 "$W/prep") --stages sft,qat --set pretrain.max_tokens=1 --prepare-data >> "$OUT/prep.log" 2>&1 ) &
 PS=$!
-python3 -m train.pipeline $(args mobilemoe-mini 0 "$W/prep") --stages pretrain,midtrain --prepare-data > "$OUT/prep_text.log" 2>&1 &
+python3 -m train.pipeline $(args mobilemoe-mini 0 "$W/prep") --stages pretrain,midtrain --set pretrain.max_tokens=1 --prepare-data > "$OUT/prep_text.log" 2>&1 &
 PT=$!
 for m in mobilemoe-mini mobilemoe-50m; do
   MODEL=$m timeout 60 python3 train/runs/issue17/gmm_check.py > "$OUT/gmm_$m.txt" 2>&1
