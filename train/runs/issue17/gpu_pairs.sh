@@ -69,7 +69,7 @@ mkdir -p "$W/cal" "$W/runs"
 for r in $R; do
   run=${r#*/}; model=${run%%:*} seed=${run##*:}
   timeout 120 python3 -m train.pipeline $(args "$model" "$seed" "$W/cal/$model-s$seed") --stages pretrain \
-    --set pretrain.max_steps=$CAL --set pretrain.eval_tokens=32768 > "$W/cal/$model-s$seed.log" 2>&1 &
+    --set pretrain.max_steps=$CAL --set "pretrain.eval_tokens=${CALE:-32768}" --set pretrain.log_every=5 > "$W/cal/$model-s$seed.log" 2>&1 &
 done
 wait
 BUDGET=$(python3 train/runs/issue17/equal_tokens.py "$W/cal" "$S" "$STEP" $(for r in $R; do g=${r%%/*}; run=${r#*/}; echo "$g/${run%%:*}-s${run##*:}"; done)) \
