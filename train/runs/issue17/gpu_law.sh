@@ -7,7 +7,7 @@
 # OUT/sweep.jsonl: one line per finished run (train.scaling sweep's log); OUT/sweep.log: its progress;
 # OUT/failed.tgz: the logs of runs that failed. Then, here: python -m train.scaling fit --log OUT/sweep.jsonl
 set -u
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 IN=${IN:?IN: the folder with corpus.tar.xz and whl/}; OUT=${OUT:?}; D=${D:-560}; N=${N:-16}
 W=${W:-/tmp/sc}; mkdir -p "$W" "$OUT"

@@ -17,7 +17,7 @@
 #  4. multiple choice (python_modules, python_docstrings, 100 each) after every stage, on the GPU.
 # Everything that finished by D seconds goes to OUT/reports.tgz, with a table (OUT/table.md).
 set -u
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 IN=${IN:?IN: the folder with corpus.tar.xz and whl/}; OUT=${OUT:?}; R=${R:?R: GROUP/MODEL:SEED ...}
 S=${S:-230}; D=${D:-570}; Q=${Q:-300}; M=${M:-1000000}; F=${F:-1500000}; Z=${Z:-500000}
@@ -65,13 +65,14 @@ wait $PT || { tail "$OUT/prep_text.log"; exit 5; }
 echo "text data ready $(el)s; impl mini ${IMPL_MINI:-dense}, 50m ${IMPL_50M:-dense}"
 
 # 2. calibration: all runs at once, CAL (30) steps
-mkdir -p "$W/cal" "$W/runs"
+mkdir -p "$W/cal" "$W/runs"; CP=()
 for r in $R; do
   run=${r#*/}; model=${run%%:*} seed=${run##*:}
   timeout 120 python3 -m train.pipeline $(args "$model" "$seed" "$W/cal/$model-s$seed") --stages pretrain \
     --set pretrain.max_steps=$CAL --set "pretrain.eval_tokens=${CALE:-32768}" --set pretrain.log_every=5 > "$W/cal/$model-s$seed.log" 2>&1 &
+  CP+=($!)
 done
-wait
+wait "${CP[@]}"
 BUDGET=$(python3 train/runs/issue17/equal_tokens.py "$W/cal" "$S" "$STEP" $(for r in $R; do g=${r%%/*}; run=${r#*/}; echo "$g/${run%%:*}-s${run##*:}"; done)) \
   || { tail -n 30 "$W"/cal/*.log; exit 7; }
 echo "$BUDGET" | tee "$OUT/budget.txt" "$W/budget.txt"; echo "calibrated $(el)s"
