@@ -8,7 +8,7 @@ held-out documents (text) and the held-out SFT pairs (chat); exact: exact-answer
 questions (greedy); MC: accuracy on the bundled multiple-choice tasks.
 """
 import json
-import statistics
+import math
 import sys
 from pathlib import Path
 
@@ -61,9 +61,13 @@ def tables(runs_dir: Path) -> str:
         group = [r for r in rows if r["model"] == model]
         cells = []
         for k in keys:
-            vals = [r[k] for r in group]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(fmt(k, statistics.mean(vals)) + ("" if k == "tokens" else f" +- {sd:.3f}"))
+            vals = [r[k] for r in group if not math.isnan(r[k])]
+            if not vals:
+                cells.append("-")
+                continue
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            cells.append(fmt(k, mean) + ("" if k == "tokens" else f" +- {sd:.3f}"))
         out.append(f"| {model} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
