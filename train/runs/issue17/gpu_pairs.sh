@@ -32,7 +32,7 @@ mkdir -p data && tar -C data -xJf "$IN/corpus.tar.xz" || exit 4
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch; print(torch.__version__)"
 
 SETS=(all.progress=false all.log_every=10 all.eval_every=100 all.ckpt_every=1000000 all.eval_tokens=200000
-      all.batch_size=32 all.seq_len=1024 "all.tokenizer=$TOK" "all.cache_dir=$CACHE"
+      all.batch_size=16 all.grad_accum=2 all.seq_len=1024 "all.tokenizer=$TOK" "all.cache_dir=$CACHE"
       pretrain.epochs=0 pretrain.warmup_steps=30 pretrain.schedule=cosine pretrain.min_lr_ratio=0.1
       midtrain.epochs=0 midtrain.max_tokens=$M midtrain.warmup_steps=10
       sft.seq_len=512 sft.epochs=0 sft.max_tokens=$F sft.lr=5e-4
@@ -43,8 +43,8 @@ args() {  # args MODEL SEED OUTDIR: the pipeline's arguments for one run
   local a=(--model "$1" --out "$3" --corpus data/corpus --sft-data data/sft --set "all.seed=$2"
            --set "pretrain.lr=$lr" --set "midtrain.lr=$lr")
   for s in "${SETS[@]}"; do a+=(--set "$s"); done
-  case "$1" in  # each MoE with the impl its check picked; the 50m MoE in two micro-batches (memory)
-    mobilemoe-50m) a+=(--set "all.moe_impl=${IMPL_50M:-dense}" --set all.batch_size=16 --set all.grad_accum=2) ;;
+  case "$1" in  # each MoE with the impl its check picked (batches of 32 in two micro-batches of 16: memory)
+    mobilemoe-50m) a+=(--set "all.moe_impl=${IMPL_50M:-dense}") ;;
     mobilemoe-mini) a+=(--set "all.moe_impl=${IMPL_MINI:-dense}") ;;
   esac
   echo "${a[@]}"
