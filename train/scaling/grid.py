@@ -109,21 +109,22 @@ def corpus50m_grid(vocab: int = 8192) -> list[dict]:
     """The refit on the ~50M-token corpus (issue 17), under one pass (no token seen twice), sized for
     one 10-minute GPU call; run with --tokenizer train/runs/issue17/tokenizer-8192.json.
         size    dense FFN 2H and the reference MoE at (H, L) = (256, 4), (384, 6), (512, 8)
-                (4.5-67M total params) on 3.1M, 6.3M and 12.6M tokens; (256, 4) also on 25.2M
-        shape   (256, 4) on 6.3M tokens: 4 and 64 experts (R), G = 2 and 32 without a shared expert,
+                (4.5-67M total params) on 1.6M, 3.1M and 6.3M tokens; (256, 4) also on 12.6M and 25.2M
+        shape   (256, 4) on 3.1M tokens: 4 and 64 experts (R), G = 2 and 32 without a shared expert,
                 shared share s = 0 and 3/4 (as the default grid's families): what pins rho, gamma, sigma"""
     runs = []
-    for steps in (192, 384, 768):  # x 16,384 tokens
+    for steps in (96, 192, 384):  # x 16,384 tokens
         for h, n in ((256, 4), (384, 6), (512, 8)):
             runs += [run_spec(_dense(h, n, vocab), steps, "size-dense"), run_spec(_moe(h, n, vocab), steps, "size-moe")]
-    runs += [run_spec(_dense(256, 4, vocab), 1536, "size-dense"), run_spec(_moe(256, 4, vocab), 1536, "size-moe")]
-    runs += [run_spec(_moe(256, 4, vocab, experts=e), 384, "sparsity") for e in (4, 64)]
+    for steps in (768, 1536):
+        runs += [run_spec(_dense(256, 4, vocab), steps, "size-dense"), run_spec(_moe(256, 4, vocab), steps, "size-moe")]
+    runs += [run_spec(_moe(256, 4, vocab, experts=e), 192, "sparsity") for e in (4, 64)]
     for g in (2, 32):
         width = 4 * 256 // g
         runs.append(run_spec(_moe(256, 4, vocab, experts=2048 // width, top_k=512 // width, width=width, shared=0),
-                             384, "granularity"))
+                             192, "granularity"))
     for shared, k, e in ((0, 4, 18), (384, 1, 15)):
-        runs.append(run_spec(_moe(256, 4, vocab, experts=e, top_k=k, shared=shared), 384, "shared"))
+        runs.append(run_spec(_moe(256, 4, vocab, experts=e, top_k=k, shared=shared), 192, "shared"))
     return merge_runs(runs)
 
 

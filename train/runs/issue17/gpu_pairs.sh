@@ -23,7 +23,7 @@ IN=${IN:?IN: the folder with corpus.tar.xz and whl/}; OUT=${OUT:?}; R=${R:?R: GR
 S=${S:-230}; D=${D:-570}; Q=${Q:-300}; M=${M:-1000000}; F=${F:-1500000}; Z=${Z:-500000}
 CAL=${CAL:-30}; STEP=${STEP:-32768}; MCL=${MCL:-100}; DEV=${DEV:-cuda}  # a quick CPU check: smaller ones
 W=${W:-/tmp/i17}; CACHE=$W/cache; TOK=train/runs/issue17/tokenizer-8192.json
-mkdir -p "$W" "$OUT"
+rm -rf "$W/cal" "$W/runs"; mkdir -p "$W" "$OUT"  # a warm machine keeps /tmp: earlier runs would refuse to start
 if [ -d "$IN/whl" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$IN"/whl/*.whl || exit 3
   export PYTHONPATH=/tmp/site:$PWD
