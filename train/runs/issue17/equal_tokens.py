@@ -4,7 +4,8 @@
 
 CAL_DIR/RUN/pretrain/metrics.jsonl: a short calibration run of each RUN, all of them at once on the
 GPU (as the real runs will share it). Each group's token budget is what its slowest run trains in
-SECONDS at its last logged rate, rounded down to whole steps of STEP_TOKENS; every run of the group
+SECONDS at its lowest logged rate (the first H100 call took the last one, which the calibration's dense runs
+inflate by finishing first: the MoE then ran 3x slower than calibrated), rounded down to whole steps of STEP_TOKENS; every run of the group
 then gets that budget, so the MoE and its dense twin see the same tokens. Prints "GROUP TOKENS RATE"
 lines (RATE: the slowest run's tokens/s); exits 1 naming a run without a logged rate.
 """
@@ -13,12 +14,12 @@ import sys
 from pathlib import Path
 
 
-def last_rate(metrics: Path) -> float:
+def lowest_rate(metrics: Path) -> float:
     rates = [r["tok_s"] for r in map(json.loads, metrics.read_text().splitlines()) if "tok_s" in r] \
         if metrics.is_file() else []
     if not rates:
         raise SystemExit(f"error: {metrics}: no training rate logged (did the calibration run fail?)")
-    return rates[-1]
+    return min(rates)
 
 
 def main(argv: list[str]) -> None:
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> None:
     slowest: dict[str, float] = {}
     for item in argv[3:]:
         group, run = item.split("/", 1)
-        rate = last_rate(cal / run / "pretrain" / "metrics.jsonl")
+        rate = lowest_rate(cal / run / "pretrain" / "metrics.jsonl")
         slowest[group] = min(rate, slowest.get(group, rate))
     for group, rate in slowest.items():
         print(group, max(1, int(rate * seconds) // step) * step, round(rate))

@@ -1,4 +1,6 @@
-"""The MoE-vs-dense tables of train/runs/issue17/gpu_pairs.sh: one row per run, then mean +- sd over seeds.
+"""The MoE-vs-dense tables of train/runs/issue17/gpu_pairs.sh: one row per run, then mean +- sd over seeds;
+and the pre-training curves: held-out loss at every evaluated step, mean +- sd over seeds per model (twins
+share the token budget, so equal steps are equal tokens at the same point of the same cosine schedule).
 
     python train/runs/issue17/pairs_table.py RUNS_DIR
 
@@ -72,5 +74,26 @@ def tables(runs_dir: Path) -> str:
     return "\n".join(out)
 
 
+def mean_sd(vals: list[float]) -> str:
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return f"{mean:.3f} +- {sd:.3f}"
+
+
+def curves(runs_dir: Path) -> str:
+    """Held-out loss (pre-training's own evaluation) at each evaluated step, mean +- sd over seeds."""
+    by_model: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for m in sorted(runs_dir.glob("*/pretrain/metrics.jsonl")):
+        model = m.parent.parent.name.rsplit("-s", 1)[0]
+        for r in map(json.loads, m.read_text().splitlines()):
+            if "eval_loss" in r and r["step"] > 0:
+                by_model.setdefault(model, {}).setdefault(r["step"], []).append((r["tokens"], r["eval_loss"]))
+    out = ["| model | step | tokens | seeds | held-out loss |", "| --- | --- | --- | --- | --- |"]
+    for model, steps in by_model.items():
+        for step, pts in sorted(steps.items()):
+            out.append(f"| {model} | {step} | {pts[0][0] / 1e6:.2f}M | {len(pts)} | {mean_sd([v for _, v in pts])} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(tables(Path(sys.argv[1])))
+    print(tables(Path(sys.argv[1])) + "\n\npre-training curves\n\n" + curves(Path(sys.argv[1])))
