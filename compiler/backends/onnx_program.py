@@ -302,12 +302,9 @@ class ProgramTranslator:
         return self.fused[node.name]
 
     def moe(self, node: torch.fx.Node) -> str:
-        schema = [a.name for a in torch.ops.mobilemoe.moe.default._schema.arguments]
-        args = dict(zip(schema, node.args))
-        attrs = {k: args[k] for k in moe_op.ATTRIBUTES}
-        ops = {k: None if v is None else self.params[v.name] for k, v in args.items()
-               if k not in moe_op.ATTRIBUTES and k != "x"}
-        return moe_to_qmoe(self.w, self.v(args["x"]), attrs, ops, f"moe_{self.moe_calls[id(node)]}")
+        attrs, ops = moe_op.call_operands(node, self.params)
+        x = node.args[0]  # the op's first operand: the hidden states [N, H]
+        return moe_to_qmoe(self.w, self.v(x), attrs, ops, f"moe_{self.moe_calls[id(node)]}")
 
     # ------------------------------------------------------------------ whole program
     def translate(self, input_names: list[str], output_names: list[str], doc: str) -> onnx.ModelProto:
