@@ -88,6 +88,8 @@ def _(x, router_weight, router_bias, w1, w3, w2, shared_w1, shared_w3, shared_w2
 
 
 ATTRIBUTES = ("top_k", "scoring", "norm_topk_prob")
+FLOAT_ROLES = ("router_weight", "router_bias")  # operands that stay float in the INT4 model (the compiler's
+# FLOAT_WEIGHTS, passes/common.py, and QAT's, mobilemoe/quant.py float_weight_names)
 
 
 def call_operands(node, params: dict) -> tuple[dict, dict]:
