@@ -226,6 +226,11 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), logits, ids
 
+    # each operand role's part of the layer (the compiler's per-kernel accounting, compiler/profile.py)
+    ROLE_PARTS = {"router_weight": "router", "router_bias": "router", "w1": "routed experts", "w3": "routed experts",
+                  "w2": "routed experts", "shared_w1": "shared expert", "shared_w3": "shared expert",
+                  "shared_w2": "shared expert", "shared_gate": "shared expert"}
+
     def operand(self, role: str):
         """The tensor of the op operand `role` (OPERANDS), or None where this layer has none."""
         t = self
@@ -325,6 +330,25 @@ class MobileMoE(nn.Module):
         the roles moe_op.FLOAT_ROLES (the router), by their names here (outer names when parametrized)."""
         return {f"{name}.{MoE.OPERANDS[role]}" for name, mod in self.named_modules() if isinstance(mod, MoE)
                 for role in moe_op.FLOAT_ROLES if mod.operand(role) is not None}
+
+    def weight_parts(self) -> dict[str, str]:
+        """Each parameter name (tied ones under both names) -> its part of the layer, from the module
+        holding it and, inside the MoE, its role in the op: "attention", "router", "routed experts",
+        "shared expert", "dense ffn", "norm" or "other" (embedding, LM head)."""
+        parts = {name: "other" for name, _ in self.named_parameters(remove_duplicate=False)}
+        for mname, mod in self.named_modules():
+            own = [f"{mname}.{n}" for n, _ in mod.named_parameters(remove_duplicate=False)]
+            if isinstance(mod, Attention):
+                parts.update(dict.fromkeys(own, "attention"))
+            elif isinstance(mod, Block) and mod.ffn is not None:
+                parts.update(dict.fromkeys((f"{mname}.ffn.{n}" for n, _ in mod.ffn.named_parameters()), "dense ffn"))
+            elif isinstance(mod, MoE):
+                parts.update({f"{mname}.{MoE.OPERANDS[role]}": part for role, part in MoE.ROLE_PARTS.items()
+                              if mod.operand(role) is not None})
+        for mname, mod in self.named_modules():  # norms last: q/k norms sit inside attention
+            if isinstance(mod, RMSNorm):
+                parts[f"{mname}.weight"] = "norm"
+        return parts
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in ("auto", "dense", "gather", "grouped", "op"):

@@ -60,16 +60,20 @@ class Graph:
 
     def __init__(self):
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
-        self._count = 0
+        self._count, self._consts = 0, {}
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # 0-d stays 0-d
         return name
 
     def const(self, values, dtype=np.int64) -> str:
-        """An anonymous constant initializer (named by its order)."""
-        self._count += 1
-        return self.init(f"const_{self._count}", np.asarray(values, dtype=dtype))
+        """An anonymous constant initializer, one per distinct value."""
+        a = np.asarray(values, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            self._count += 1
+            self._consts[key] = self.init(f"const_{self._count}", a)
+        return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], prefix: str, outputs: int | list[str] = 1,
            domain: str = "", **attrs):

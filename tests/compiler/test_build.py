@@ -92,6 +92,11 @@ def test_manifest_and_dump_ir(host_int4):
     k0, v0 = dec["inputs"][2:4]  # keys transposed: [1, nkv, D, P]
     assert k0["shape"][:3] == [1, c["num_kv_heads"], c["head_dim"]] and v0["shape"][3] == c["head_dim"]
     assert any(n.endswith("__q4") for n in dec["params"]) and not any(n.endswith("moe_w1") for n in dec["params"])
+    # every layer part shows in the kernel calls: the importer's parts (model modules, MoE operand
+    # roles) carried through fusion and packing (passes/common.py param_parts)
+    for entry in ("prefill", "decode"):
+        parts = {part for _, part, _ in manifest["entry_points"][entry]["kernel_calls"]}
+        assert parts == {"attention", "router", "routed experts", "shared expert", "other"}, (entry, parts)
     assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
     dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())
     for name in ("FuseExpertGateUp", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps", "ScheduleInt4Kernels"):
