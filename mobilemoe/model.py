@@ -334,8 +334,9 @@ class MobileMoE(nn.Module):
     def weight_parts(self) -> dict[str, str]:
         """Each parameter name (tied ones under both names) -> its part of the layer, from the module
         holding it and, inside the MoE, its role in the op: "attention", "router", "routed experts",
-        "shared expert", "dense ffn", "norm" or "other" (embedding, LM head)."""
+        "shared expert", "dense ffn", "norm", "embedding" or "lm head"."""
         parts = {name: "other" for name, _ in self.named_parameters(remove_duplicate=False)}
+        parts.update({"embed.weight": "embedding", "lm_head.weight": "lm head"})
         for mname, mod in self.named_modules():
             own = [f"{mname}.{n}" for n, _ in mod.named_parameters(remove_duplicate=False)]
             if isinstance(mod, Attention):

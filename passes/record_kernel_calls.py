@@ -7,7 +7,7 @@ R.call_tir callees in order, run-length encoded, e.g. for a decode step
 
 Layer parts come from the weights a kernel reads (passes/common.py param_parts: what the importer
 recorded from the model, the module holding each weight and the MoE op's operand roles, carried
-through the parameter transforms; norms -> "other", embedding / LM head -> "other"). A
+through the parameter transforms; norms, embedding and LM head -> "other"). A
 kernel that reads no weight belongs to the previous weight-reading kernel's part (attention's
 softmax after the q/k/v projections, routing's top-k after the router), except the kernels that
 lead into a norm's weight (the norm itself, the residual add before it), which are "other".
@@ -21,6 +21,7 @@ from .common import param_parts
 from .kernel_workloads import is_call_tir
 
 PARTS = ("attention", "router", "routed experts", "shared expert", "dense ffn", "other")
+OTHER = ("norm", "embedding", "lm head")  # weight parts counted as "other"
 
 
 def kernel_calls(func: relax.Function) -> list[list]:
@@ -42,7 +43,7 @@ def kernel_calls(func: relax.Function) -> list[list]:
             part = "other" if nxt == "norm" or prev is None else prev
         else:
             prev = part
-        parts.append("other" if part == "norm" else part)
+        parts.append("other" if part in OTHER else part)
     out = []
     for (kernel, _), part in zip(calls, parts):
         if out and out[-1][0] == kernel and out[-1][1] == part:

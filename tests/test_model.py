@@ -135,6 +135,6 @@ def test_weight_parts_by_module_and_moe_role():
                      "moe.router.weight": "router", **{f"moe.w{i}": "routed experts" for i in (1, 2, 3)},
                      **{f"moe.shared.w{i}.weight": "shared expert" for i in (1, 2, 3)},
                      "moe.shared_gate.weight": "shared expert"}
-    assert parts["embed.weight"] == parts["lm_head.weight"] == "other" and parts["norm.weight"] == "norm"
+    assert (parts["embed.weight"], parts["lm_head.weight"], parts["norm.weight"]) == ("embedding", "lm head", "norm")
     dense = MobileMoE(MobileMoEConfig.from_name("test-dense")).weight_parts()
     assert {dense[f"layers.1.ffn.w{i}.weight"] for i in (1, 2, 3)} == {"dense ffn"}
