@@ -38,6 +38,13 @@ class OrtRuntime(Runtime):
             import onnxruntime as ort  # deferred: see the line above
         except ImportError:
             raise ArtifactError(f"{self.dir}: an ONNX artifact needs onnxruntime: {_ORT_INSTALL}") from None
+        c = self.config
+        layers = [(i, kind) for i in range(c.num_layers) for kind in ("key", "value")]
+        self._past = [f"past_key_values.{i}.{kind}" for i, kind in layers]
+        inputs = [i["name"] for i in self.manifest["onnx"]["inputs"]]
+        if inputs != ["input_ids", "positions", *self._past]:  # e.g. an artifact of the GQA graph (seqlens_k)
+            raise ArtifactError(f"{self.dir / 'manifest.json'}: onnx inputs {inputs[:3]}... are not this runtime's "
+                                f"(input_ids, positions, past_key_values.*): rebuild the artifact")
         have = _cpu_kernels(ort)
         missing = [f"{c['op']} ({c['domain'] or 'ai.onnx'})" for c in self.manifest["onnx"]["contrib_ops"]
                    if (c["domain"], c["op"]) not in have]
@@ -54,9 +61,6 @@ class OrtRuntime(Runtime):
             what = f"no CPU kernel for op '{op.group(1)}'" if op else "cannot load it"
             raise ArtifactError(f"{self.dir / ONNX_NAME}: onnxruntime {ort.__version__}: {what}: {e}") from None
         self._ort = ort
-        c = self.config
-        layers = [(i, kind) for i in range(c.num_layers) for kind in ("key", "value")]
-        self._past = [f"past_key_values.{i}.{kind}" for i, kind in layers]
         self._outputs = ["logits", *(f"present.{i}.{kind}" for i, kind in layers)]
         # the exported program's layered cache: keys [1, nkv, D, P] (transposed), values [1, nkv, P, D]
         empty_k = self._value(np.zeros((1, c.num_kv_heads, c.head_dim, 0), np.float32))

@@ -280,3 +280,14 @@ def test_bundled_model_onnx_vs_tvm_host(tmp_path):
     print(f"bundled model, ONNX (accuracy_level {DEFAULT_ACCURACY_LEVEL}): top-1 agreement {vs_tvm:.4f} vs TVM "
           f"host, {vs_torch:.4f} vs PyTorch INT4 over {len(got)} positions")
     assert vs_tvm >= 0.99 and vs_torch >= 0.98
+
+
+def test_artifact_of_another_graph_interface_is_refused(onnx_default, tmp_path):
+    """An ONNX artifact of the earlier hand-written graph (GroupQueryAttention's seqlens_k inputs)."""
+    import json
+    copy = Path(shutil.copytree(onnx_default, tmp_path / "old"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["onnx"]["inputs"][1]["name"] = "seqlens_k"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"onnx inputs \['input_ids', 'seqlens_k', .*rebuild the artifact"):
+        load_artifact(copy)
