@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "scipy",  # train.scaling fit (L-BFGS-B); threadpoolctl, when present, keeps its BLAS on one thread
     "torchao==0.18.0",  # INT4 QAT (mobilemoe/quant.py matches its fake-quant bit-exactly)
-    "onnx>=1.18",  # ONNX Runtime fallback: graph built with onnx.helper (compiler/backends/onnx_graph.py)
+    "onnx>=1.18",  # ONNX Runtime fallback: graph translated from the exported program (compiler/backends/onnx_program.py)
     "ziglang==0.17.1",  # zig cc = clang + lld in a wheel: links android-arm64 / linux-arm64 .so (no system toolchain)
     "onnxruntime==1.32.0",  # CPU contrib ops QMoE (router_weights input), MatMulNBits, GQA verified on 1.32
 ]

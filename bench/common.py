@@ -152,31 +152,35 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
     return out
 
 
-def param_shapes(artifact: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (shape, safetensors dtype)} of an artifact's params.safetensors (header only)."""
+def param_shapes(artifact: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{name: (shape, safetensors dtype, layer part)} of an artifact's params.safetensors (header
+    only); the parts are the manifest's (decode's param_parts: model modules, MoE operand roles)."""
     path = Path(artifact) / PARAMS_NAME
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (decode bytes are counted from a TVM artifact's parameters)")
+    parts = read_manifest(artifact)["entry_points"]["decode"].get("param_parts")
+    if parts is None:
+        raise ArtifactError(f"{Path(artifact) / 'manifest.json'}: entry_points.decode has no param_parts (built "
+                            f"before they were recorded): rebuild the artifact")
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    return {k: (tuple(v["shape"]), v["dtype"], parts.get(k, "other")) for k, v in header.items() if k != "__metadata__"}
 
 
 def decode_bytes(params: dict[str, tuple[tuple[int, ...], str]], cfg, ctx: float) -> dict:
     """Bytes one decode step at context `ctx` must read from memory, by part.
 
-    Every parameter is read fully (INT4 codes + fp16 scales; router and norms float) except: routed
-    experts (the MoE's stacked [E, ...] tensors, not "shared"/"router") top_k / E of them; the
-    embedding one row (its own tensor's row, or the tied LM head's, which the head reads fully
-    besides). KV cache: keys and values of every layer at `ctx` positions, float32."""
+    params: {name: (shape, dtype, part)} (param_shapes). Every parameter is read fully (INT4 codes +
+    fp16 scales; router and norms float) except: the routed experts (part "routed experts", stacked
+    [E, ...]) top_k / E of them; the embedding one row (its own tensor's row, or the tied LM head's,
+    which the head reads fully besides). KV cache: keys and values of every layer at `ctx` positions, float32."""
     parts = {"int4_codes": 0.0, "int4_scales": 0.0, "float": 0.0, "routed_experts": 0.0, "embedding_row": 0.0}
     embed_rows = None
-    for name, (shape, dtype) in params.items():
+    for name, (shape, dtype, part) in params.items():
         n = math.prod(shape) * DTYPE_BYTES[dtype]
-        if "embed" in name:
+        if part == "embedding":
             parts["embedding_row"] += n / shape[0]
-        elif cfg.is_moe and "moe" in name and "router" not in name and "shared" not in name and len(shape) >= 3 \
-                and shape[0] == cfg.num_experts:
+        elif part == "routed experts" and shape[0] == cfg.num_experts:
             parts["routed_experts"] += n * cfg.top_k / cfg.num_experts
         elif dtype in ("U32", "U8", "I8"):
             parts["int4_codes"] += n
@@ -184,9 +188,9 @@ def decode_bytes(params: dict[str, tuple[tuple[int, ...], str]], cfg, ctx: float
             parts["int4_scales"] += n
         else:
             parts["float"] += n
-        if cfg.tie_embeddings and "lm_head" in name:
+        if cfg.tie_embeddings and part == "lm head":
             embed_rows = (embed_rows or 0.0) + n / shape[0]
-    if embed_rows is not None and not any("embed" in k for k in params):
+    if embed_rows is not None and not any(p == "embedding" for _, _, p in params.values()):
         parts["embedding_row"] += embed_rows  # tied: the lookup reads one row of the LM head
     parts["kv_cache"] = 2 * cfg.num_layers * cfg.num_kv_heads * ctx * cfg.head_dim * KV_BYTES
     parts["weights"] = sum(v for k, v in parts.items() if k != "kv_cache")

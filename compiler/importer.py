@@ -24,6 +24,7 @@ PyTorch's default decompositions except einsum (attention's einsums import as on
 """
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -36,6 +37,9 @@ from tir_kernels.kv_cache import ATTEND, WRITE, kv_write, prefix_attention
 from mobilemoe.export import export_entry
 from mobilemoe.model import MobileMoE
 from passes import moe_op
+from passes.common import WEIGHT_PARTS
+
+from .params import tvm_param_name
 
 ENTRY_POINTS = ("prefill", "decode")
 KV_CACHES = ("inplace", "grow")
@@ -138,6 +142,7 @@ def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "i
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     model = model.eval()
     funcs, kernels, names, values = {}, {}, None, None
+    parts = json.dumps({tvm_param_name(n): part for n, part in model.weight_parts().items()})
     for entry in ENTRY_POINTS:
         layout = "inplace" if entry == "decode" and kv_cache == "inplace" else "layers"
         ep = _decompose(export_entry(model, entry, cache=layout))
@@ -157,7 +162,7 @@ def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "i
             values = {n: p.numpy() for n, p in zip(p_names, params["main"])} if with_weights else {}
         elif p_names != names:
             raise ImportError_(f"{entry}: parameter list differs from {ENTRY_POINTS[0]}'s")
-        funcs[entry] = func.with_attr("global_symbol", entry)
+        funcs[entry] = func.with_attr("global_symbol", entry).with_attr(WEIGHT_PARTS, parts)
         kernels.update({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"})  # kv cache kernels
     out = tvm.IRModule({**{tvm.ir.GlobalVar(k): v for k, v in funcs.items()}, **kernels})
     return out, names, values

@@ -184,6 +184,12 @@ def _bf16_grouped_mm(x: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
+    # mobilemoe::moe's tensor operands (but x) -> the parameter of this module that is each: the one
+    # map from roles to parameters (the export form's operands, QAT's float weights by role)
+    OPERANDS = {"router_weight": "router.weight", "router_bias": "router.bias", "w1": "w1", "w3": "w3", "w2": "w2",
+                "shared_w1": "shared.w1.weight", "shared_w3": "shared.w3.weight", "shared_w2": "shared.w2.weight",
+                "shared_gate": "shared_gate.weight"}
+
     def __init__(self, cfg: MobileMoEConfig):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.expert_hidden
@@ -220,13 +226,22 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), logits, ids
 
+    # each operand role's part of the layer (the compiler's per-kernel accounting, compiler/profile.py)
+    ROLE_PARTS = {"router_weight": "router", "router_bias": "router", "w1": "routed experts", "w3": "routed experts",
+                  "w2": "routed experts", "shared_w1": "shared expert", "shared_w3": "shared expert",
+                  "shared_w2": "shared expert", "shared_gate": "shared expert"}
+
+    def operand(self, role: str):
+        """The tensor of the op operand `role` (OPERANDS), or None where this layer has none."""
+        t = self
+        for attr in self.OPERANDS[role].split("."):
+            t = getattr(t, attr, None) if t is not None else None
+        return t
+
     def _op(self, x):
         """The whole block as one mobilemoe::moe (mobilemoe/moe_op.py): the export form."""
-        s, gate = self.shared, self.shared_gate
-        shared = (s.w1.weight, s.w3.weight, s.w2.weight) if s is not None else (None, None, None)
-        return moe_op.moe(x, self.router.weight, self.router.bias, self.w1, self.w3, self.w2, *shared,
-                          gate.weight if gate is not None else None, top_k=self.top_k, scoring=self.router_kind,
-                          norm_topk_prob=self.norm_topk_prob)
+        return moe_op.moe(x, **{role: self.operand(role) for role in self.OPERANDS}, top_k=self.top_k,
+                          scoring=self.router_kind, norm_topk_prob=self.norm_topk_prob)
 
     def _dense(self, x, w, ids):
         return moe_op.dense_experts(x, w, ids, self.w1, self.w3, self.w2)
@@ -309,6 +324,32 @@ class MobileMoE(nn.Module):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def float_weight_names(self) -> set[str]:
+        """Parameters that stay float in the INT4 model besides the norms: each MoE op's operands of
+        the roles moe_op.FLOAT_ROLES (the router), by their names here (outer names when parametrized)."""
+        return {f"{name}.{MoE.OPERANDS[role]}" for name, mod in self.named_modules() if isinstance(mod, MoE)
+                for role in moe_op.FLOAT_ROLES if mod.operand(role) is not None}
+
+    def weight_parts(self) -> dict[str, str]:
+        """Each parameter name (tied ones under both names) -> its part of the layer, from the module
+        holding it and, inside the MoE, its role in the op: "attention", "router", "routed experts",
+        "shared expert", "dense ffn", "norm", "embedding" or "lm head"."""
+        parts = {name: "other" for name, _ in self.named_parameters(remove_duplicate=False)}
+        parts.update({"embed.weight": "embedding", "lm_head.weight": "lm head"})
+        for mname, mod in self.named_modules():
+            own = [f"{mname}.{n}" for n, _ in mod.named_parameters(remove_duplicate=False)]
+            if isinstance(mod, Attention):
+                parts.update(dict.fromkeys(own, "attention"))
+            elif isinstance(mod, Block) and mod.ffn is not None:
+                parts.update(dict.fromkeys((f"{mname}.ffn.{n}" for n, _ in mod.ffn.named_parameters()), "dense ffn"))
+            elif isinstance(mod, MoE):
+                parts.update({f"{mname}.{MoE.OPERANDS[role]}": part for role, part in MoE.ROLE_PARTS.items()
+                              if mod.operand(role) is not None})
+        for mname, mod in self.named_modules():  # norms last: q/k norms sit inside attention
+            if isinstance(mod, RMSNorm):
+                parts[f"{mname}.weight"] = "norm"
+        return parts
 
     def set_moe_impl(self, impl: str) -> None:
         if impl not in ("auto", "dense", "gather", "grouped", "op"):

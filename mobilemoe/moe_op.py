@@ -88,20 +88,23 @@ def _(x, router_weight, router_bias, w1, w3, w2, shared_w1, shared_w3, shared_w2
 
 
 ATTRIBUTES = ("top_k", "scoring", "norm_topk_prob")
+FLOAT_ROLES = ("router_weight", "router_bias")  # operands that stay float in the INT4 model (the compiler's
+# FLOAT_WEIGHTS, passes/common.py, and QAT's, mobilemoe/quant.py float_weight_names)
+
+
+def call_operands(node, params: dict) -> tuple[dict, dict]:
+    """One mobilemoe::moe node of an exported graph -> (attributes {top_k, scoring, norm_topk_prob},
+    {operand: parameter name or None}); params: placeholder name -> parameter name."""
+    schema = [a.name for a in torch.ops.mobilemoe.moe.default._schema.arguments]
+    args = dict(zip(schema, node.args))
+    operands = {k: None if v is None else params[v.name] for k, v in args.items() if k not in ATTRIBUTES and k != "x"}
+    return {k: args[k] for k in ATTRIBUTES}, operands
 
 
 def exported_calls(ep) -> list[tuple[dict, dict]]:
     """Each mobilemoe::moe of a torch.export ExportedProgram, in graph (= layer) order, as
-    (attributes {top_k, scoring, norm_topk_prob}, {operand: parameter name or None}) with the names
-    of the program's state dict: what a backend maps the op from (compiler/backends/onnx_graph.py)."""
+    call_operands gives it, with the names of the program's state dict: what a backend maps the op
+    from (compiler/backends/onnx_program.py)."""
     params = ep.graph_signature.inputs_to_parameters
-    schema = [a.name for a in torch.ops.mobilemoe.moe.default._schema.arguments]
-    calls = []
-    for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.mobilemoe.moe.default:
-            args = dict(zip(schema, node.args))
-            operands = {k: None if v is None else params[v.name] for k, v in args.items()
-                        if k not in ATTRIBUTES and k != "x"}
-            calls.append(({k: args[k] for k in ATTRIBUTES}, operands))
-    return calls
-
+    return [call_operands(node, params) for node in ep.graph.nodes
+            if node.op == "call_function" and node.target == torch.ops.mobilemoe.moe.default]

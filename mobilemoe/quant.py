@@ -209,21 +209,19 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return math.inf if noise == 0 else 20 * math.log10(signal / noise)
 
 
-FLOAT_ONLY = ("router",)  # weights that stay float (with the norms), by name: what QAT reads (the compiler
-# knows the router by its role in the MoE op: passes/common.py FLOAT_WEIGHTS)
-
-
-def is_int4_weight(name: str, p: torch.Tensor) -> bool:
-    """Weights the compiler stores as INT4: 2-D / stacked 3-D, K % 32 == 0, not a router."""
-    return p.dim() in (2, 3) and p.shape[-1] % GROUP_SIZE == 0 and not any(t in name for t in FLOAT_ONLY)
+def is_int4_weight(name: str, p: torch.Tensor, float_names: set[str]) -> bool:
+    """Weights the compiler stores as INT4: 2-D / stacked 3-D, K % 32 == 0, not one of `float_names`
+    (MobileMoE.float_weight_names: the MoE op's router operands, by role)."""
+    return p.dim() in (2, 3) and p.shape[-1] % GROUP_SIZE == 0 and name not in float_names
 
 
 @torch.no_grad()
 def simulate_int4(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a (converted) model whose INT4 weights are dequant(quantize(w)): the compiled model."""
     sim = copy.deepcopy(model)
+    float_names = sim.float_weight_names()
     for name, p in sim.named_parameters():
-        if is_int4_weight(name, p):
+        if is_int4_weight(name, p, float_names):
             p.copy_(dequantize_int4(*quantize_int4(p.float(), name=name)).to(p.dtype))
     return sim
 

@@ -12,6 +12,10 @@ implementation), so the packed weights are exactly those QAT simulated.
 Float weights. A pass that lowers an op whose weight must stay float (SparseMoEDispatch: the MoE
 router) lists that parameter in the function attribute FLOAT_WEIGHTS (a JSON list of names);
 QuantizeInt4Weights leaves the listed parameters float. The role comes from the op, not the name.
+
+Weight parts. The importer lists each imported parameter's part of the layer (MobileMoE.weight_parts:
+the module holding it, the MoE op's operand role) in the function attribute WEIGHT_PARTS (JSON
+{name: part}); `param_parts` extends it to every parameter a transform made, by its first input.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from tvm import relax
 
 PARAM_TRANSFORMS = "mobilemoe.param_transforms"
 FLOAT_WEIGHTS = "mobilemoe.float_weights"
+WEIGHT_PARTS = "mobilemoe.weight_parts"
 NUM_INPUT = "num_input"
 
 
@@ -67,6 +72,16 @@ def float_weights(func: relax.Function) -> set[str]:
     if func.attrs is None or FLOAT_WEIGHTS not in func.attrs:
         return set()
     return set(json.loads(str(func.attrs[FLOAT_WEIGHTS])))
+
+
+def param_parts(func: relax.Function) -> dict[str, str]:
+    """{parameter name: part} of the imported parameters (WEIGHT_PARTS) and of every one made from
+    them since (PARAM_TRANSFORMS, in order: a fused or packed weight has its first input's part)."""
+    parts = {} if func.attrs is None or WEIGHT_PARTS not in func.attrs else json.loads(str(func.attrs[WEIGHT_PARTS]))
+    for t in get_transforms(func):
+        if t["inputs"] and t["inputs"][0] in parts:
+            parts[t["out"]] = parts[t["inputs"][0]]
+    return parts
 
 
 def add_float_weights(func: relax.Function, params: list) -> relax.Function:

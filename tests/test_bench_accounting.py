@@ -3,29 +3,31 @@ from bench.common import decode_bytes, prefill_flops
 from mobilemoe.config import MobileMoEConfig
 
 
-def int4(name, *shape):
+def int4(name, part, *shape):
     """An INT4 weight as the artifact stores it: uint32 codes [..., K // 8] + fp16 scales [..., K // 32]."""
     *lead, k = shape
-    return {f"{name}__q4": ((*lead, k // 8), "U32"), f"{name}__s": ((*lead, k // 32), "F16")}
+    return {f"{name}__q4": ((*lead, k // 8), "U32", part), f"{name}__s": ((*lead, k // 32), "F16", part)}
 
 
 def moe_params(cfg, tied=True):
-    """test-moe's parameters under the TVM artifact's names (FuseExpertGateUp: w13 stacked)."""
+    """test-moe's parameters under the TVM artifact's names (FuseExpertGateUp: w13 stacked), with the
+    layer parts the manifest records (param_parts: by module and MoE operand role, not by name)."""
     H, E, I = cfg.hidden_size, cfg.num_experts, cfg.expert_hidden
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    p = {"p_model_norm_weight": ((H,), "F32"), **int4("p_model_lm_head_weight", cfg.vocab_size, H)}
+    p = {"p_model_norm_weight": ((H,), "F32", "norm"), **int4("p_model_lm_head_weight", "lm head", cfg.vocab_size, H)}
     if not tied:
-        p.update(int4("p_model_embed_weight", cfg.vocab_size, H))
+        p.update(int4("p_model_embed_weight", "embedding", cfg.vocab_size, H))
     for i in range(cfg.num_layers):
         pre = f"p_model_layers_{i}_"
-        p.update({f"{pre}attn_norm_weight": ((H,), "F32"), f"{pre}ffn_norm_weight": ((H,), "F32"),
-                  f"{pre}moe_router_weight": ((E, H), "F32"),
-                  **int4(f"{pre}attn_wq_weight", q, H), **int4(f"{pre}attn_wk_weight", kv, H),
-                  **int4(f"{pre}attn_wv_weight", kv, H), **int4(f"{pre}attn_wo_weight", H, q),
-                  **int4(f"{pre}moe_shared_w1_weight", cfg.shared_expert_hidden, H),
-                  **int4(f"{pre}moe_shared_w3_weight", cfg.shared_expert_hidden, H),
-                  **int4(f"{pre}moe_shared_w2_weight", H, cfg.shared_expert_hidden),
-                  **int4(f"{pre}moe_w13", E, 2 * I, H), **int4(f"{pre}moe_w2", E, H, I)})
+        p.update({f"{pre}attn_norm_weight": ((H,), "F32", "norm"), f"{pre}ffn_norm_weight": ((H,), "F32", "norm"),
+                  f"{pre}moe_router_weight": ((E, H), "F32", "router"),
+                  **int4(f"{pre}attn_wq_weight", "attention", q, H), **int4(f"{pre}attn_wk_weight", "attention", kv, H),
+                  **int4(f"{pre}attn_wv_weight", "attention", kv, H), **int4(f"{pre}attn_wo_weight", "attention", H, q),
+                  **int4(f"{pre}moe_shared_w1_weight", "shared expert", cfg.shared_expert_hidden, H),
+                  **int4(f"{pre}moe_shared_w3_weight", "shared expert", cfg.shared_expert_hidden, H),
+                  **int4(f"{pre}moe_shared_w2_weight", "shared expert", H, cfg.shared_expert_hidden),
+                  **int4(f"{pre}moe_w13", "routed experts", E, 2 * I, H),
+                  **int4(f"{pre}moe_w2", "routed experts", E, H, I)})
     return p
 
 

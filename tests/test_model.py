@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,3 +120,21 @@ def test_layered_cache_forward_matches_stacked():
     got_logits, pairs = m(tokens, kv=[(kv[i, 0].transpose(-1, -2), kv[i, 1]) for i in range(kv.shape[0])])
     torch.testing.assert_close(got_logits, logits)
     torch.testing.assert_close(torch.stack([torch.stack([k.transpose(-1, -2), v]) for k, v in pairs]), ref_kv)
+
+
+def test_weight_parts_by_module_and_moe_role():
+    """What the compiler's kernel accounting reads (passes/common.py WEIGHT_PARTS): every parameter's
+    part, from the module holding it and, in the MoE, its role in the op."""
+    cfg = dataclasses.replace(MobileMoEConfig.from_name("test-moe"), qk_norm="head", shared_expert_gate=True,
+                              arch="qwen2_moe")
+    parts = MobileMoE(cfg).weight_parts()
+    assert set(parts) == {n for n, _ in MobileMoE(cfg).named_parameters(remove_duplicate=False)}
+    layer = {k.removeprefix("layers.0."): v for k, v in parts.items() if k.startswith("layers.0.")}
+    assert layer == {"attn_norm.weight": "norm", "ffn_norm.weight": "norm", "attn.q_norm.weight": "norm",
+                     "attn.k_norm.weight": "norm", **{f"attn.w{p}.weight": "attention" for p in "qkvo"},
+                     "moe.router.weight": "router", **{f"moe.w{i}": "routed experts" for i in (1, 2, 3)},
+                     **{f"moe.shared.w{i}.weight": "shared expert" for i in (1, 2, 3)},
+                     "moe.shared_gate.weight": "shared expert"}
+    assert (parts["embed.weight"], parts["lm_head.weight"], parts["norm.weight"]) == ("embedding", "lm head", "norm")
+    dense = MobileMoE(MobileMoEConfig.from_name("test-dense")).weight_parts()
+    assert {dense[f"layers.1.ffn.w{i}.weight"] for i in (1, 2, 3)} == {"dense ffn"}

@@ -41,14 +41,14 @@ from train.loop import DTYPES, StageConfig, StageHooks, stage_main
 def int4_weights(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, full name) of every INT4 weight (parametrized ones by their outer name);
     a tied weight appears once per module that uses it."""
-    found = []
+    found, float_names = [], model.float_weight_names()
     for mod_name, mod in model.named_modules():
         if "parametrizations" in mod_name.split("."):
             continue
         attrs = [*mod._parameters, *(mod.parametrizations if parametrize.is_parametrized(mod) else ())]
         for attr in attrs:
             full, p = f"{mod_name}.{attr}" if mod_name else attr, getattr(mod, attr)
-            if p is not None and is_int4_weight(full, p):
+            if p is not None and is_int4_weight(full, p, float_names):
                 found.append((mod, attr, full))
     return found
 

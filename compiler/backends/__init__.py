@@ -2,7 +2,7 @@
 it once, resolves the target once and decides the fallback); none imports another.
 
     tvm.py    TVM Relax: the pipeline with the target's strategy, codegen, link   (manifest backend "tvm")
-    onnx.py   ONNX Runtime: a contrib-op graph (onnx_graph.py)                    (manifest backend "onnx")
+    onnx.py   ONNX Runtime: the exported program translated (onnx_program.py)    (manifest backend "onnx")
     mlir.py   torch-mlir linalg / StableHLO + IREE modules                         (manifest backend "iree")
 
 Each is `build_artifact(model, spec, out, options) -> Path` (spec: the targets.TargetSpec for TVM,

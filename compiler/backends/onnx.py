@@ -5,11 +5,12 @@
     python -m compiler.build --target android-arm64 --fallback onnx   # ONNX artifact if TVM fails
 
 Where TVM cannot serve a target (no tuned kernels, no TVM runtime on the device, a failed build),
-ONNX Runtime runs on every phone and desktop. The graph (onnx_graph.py) uses ORT's CPU
-contrib ops: MatMulNBits, QMoE, GroupQueryAttention, GatherBlockQuantized, (Skip)Simplified-
-LayerNormalization, with the INT4 weights repacked from the very codes and scales the TVM artifact
-holds. Each MoE layer is mapped from the model's exported mobilemoe::moe op (moe_ops: the op's
-attributes and parameter operands, the same op the TVM importer maps) to QMoE with the op's routing. The artifact has the same format as a TVM one (mobilemoe/artifact.py) with manifest backend
+ONNX Runtime runs on every phone and desktop. The graph is the model's exported program (the one
+the TVM importer imports, mobilemoe/export.py) translated node by node (onnx_program.py): every
+linear with an INT4 weight becomes ORT's contrib op MatMulNBits, the embedding GatherBlockQuantized,
+each mobilemoe::moe QMoE with the op's routing (onnx_graph.py), with the INT4 weights repacked from
+the very codes and scales the TVM artifact holds; every other op its standard ONNX op, so nothing
+here restates the decoder. The artifact has the same format as a TVM one (mobilemoe/artifact.py) with manifest backend
 "onnx" and model.onnx (+ model.onnx.data when the weights exceed EXTERNAL_DATA_BYTES);
 `mobilemoe.runtimes.load_artifact` opens it with an onnxruntime session.
 
@@ -30,15 +31,14 @@ import onnx
 from onnx import helper
 
 import mobilemoe
-from mobilemoe import moe_op
 from mobilemoe.artifact import ONNX_NAME
 from mobilemoe.export import export_entry
-from mobilemoe.config import MobileMoEConfig
 from mobilemoe.quant import GROUP_SIZE, INT4_LAYOUT, ORT_INT4_LAYOUT
 
 from ..artifact import write_artifact_files
 from ..params import weight_source
-from .onnx_graph import CONTRIB_OPS, build_decoder
+from .onnx_graph import CONTRIB_OPS
+from .onnx_program import translate
 from .options import BuildOptions
 
 DATA_NAME = ONNX_NAME + ".data"
@@ -51,38 +51,22 @@ class OnnxExportError(RuntimeError):
     """The ONNX graph could not be built (the message names the weight or config field)."""
 
 
-# MobileMoEConfig architecture options (mobilemoe/arch) that onnx_graph.py's decoder does not
-# build yet: an imported model using one of them gets the TVM artifact only
-ONNX_UNSUPPORTED_OPTIONS = ("rope_type", "qkv_bias", "o_bias", "qk_norm", "embedding_multiplier", "residual_multiplier",
-                            "attention_multiplier", "logits_scaling")
-
-
 def check_config(cfg) -> None:
-    default = MobileMoEConfig()
-    used = [f"{k}={getattr(cfg, k)!r}" for k in ONNX_UNSUPPORTED_OPTIONS if getattr(cfg, k) != getattr(default, k)]
-    if used:
-        raise OnnxExportError(f"config {cfg.name} (arch '{cfg.arch}'): the ONNX decoder does not implement "
-                              f"{', '.join(used)}; build a TVM target instead")
-    widths = {"hidden_size": cfg.hidden_size, "num_heads * head_dim": cfg.num_heads * cfg.head_dim}
-    if cfg.is_moe:
-        widths["expert_hidden"] = cfg.expert_hidden
-        if cfg.shared_expert_hidden:
-            widths["shared_expert_hidden"] = cfg.shared_expert_hidden
-    else:
-        widths["ffn_hidden"] = cfg.ffn_hidden
+    """QMoE's block size is the INT4 group: the expert widths must be multiples of it."""
+    if not cfg.is_moe:
+        return
+    widths = {"hidden_size": cfg.hidden_size, "expert_hidden": cfg.expert_hidden}
     for field, k in widths.items():
         if k % GROUP_SIZE:
             raise OnnxExportError(f"config {cfg.name}: {field} = {k} must be a multiple of the INT4 group "
-                                  f"size {GROUP_SIZE} (MatMulNBits / QMoE block_size)")
+                                  f"size {GROUP_SIZE} (QMoE block_size)")
 
 
-def moe_ops(model) -> list[tuple[dict, dict]]:
-    """Each MoE layer's mobilemoe::moe as torch.export records it (the compiler's MoE op): its
-    attributes and its operands' parameter names in our state dict ("layers.0.moe.w1")."""
-    if not model.config.is_moe:
-        return []
-    calls = moe_op.exported_calls(export_entry(model, "decode", cache="layers"))
-    return [(attrs, {k: v and v.removeprefix("model.") for k, v in ops.items()}) for attrs, ops in calls]
+def interface(cfg) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in the exported program's order (onnx_program.py)."""
+    kv = [(i, kind) for i in range(cfg.num_layers) for kind in ("key", "value")]
+    return (["input_ids", "positions", *(f"past_key_values.{i}.{kind}" for i, kind in kv)],
+            ["logits", *(f"present.{i}.{kind}" for i, kind in kv)])
 
 
 def export_onnx(model, path: Path, random_weights: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
@@ -90,7 +74,11 @@ def export_onnx(model, path: Path, random_weights: bool = False, accuracy_level:
     """Write `path` (model.onnx, + model.onnx.data beside it when large); returns the manifest's "onnx" block."""
     cfg = model.config
     check_config(cfg)
-    proto = build_decoder(cfg, weight_source(model, random_weights), accuracy_level, moe_ops(model))
+    ep = export_entry(model, "prefill", cache="layers")  # the program TVM imports for prefill
+    buffers = {name: b for name, b in model.named_buffers()}
+    proto = translate(ep, weight_source(model, random_weights), buffers, accuracy_level, *interface(cfg),
+                      doc=f"MobileMoE {cfg.name}: INT4 ({GROUP_SIZE}-group) decoder with an explicit KV cache, "
+                          "translated from its exported program")
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     if external_data is None:
         external_data = weight_bytes > EXTERNAL_DATA_BYTES
@@ -106,7 +94,7 @@ def export_onnx(model, path: Path, random_weights: bool = False, accuracy_level:
         "execution_provider": "CPUExecutionProvider",
         "inputs": [_value_info(v) for v in proto.graph.input],
         "outputs": [_value_info(v) for v in proto.graph.output],
-        "embedding": "GatherBlockQuantized on the INT4 table" + (" (the LM head's)" if cfg.tie_embeddings else ""),
+        "embedding": "GatherBlockQuantized on the program's INT4 table (a tied one: the LM head's bytes)",
         "weight_bytes": weight_bytes,
     }
 

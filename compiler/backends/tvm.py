@@ -20,7 +20,7 @@ from tqdm import tqdm
 import mobilemoe
 from mobilemoe.kv_cache import BLOCK
 from mobilemoe.quant import GROUP_SIZE, INT4_LAYOUT
-from passes.common import get_transforms, weight_params
+from passes.common import get_transforms, param_parts, weight_params
 from targets import TargetError
 
 from ..artifact import write_artifact
@@ -95,6 +95,9 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
         names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
         transforms = {e: get_transforms(mod[e]) for e in ENTRY_POINTS}
         entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
+        for e in ENTRY_POINTS:  # each param's layer part (model modules, MoE operand roles): bench/common.py
+            parts = param_parts(mod[e])
+            entry_points[e]["param_parts"] = {n: parts[n] for n in names[e] if n in parts}
         # how the runtime holds the cache (mobilemoe/runtimes/tvm_local.py)
         entry_points["decode"]["kv_cache"] = ({"layout": "inplace", "block": BLOCK} if kv_cache == "inplace"
                                               else {"layout": "grow"})

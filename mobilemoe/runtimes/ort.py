@@ -4,7 +4,8 @@
     logits, kv = rt.prefill([0, 17, 42])               # kv: a LayerKV of OrtValues
     logits, kv = rt.decode(99, kv)
 
-Same API as TVMRuntime. The contrib ops the manifest lists (MatMulNBits, QMoE, GQA) are checked
+Same API as TVMRuntime; the cache is the exported program's layered one (keys transposed, as the
+TVM artifact's grow layout). The contrib ops the manifest lists (MatMulNBits, QMoE, ...) are checked
 against this onnxruntime build's CPU kernels before the session is made.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..artifact import ONNX_NAME, ArtifactError
 from .base import LayerKV, Runtime, check_ids, kv_shape
 
 
-_ORT_INSTALL = "pip install 'onnxruntime>=1.32'"  # QMoE with router_weights, GQA with do_rotary on CPU
+_ORT_INSTALL = "pip install 'onnxruntime>=1.32'"  # QMoE with router_weights on CPU
 
 
 def _cpu_kernels(ort) -> set[tuple[str, str]]:
@@ -37,6 +38,13 @@ class OrtRuntime(Runtime):
             import onnxruntime as ort  # deferred: see the line above
         except ImportError:
             raise ArtifactError(f"{self.dir}: an ONNX artifact needs onnxruntime: {_ORT_INSTALL}") from None
+        c = self.config
+        layers = [(i, kind) for i in range(c.num_layers) for kind in ("key", "value")]
+        self._past = [f"past_key_values.{i}.{kind}" for i, kind in layers]
+        inputs = [i["name"] for i in self.manifest["onnx"]["inputs"]]
+        if inputs != ["input_ids", "positions", *self._past]:  # e.g. an artifact of the GQA graph (seqlens_k)
+            raise ArtifactError(f"{self.dir / 'manifest.json'}: onnx inputs {inputs[:3]}... are not this runtime's "
+                                f"(input_ids, positions, past_key_values.*): rebuild the artifact")
         have = _cpu_kernels(ort)
         missing = [f"{c['op']} ({c['domain'] or 'ai.onnx'})" for c in self.manifest["onnx"]["contrib_ops"]
                    if (c["domain"], c["op"]) not in have]
@@ -53,12 +61,11 @@ class OrtRuntime(Runtime):
             what = f"no CPU kernel for op '{op.group(1)}'" if op else "cannot load it"
             raise ArtifactError(f"{self.dir / ONNX_NAME}: onnxruntime {ort.__version__}: {what}: {e}") from None
         self._ort = ort
-        c = self.config
-        layers = [(i, kind) for i in range(c.num_layers) for kind in ("key", "value")]
-        self._past = [f"past_key_values.{i}.{kind}" for i, kind in layers]
         self._outputs = ["logits", *(f"present.{i}.{kind}" for i, kind in layers)]
-        empty = self._value(np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))
-        self._empty_kv = LayerKV([empty] * len(self._past), 0, kv_shape(c, 0))
+        # the exported program's layered cache: keys [1, nkv, D, P] (transposed), values [1, nkv, P, D]
+        empty_k = self._value(np.zeros((1, c.num_kv_heads, c.head_dim, 0), np.float32))
+        empty_v = self._value(np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))
+        self._empty_kv = LayerKV([empty_k, empty_v] * c.num_layers, 0, kv_shape(c, 0), keys_t=True)
 
     def _value(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(array)
@@ -69,8 +76,7 @@ class OrtRuntime(Runtime):
         check_ids(self.config, ids, kv.length)
         total = kv.length + len(ids)
         feed = {"input_ids": self._value(np.asarray([ids], dtype=np.int64)),
-                "seqlens_k": self._value(np.asarray([total - 1], dtype=np.int32)),  # GQA: total - 1 per batch row
-                "total_sequence_length": self._value(np.asarray(total, dtype=np.int32)),
+                "positions": self._value(np.arange(kv.length, total, dtype=np.int64)[None]),
                 **dict(zip(self._past, kv.values))}
         out = self.session.run_with_ort_values(self._outputs, feed)
-        return out[0].numpy()[0], LayerKV(out[1:], total, kv_shape(self.config, total))
+        return out[0].numpy()[0], LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import decode_bytes, param_shapes
 from mobilemoe.artifact import ArtifactError, read_manifest, verify
 from compiler.build import build
 from mobilemoe.checkpoint import load_checkpoint
+from mobilemoe.config import MobileMoEConfig
 from mobilemoe.quant import dequantize_int4, quantize_int4, sqnr
 from mobilemoe.runtimes import load_artifact
 from mobilemoe.tokenizer import load_tokenizer
@@ -92,6 +94,18 @@ def test_manifest_and_dump_ir(host_int4):
     k0, v0 = dec["inputs"][2:4]  # keys transposed: [1, nkv, D, P]
     assert k0["shape"][:3] == [1, c["num_kv_heads"], c["head_dim"]] and v0["shape"][3] == c["head_dim"]
     assert any(n.endswith("__q4") for n in dec["params"]) and not any(n.endswith("moe_w1") for n in dec["params"])
+    # every layer part shows in the kernel calls: the importer's parts (model modules, MoE operand
+    # roles) carried through fusion and packing (passes/common.py param_parts)
+    for entry in ("prefill", "decode"):
+        parts = {part for _, part, _ in manifest["entry_points"][entry]["kernel_calls"]}
+        assert parts == {"attention", "router", "routed experts", "shared expert", "other"}, (entry, parts)
+    # bench/common.py counts decode bytes by those parts (the routed experts' top_k / E, one embedding row)
+    shapes = param_shapes(host_int4)
+    routed = {n.split("_moe_")[-1] for n, (_, _, part) in shapes.items() if part == "routed experts"}
+    assert routed == {"w13__q4", "w13__s", "w2__q4", "w2__s"}
+    cfg = MobileMoEConfig.from_dict(c)
+    b = decode_bytes(shapes, cfg, ctx=100)
+    assert b["routed_experts"] == 2 * 8 * 3 * 64 * 32 * 0.5625 * 2 / 8 and b["embedding_row"] == 36  # test-moe
     assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
     dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())
     for name in ("FuseExpertGateUp", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps", "ScheduleInt4Kernels"):

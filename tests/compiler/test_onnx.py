@@ -103,17 +103,19 @@ def test_onnx_weights_are_the_tvm_artifacts_codes(onnx_default, host_int4):
     def cat(*names):
         parts = [words(n) for n in names]
         return np.concatenate([q for q, _ in parts]), np.concatenate([s for _, s in parts])
-    expected = {"embed.weight": words("lm_head_weight")}  # tied: one table
+    expected = {"lm_head.weight": words("lm_head_weight")}  # tied: the program's one table (embedding + LM head)
     for i in range(2):
         p, t = f"layers.{i}.", f"layers_{i}_"
-        expected[p + "attn.wqkv"] = cat(*(f"{t}attn_{w}_weight" for w in ("wq", "wk", "wv")))
+        expected["+".join(p + f"attn.{w}.weight" for w in ("wq", "wk", "wv"))] = cat(
+            *(f"{t}attn_{w}_weight" for w in ("wq", "wk", "wv")))
         expected[p + "attn.wo.weight"] = words(f"{t}attn_wo_weight")
-        expected[p + "moe.shared.w13"] = cat(f"{t}moe_shared_w1_weight", f"{t}moe_shared_w3_weight")
+        expected[f"{p}moe.shared.w1.weight+{p}moe.shared.w3.weight"] = cat(f"{t}moe_shared_w1_weight",
+                                                                           f"{t}moe_shared_w3_weight")
         expected[p + "moe.shared.w2.weight"] = words(f"{t}moe_shared_w2_weight")
         q13, s13 = words(f"{t}moe_w13")  # TVM: the w1 rows, then the w3 rows; QMoE: interleaved
         half = q13.shape[1] // 2
-        expected[p + "moe.w13"] = (interleave_rows(q13[:, :half], q13[:, half:]),
-                                   interleave_rows(s13[:, :half], s13[:, half:]))
+        expected[p + "moe.w1+w3"] = (interleave_rows(q13[:, :half], q13[:, half:]),
+                                     interleave_rows(s13[:, :half], s13[:, half:]))
         expected[p + "moe.w2"] = words(f"{t}moe_w2")
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(onnx_default / "model.onnx")).graph.initializer}
     assert {n.removesuffix(".q4") for n in inits if n.endswith(".q4")} == set(expected)
@@ -177,22 +179,28 @@ def test_manifest_and_graph(onnx_default):
     assert set(manifest["files"]) == {"model.onnx", "config.json", "tokenizer.json"}
     assert manifest["quantization"]["format"] == "g32_sym_u32k8"
     block = manifest["onnx"]
-    assert {c["op"] for c in block["contrib_ops"]} == {"MatMulNBits", "QMoE", "GroupQueryAttention",
+    assert {c["op"] for c in block["contrib_ops"]} == {"MatMulNBits", "QMoE", "RotaryEmbedding",
                                                        "GatherBlockQuantized", "SkipSimplifiedLayerNormalization",
                                                        "SimplifiedLayerNormalization"}
     names = [i["name"] for i in block["inputs"]]
-    assert names[:3] == ["input_ids", "seqlens_k", "total_sequence_length"] and "past_key_values.1.value" in names
+    assert names == ["input_ids", "positions", *(f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value"))]
+    assert block["inputs"][2]["shape"] == [1, 2, 16, "past_sequence_length"]  # keys transposed, as exported
     assert block["outputs"][0] == {"name": "logits", "shape": [1, 512], "dtype": "float32"}
     graph = onnx.load(str(onnx_default / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QMoE") == 2 and ops.count("GroupQueryAttention") == 2
+    assert ops.count("QMoE") == 2 and ops.count("RotaryEmbedding") == 2 * 2  # q and k per layer
     assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer: qkv, wo, shared w1|w3, shared w2; + LM head
+    # the norms: the first and the final one (after the last-position slice) plain, the others with the
+    # residual add before them (onnx_patterns.py); attention's einsums as MatMul
+    assert ops.count("SimplifiedLayerNormalization") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 2 * 2 - 1
+    assert "Einsum" not in ops and "Identity" not in ops  # outputs written by their producers: no KV copy
     qmoe = next(n for n in graph.node if n.op_type == "QMoE")
     attrs = {a.name: helper.get_attribute_value(a) for a in qmoe.attribute}
     assert attrs["swiglu_fusion"] == 1 and attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 32
     floats = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
               and "scales" not in t.name]
-    assert sorted(floats) == ["layers.0.moe.router.weight_t", "layers.1.moe.router.weight_t", "rope.cos", "rope.sin"]
+    assert sorted(floats) == ["layers.0.moe.router.weight.T", "layers.1.moe.router.weight.T", "rope_cos.half",
+                              "rope_sin.half"]
 
 
 def test_generate_and_bad_ids(onnx_default):
@@ -272,3 +280,14 @@ def test_bundled_model_onnx_vs_tvm_host(tmp_path):
     print(f"bundled model, ONNX (accuracy_level {DEFAULT_ACCURACY_LEVEL}): top-1 agreement {vs_tvm:.4f} vs TVM "
           f"host, {vs_torch:.4f} vs PyTorch INT4 over {len(got)} positions")
     assert vs_tvm >= 0.99 and vs_torch >= 0.98
+
+
+def test_artifact_of_another_graph_interface_is_refused(onnx_default, tmp_path):
+    """An ONNX artifact of the earlier hand-written graph (GroupQueryAttention's seqlens_k inputs)."""
+    import json
+    copy = Path(shutil.copytree(onnx_default, tmp_path / "old"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["onnx"]["inputs"][1]["name"] = "seqlens_k"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"onnx inputs \['input_ids', 'seqlens_k', .*rebuild the artifact"):
+        load_artifact(copy)

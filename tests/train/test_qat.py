@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 
 from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig
-from mobilemoe.model import MobileMoE
+from mobilemoe.model import MobileMoE, MoE
 from mobilemoe.quant import GROUP_SIZE, SCALE_DTYPE, SCALE_EPS, dequantize_int4, quantize_int4
 from train.qat import convert_qat, int4_weights, prepare_qat, simulate_int4
 
@@ -91,3 +91,19 @@ def test_simulate_int4_leaves_router_and_norms_float():
     assert torch.equal(sim.norm.weight, m.norm.weight)
     assert not torch.equal(sim.layers[0].moe.w1, m.layers[0].moe.w1)
     assert sim.lm_head.weight is sim.embed.weight
+
+
+def test_float_weights_are_the_moe_ops_router_operands_by_role(monkeypatch):
+    """What stays float is chosen by the operand's role in the MoE op, not by the word "router"."""
+    m = _model()
+    n = m.config.num_layers
+    assert m.float_weight_names() == {f"layers.{i}.moe.router.weight" for i in range(n)}
+    for layer in m.layers:  # a family storing its router as `gate` (as HF Mixtral / Qwen-MoE name it)
+        layer.moe.gate = layer.moe.router
+        del layer.moe.router
+    monkeypatch.setitem(MoE.OPERANDS, "router_weight", "gate.weight")
+    assert m.float_weight_names() == {f"layers.{i}.moe.gate.weight" for i in range(n)}
+    assert not any(".gate." in full for _, _, full in int4_weights(m))
+    sim = simulate_int4(m)
+    assert torch.equal(sim.layers[0].moe.gate.weight, m.layers[0].moe.gate.weight)
+    assert not torch.equal(sim.layers[0].moe.w1, m.layers[0].moe.w1)
