@@ -91,7 +91,8 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     return [
-        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill)]),
+        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill,
+                                                       fused_routing=strategy.fused_routing)]),
         ("quantize", [QuantizeInt4Weights(interleave=opts.dot_isa)] if opts.quant.startswith("int4") else []),
         ("cleanup", [StripAssertions(), ClipTakeIndices(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),

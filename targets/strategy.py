@@ -22,6 +22,7 @@ class Strategy:
     kv_cache_default = "grow"  # decode's KV cache when the build does not say (mobilemoe/kv_cache.py)
     inplace_kv = False  # the in-place cache kernels (tir_kernels/kv_cache.py) have schedules here
     group_prefill = False  # prefill's routed experts as grouped GEMMs (tir_kernels/moe_grouped.py)
+    fused_routing = False  # MoE routing as one hand-scheduled kernel (tir_kernels/moe_route.py)
     tunable = False  # compiler.tuning can search its kernels (MetaSchedule's LLVM rules)
 
     def dot_isa(self, target, quant: str):
@@ -50,6 +51,7 @@ class CpuStrategy(Strategy):
     kv_cache_default = "inplace"
     inplace_kv = True
     group_prefill = True
+    fused_routing = True
     tunable = True
 
     def dot_isa(self, target, quant: str):
