@@ -3,7 +3,7 @@ besides its TVM target and toolchain. Each target module picks a strategy (targe
 `strategy=CpuStrategy()`); nothing outside targets/ asks which kind of target it has.
 
     CpuStrategy   LLVM CPUs: our vector kernels for the cache append, the row softmax and SiLU's
-                  sigmoid; INT4 dot-product kernels where the ISA has them (AVX512-VNNI, arm64
+                  sigmoid; INT4 dot-product kernels where the ISA has them (AVX512-VNNI, AVX2, arm64
                   dotprod; int8 activations); our INT4 schedules + dlight CPU rules (cpu_rules.py);
                   the in-place KV cache and the grouped prefill MoE kernels (CPU schedules only);
                   MetaSchedule-tunable.
