@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quant", choices=["int4", "int4-f32", "none"], default="int4",
                    help="int4: INT4 weights, int8 activations in the CPU's dot-product instruction where it has one "
-                        "(AVX512-VNNI, arm64 dotprod), else fp32; int4-f32: INT4 weights, fp32 activations; "
+                        "(AVX512-VNNI, AVX2, arm64 dotprod), else fp32; int4-f32: INT4 weights, fp32 activations; "
                         "none: float32")
     p.add_argument("--dump-ir", type=Path, default=None)
     p.add_argument("--kv-cache", choices=["inplace", "grow"], default=None,

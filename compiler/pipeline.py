@@ -11,7 +11,7 @@
     legalize   TVM's library dispatch, the strategy's own passes (CPU: AppendLastAxis + SoftmaxRows
                + FastSigmoid, tir_kernels/append.py, softmax.py; SiLU's sigmoid as a polynomial),
                LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-    schedule   the strategy's kernel selection (CPU with VNNI/dotprod: SelectDotKernels, int8-activation
+    schedule   the strategy's kernel selection (CPU with VNNI/AVX2/dotprod: SelectDotKernels, int8-activation
                dot-product INT4 kernels; quant="int4" only, not "int4-f32"), ApplyTuningDatabase (with
                a tuning database: MetaSchedule records of compiler.tuning), the strategy's default
                schedules (CPU: ScheduleInt4Kernels + dlight CPU rules; GPU: UseGpuInt4Matmul + the
@@ -91,7 +91,8 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     return [
-        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill)]),
+        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill,
+                                                       fused_routing=strategy.fused_routing)]),
         ("quantize", [QuantizeInt4Weights(interleave=opts.dot_isa)] if opts.quant.startswith("int4") else []),
         ("cleanup", [StripAssertions(), ClipTakeIndices(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),

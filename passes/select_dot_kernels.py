@@ -1,5 +1,5 @@
 """SelectDotKernels: the fp32-dequant INT4 kernels swapped for the int8-activation dot-product
-kernels (tir_kernels/int4_dot.py) of the target's dot ISA (x86 AVX512-VNNI, arm64 dotprod), which read
+kernels (tir_kernels/int4_dot.py) of the target's dot ISA (x86 AVX512-VNNI or AVX2, arm64 dotprod), which read
 every INT4 weight in mobilemoe.quant's interleaved word order.
 
 Before (schedule phase, after legalization):

@@ -5,6 +5,8 @@ Before (after FuseExpertGateUp; W13 [E, 2I, H], W2 [E, H, I]):
     y = mobilemoe.moe(x, router_weight, W13, W2, [shared ...])        gate_up="fused"
 After, routing (MoEAttrs.scoring on logits = x @ router_weight^T, passes/moe_op.emit_routing):
     w, ids = top-k of the logits / of their softmax                        # [N, k], [N, k]
+  or, fused_routing (CPU strategies, float32): one call (tir_kernels/moe_route.py)
+    w, ids = call_tir(moe_route, (x, router_weight[, router_bias]))
 then static N (decode): per-token GEMVs
     gu  = call_tir(moe_gate_up, (x, ids, W13))                  # [N, k, 2I], gathers experts
     a   = silu(gu[..., :I]) * gu[..., I:]                          # [N, k, I]
@@ -28,6 +30,7 @@ from tvm import relax
 
 from tir_kernels import moe_float
 from tir_kernels.moe_grouped import moe_grouped_down_combine, moe_grouped_gate_up, moe_route_plan
+from tir_kernels.moe_route import moe_route
 
 from . import moe_op
 from .common import add_float_weights, static_dim, tensor_shape
@@ -58,13 +61,25 @@ def _grouped(bb, x, ids, w, w13, w2, I):
     return relax.call_tir(down, [a, offsets, order, w, w2], relax.TensorType([T, H], "float32"))
 
 
+def _fused_routing(bb, attrs, ops):
+    """-> (w [N, k] float32, ids [N, k] int64) from ONE call of tir_kernels/moe_route.py (logits, top-k and
+    the weights of each token) instead of emit_routing's matmul + softmax + topk ops (four kernels)."""
+    x, router = ops["x"], ops["router_weight"]
+    (E, H), k, T = tensor_shape(router), attrs.top_k, x.ty.shape.values[0]
+    func = bb.add_func(moe_route(E, H, k, attrs.scoring, attrs.norm_topk_prob, attrs.router_bias), "moe_route")
+    args = [x, router] + ([ops["router_bias"]] if attrs.router_bias else [])
+    out = bb.emit(relax.call_tir(func, args, [relax.TensorType([T, k], "float32"), relax.TensorType([T, k], "int64")]))
+    return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+
+
 @tvm.transform.module_pass(opt_level=0, name="SparseMoEDispatch")
 class SparseMoEDispatch:
     """group_prefill=False keeps the per-token GEMVs for symbolic N too: the grouped kernels are
     CPU (llvm) kernels, scheduled by hand, with no GPU schedule."""
 
-    def __init__(self, group_prefill: bool = True):
+    def __init__(self, group_prefill: bool = True, fused_routing: bool = False):
         self.group_prefill = group_prefill
+        self.fused_routing = fused_routing  # CPU: routing as one moe_route kernel (_fused_routing)
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         routers = []
@@ -75,7 +90,10 @@ class SparseMoEDispatch:
                 return None
             w13 = moe_op.gate_up(bb, attrs, ops)
             I = tensor_shape(w2)[2]
-            w, ids = moe_op.emit_routing(bb, attrs, ops)
+            fused = self.fused_routing and x.ty.dtype == "float32" and all(
+                ops[r].ty.dtype == "float32" and tensor_shape(ops[r]) is not None  # static router shapes
+                for r in ("router_weight", *(["router_bias"] if attrs.router_bias else [])))
+            w, ids = _fused_routing(bb, attrs, ops) if fused else moe_op.emit_routing(bb, attrs, ops)
             grouped = (self.group_prefill and static_dim(x, 0) is None
                        and all(v.ty.dtype == "float32" for v in (x, w, w13, w2)))
             out = (_grouped if grouped else _gemv)(bb, x, ids, w, w13, w2, I)

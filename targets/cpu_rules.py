@@ -10,7 +10,7 @@ axes normalise away, the multiply's leading axis is the 1024 hidden units, and t
 it: 1024 full reductions per call (1.6 ms instead of ~1 us, measured). Such a kernel is left to the
 next rule (unscheduled loops run each reduction once).
 
-Injective: parallel + vectorized one-block copies; BatchMatmul: the legalized float matmuls (see the
+Injective: vectorized one-block copies, in parallel unless small (SERIAL_MAX_ELEMENTS); BatchMatmul: the legalized float matmuls (see the
 classes).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import codegen
+
+from tir_kernels.launch import SERIAL_MAX_ELEMENTS
 
 
 def _leading_spatial(info, count: int):
@@ -95,9 +97,20 @@ class Injective(ScheduleRule):
             sch.vectorize(vec)
         elif int(inner) <= lanes:
             sch.vectorize(loops[-1])
-        if outer:
+        if outer and not _small(sch.get(block)):
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
+
+
+def _small(block) -> bool:
+    """Whether a block's output has a static size of at most SERIAL_MAX_ELEMENTS: one decode token's
+    norms, residual adds, RoPE, SiLU and reshape copies run in the calling thread (tir_kernels/launch.py)."""
+    size = 1
+    for r in block.writes[0].region:
+        if not isinstance(r.extent, tirx.IntImm):
+            return False
+        size *= int(r.extent)
+    return size <= SERIAL_MAX_ELEMENTS
 
 
 def _streams_rows(block) -> bool:

@@ -3,7 +3,7 @@ besides its TVM target and toolchain. Each target module picks a strategy (targe
 `strategy=CpuStrategy()`); nothing outside targets/ asks which kind of target it has.
 
     CpuStrategy   LLVM CPUs: our vector kernels for the cache append, the row softmax and SiLU's
-                  sigmoid; INT4 dot-product kernels where the ISA has them (AVX512-VNNI, arm64
+                  sigmoid; INT4 dot-product kernels where the ISA has them (AVX512-VNNI, AVX2, arm64
                   dotprod; int8 activations); our INT4 schedules + dlight CPU rules (cpu_rules.py);
                   the in-place KV cache and the grouped prefill MoE kernels (CPU schedules only);
                   MetaSchedule-tunable.
@@ -22,6 +22,7 @@ class Strategy:
     kv_cache_default = "grow"  # decode's KV cache when the build does not say (mobilemoe/kv_cache.py)
     inplace_kv = False  # the in-place cache kernels (tir_kernels/kv_cache.py) have schedules here
     group_prefill = False  # prefill's routed experts as grouped GEMMs (tir_kernels/moe_grouped.py)
+    fused_routing = False  # MoE routing as one hand-scheduled kernel (tir_kernels/moe_route.py)
     tunable = False  # compiler.tuning can search its kernels (MetaSchedule's LLVM rules)
 
     def dot_isa(self, target, quant: str):
@@ -50,6 +51,7 @@ class CpuStrategy(Strategy):
     kv_cache_default = "inplace"
     inplace_kv = True
     group_prefill = True
+    fused_routing = True
     tunable = True
 
     def dot_isa(self, target, quant: str):

@@ -1,6 +1,7 @@
 """INT4 weights x int8 activations through the CPU's integer dot-product instruction.
 
     x86 AVX512-VNNI  vpdpbusd   llvm.x86.avx512.vpdpbusd.{512,256,128}   u8 x s8 -> s32, 4 per lane
+    x86 AVX2         vpmaddubsw + vpmaddwd (ones) + vpaddd               the same sum in three (no VNNI)
     arm64 dotprod    sdot       llvm.aarch64.neon.sdot.v4i32.v16i8      s8 x s8 -> s32, 4 per lane
     arm64 i8mm       smmla      llvm.aarch64.neon.smmla.v4i32.v16i8     s8 2x8 @ 8x2 -> s32 2x2 (GEMM tiles:
                                                                         int4_mmla.py; GEMVs use sdot)
@@ -40,6 +41,7 @@ from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
+from .launch import SERIAL_ROWS
 
 # _STACK_NOTE. Inside a parallel loop, a TVMScript name assigned a value (``wv = w[...]``) becomes a
 # buffer, and TVM 0.27 gives each non-"global" buffer of a parallel body (``scope="local"`` too) a
@@ -57,7 +59,9 @@ class DotISA:
     """An integer dot-product instruction family: lanes (int32 accumulators per vector) -> intrinsic."""
 
     name: str
-    intrinsics: dict  # lanes -> LLVM intrinsic name (args: acc int32xL, weights int8x4L, acts int8x4L)
+    # lanes -> LLVM intrinsic name (args: acc int32xL, weights int8x4L, acts int8x4L), or, for a CPU
+    # without a dot instruction, the pair (u8 x s8 -> int16 pair sums, int16 pairs -> int32): dot_acc
+    intrinsics: dict
     mmla: str = ""  # a 2x8 by 8x2 int8 matrix multiply-accumulate (int4_mmla.py's GEMM tiles), if any
 
     def lanes_for(self, words: int) -> int:
@@ -70,6 +74,9 @@ class DotISA:
 
 X86_VNNI = DotISA("avx512-vnni", {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
                                    4: "llvm.x86.avx512.vpdpbusd.128"})
+# AVX2 without VNNI (Zen 3, Haswell..Comet Lake): vpmaddubsw + vpmaddwd (ones), as llama.cpp's Q4_0 x Q8_0 does
+X86_AVX2 = DotISA("avx2", {8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+                            4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd")})
 ARM_DOTPROD = DotISA("arm-dotprod", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"})
 # Armv8.6 i8mm (Cortex-X3/A715 on, e.g. Snapdragon 8 Gen 2): sdot for GEMVs, smmla for the GEMM tiles
 ARM_I8MM = DotISA("arm-i8mm", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, mmla="llvm.aarch64.neon.smmla.v4i32.v16i8")
@@ -81,6 +88,8 @@ def dot_isa(target: Target | None) -> DotISA | None:
         return None
     if codegen.target_has_features(["avx512vnni", "avx512vl"], target):
         return X86_VNNI
+    if codegen.target_has_features(["avx2"], target):
+        return X86_AVX2
     if codegen.target_has_features(["dotprod", "i8mm"], target):
         return ARM_I8MM
     if codegen.target_has_features(["dotprod"], target):
@@ -89,10 +98,20 @@ def dot_isa(target: Target | None) -> DotISA | None:
 
 
 def dot_acc(isa: DotISA, lanes: int, acc, weights, acts):
-    """acc + per-lane dot of 4 weight bytes (0..15) with 4 signed activation bytes."""
+    """acc + per-lane dot of 4 weight bytes (0..15) with 4 signed activation bytes.
+
+    Without a dot instruction (X86_AVX2) the same sum takes two: pmaddubsw adds the two u8 x s8
+    products of each byte pair into int16 (saturating, but |2 * 15 * 127| = 3810 never reaches 2^15),
+    pmaddwd with ones adds the int16 pairs into int32; then the add. Exact, like the dot."""
     as_bytes = f"int8x{4 * lanes}"
-    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", isa.intrinsics[lanes], acc,
-                                      tirx.reinterpret(as_bytes, weights), tirx.reinterpret(as_bytes, acts))
+    w, x = tirx.reinterpret(as_bytes, weights), tirx.reinterpret(as_bytes, acts)
+    intrinsic = isa.intrinsics[lanes]
+    if isinstance(intrinsic, tuple):
+        pairs, quads = intrinsic
+        s16 = tirx.call_llvm_pure_intrin(f"int16x{2 * lanes}", pairs, w, x)
+        ones = tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes)
+        return acc + tirx.call_llvm_pure_intrin(f"int32x{lanes}", quads, s16, ones)
+    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", intrinsic, acc, w, x)
 
 
 def lane_scales(s, e, row, block, lanes: int):
@@ -121,26 +140,35 @@ def pack4(q0, q1, q2, q3):
 
 
 def _quantize_macro(k: int):
-    """TIR macro: quantize x [m, k] into xe, xo, xc, xs (the layout of the module doc), rows in parallel."""
+    """TIR macro: quantize x [m, k] into xe, xo, xc, xs (the layout of the module doc); rows in parallel,
+    except for a few rows (decode), where a parallel launch costs more than the work (launch.py)."""
     kg = k // GROUP_SIZE
 
     @T.macro
+    def quantize_row(x, xe, xo, xc, xs, i):
+        amax = T.alloc_buffer((1,), "float32", scope="global")
+        q = T.alloc_buffer((8,), "int32", scope="global")
+        for g in range(T.int64(kg)):
+            amax[0] = T.float32(0)
+            for j in range(GROUP_SIZE):
+                amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
+            for wd in range(WORDS_PER_GROUP):
+                for j in T.unroll(8):
+                    q[j] = T.Cast("int32", T.round(x[i, (g * WORDS_PER_GROUP + wd) * 8 + j] * T.if_then_else(
+                        amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+                xe[i, g * WORDS_PER_GROUP + wd] = pack4(q[0], q[2], q[4], q[6])
+                xo[i, g * WORDS_PER_GROUP + wd] = pack4(q[1], q[3], q[5], q[7])
+                xc[i, g * WORDS_PER_GROUP + wd] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7]) * T.int32(-8)
+                xs[i, g * WORDS_PER_GROUP + wd] = amax[0] / T.float32(127)
+
+    @T.macro
     def quantize(x, xe, xo, xc, xs, m):
-        for i in T.parallel(m):
-            amax = T.alloc_buffer((1,), "float32", scope="global")
-            q = T.alloc_buffer((8,), "int32", scope="global")
-            for g in range(T.int64(kg)):
-                amax[0] = T.float32(0)
-                for j in range(GROUP_SIZE):
-                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
-                for wd in range(WORDS_PER_GROUP):
-                    for j in T.unroll(8):
-                        q[j] = T.Cast("int32", T.round(x[i, (g * WORDS_PER_GROUP + wd) * 8 + j] * T.if_then_else(
-                            amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
-                    xe[i, g * WORDS_PER_GROUP + wd] = pack4(q[0], q[2], q[4], q[6])
-                    xo[i, g * WORDS_PER_GROUP + wd] = pack4(q[1], q[3], q[5], q[7])
-                    xc[i, g * WORDS_PER_GROUP + wd] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7]) * T.int32(-8)
-                    xs[i, g * WORDS_PER_GROUP + wd] = amax[0] / T.float32(127)
+        if m <= SERIAL_ROWS:
+            for i in range(m):
+                quantize_row(x, xe, xo, xc, xs, i)
+        else:
+            for i in T.parallel(m):
+                quantize_row(x, xe, xo, xc, xs, i)
 
     return quantize
 
@@ -253,15 +281,15 @@ def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_
         xc = T.alloc_buffer((xrows(t), T.int64(kw)), "int32")
         xs = T.alloc_buffer((xrows(t), T.int64(kw)), "float32")
         quantize(x2, xe, xo, xc, xs, xrows(t))
-        # one parallel loop over row blocks per (token, slot); no scalar assignments in its body (see
-        # moe_gemv_weighted_sum_dot)
-        for tj in range(t * top_k):
-            for nb in T.parallel(T.int64(nblocks)):
-                acc = T.alloc_buffer((rows * lanes,), "float32", scope="global")
-                block(acc, wf, s, T.Cast("int64", ids[tj // top_k, tj % top_k]), nb * rows, xe, xo, xc, xs,
-                      tj if per_slot else tj // top_k)
-                for r in T.unroll(rows):
-                    y[tj // top_k, tj % top_k, nb * rows + r] = lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+        # ONE parallel loop over every (token, slot, row block): one launch per call, not one per slot
+        # (decode: top_k launches -> 1); no scalar assignments in its body (see moe_gemv_weighted_sum_dot)
+        for p in T.parallel(t * T.int64(top_k * nblocks)):
+            acc = T.alloc_buffer((rows * lanes,), "float32", scope="global")
+            block(acc, wf, s, T.Cast("int64", ids[p // (top_k * nblocks), p // nblocks % top_k]),
+                  p % nblocks * rows, xe, xo, xc, xs, p // nblocks if per_slot else p // (top_k * nblocks))
+            for r in T.unroll(rows):
+                y[p // (top_k * nblocks), p // nblocks % top_k, p % nblocks * rows + r] = lane_sum(
+                    acc[T.ramp(r * lanes, 1, lanes)], lanes)
 
     return func
 

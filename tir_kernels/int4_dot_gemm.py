@@ -40,6 +40,7 @@ from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_mmla import mmla_group_tile_macro, supports as mmla_supports
 from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, dot_acc, interleave_for, kernel_attrs, lane_scales, \
     lane_sum, pack4
+from .launch import SERIAL_ROWS
 from .moe_grouped import ARGS_ATTR
 
 MT = 4  # token rows per register tile (this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 / 8 ~ 4)
@@ -52,24 +53,32 @@ def _quantize_macro(k: int, lanes: int):
     kg = k // GROUP_SIZE
 
     @T.macro
+    def quantize_row(x, xq, i):
+        amax = T.alloc_local((1,), "float32")
+        q = T.alloc_local((8,), "int32")
+        for g in range(T.int64(kg)):
+            amax[0] = T.float32(0)
+            for j in range(GROUP_SIZE):
+                amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
+            inv: T.let = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+            for wd in range(WORDS_PER_GROUP):
+                wi: T.let = g * WORDS_PER_GROUP + wd
+                for j in T.unroll(8):
+                    q[j] = T.Cast("int32", T.round(x[i, wi * 8 + j] * inv))
+                xq[i, wi // lanes, 0, wi % lanes] = pack4(q[0], q[2], q[4], q[6])
+                xq[i, wi // lanes, 1, wi % lanes] = pack4(q[1], q[3], q[5], q[7])
+                xq[i, wi // lanes, 2, wi % lanes] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6]
+                                                     + q[7]) * T.int32(-8)
+                xq[i, wi // lanes, 3, wi % lanes] = T.reinterpret("int32", amax[0] / T.float32(127))
+
+    @T.macro
     def quantize(x, xq, m):
-        for i in T.parallel(m):
-            amax = T.alloc_local((1,), "float32")
-            q = T.alloc_local((8,), "int32")
-            for g in range(T.int64(kg)):
-                amax[0] = T.float32(0)
-                for j in range(GROUP_SIZE):
-                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP_SIZE + j]))
-                inv: T.let = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                for wd in range(WORDS_PER_GROUP):
-                    wi: T.let = g * WORDS_PER_GROUP + wd
-                    for j in T.unroll(8):
-                        q[j] = T.Cast("int32", T.round(x[i, wi * 8 + j] * inv))
-                    xq[i, wi // lanes, 0, wi % lanes] = pack4(q[0], q[2], q[4], q[6])
-                    xq[i, wi // lanes, 1, wi % lanes] = pack4(q[1], q[3], q[5], q[7])
-                    xq[i, wi // lanes, 2, wi % lanes] = (q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6]
-                                                         + q[7]) * T.int32(-8)
-                    xq[i, wi // lanes, 3, wi % lanes] = T.reinterpret("int32", amax[0] / T.float32(127))
+        if m <= SERIAL_ROWS:  # decode: no parallel launch for a row's ~1 us of work
+            for i in range(m):
+                quantize_row(x, xq, i)
+        else:
+            for i in T.parallel(m):
+                quantize_row(x, xq, i)
 
     return quantize
 

@@ -9,12 +9,14 @@ by a shuffle tree, and exp is a polynomial in vector arithmetic (Cephes expf: Co
 x = n ln2 + r, |r| <= ln2 / 2, degree-7 polynomial, 2^n built in the exponent bits): relative error
 ~2e-7, no call. Arguments are x - max <= 0; below -87 (a masked score) exp is exactly 0, never a
 denormal (a denormal probability makes every product of p.V take a microcode assist on x86).
-Rows run in parallel. Scheduled by hand (``tirx.is_scheduled``); passes/softmax_rows.py puts it in.
+Rows run in parallel, unless there are few (launch.py). Scheduled by hand (``tirx.is_scheduled``); passes/softmax_rows.py puts it in.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from .launch import SERIAL_MAX_ELEMENTS
 
 KERNEL = "softmax_rows"
 _LOG2E, _C1, _C2 = 1.44269504088896341, 0.693359375, -2.12194440e-4
@@ -59,6 +61,29 @@ def softmax_rows(lanes: int = 16) -> tirx.PrimFunc:
     def vec(c):
         return tirx.Ramp(c * lanes, 1, lanes)
 
+    @T.macro
+    def row(x, y, t, i):
+        acc = T.alloc_buffer((lanes,), "float32")  # default scope: on the stack (int4_dot._STACK_NOTE)
+        red = T.alloc_buffer((2,), "float32")  # row max, row sum
+        acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(-3.4028234663852886e38), lanes)
+        for c in range(t // lanes):
+            acc[T.ramp(0, 1, lanes)] = T.max(acc[T.ramp(0, 1, lanes)], x[i, vec(c)])
+        red[0] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Max)
+        for j in range(t // lanes * lanes, t):
+            red[0] = T.max(red[0], x[i, j])
+        acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+        for c in range(t // lanes):
+            y[i, vec(c)] = exp_le0(x[i, vec(c)] - T.Broadcast(red[0], lanes), lanes)
+            acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + y[i, vec(c)]
+        red[1] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Add)
+        for j in range(t // lanes * lanes, t):
+            y[i, j] = exp_le0(x[i, j] - red[0], 1)
+            red[1] = red[1] + y[i, j]
+        for c in range(t // lanes):
+            y[i, vec(c)] = y[i, vec(c)] * T.Broadcast(T.float32(1) / red[1], lanes)
+        for j in range(t // lanes * lanes, t):
+            y[i, j] = y[i, j] / red[1]
+
     @T.prim_func(private=True, s_tir=True)
     def func(x_handle: T.handle, y_handle: T.handle):
         T.func_attr({"mobilemoe.kernel": KERNEL, "op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
@@ -67,26 +92,11 @@ def softmax_rows(lanes: int = 16) -> tirx.PrimFunc:
         x = T.match_buffer(x_handle, (n, t), "float32")
         y = T.match_buffer(y_handle, (n, t), "float32")
         with T.sblock("root"):  # a block body: Relax's reshape-pattern analysis expects one
-            for i in T.parallel(n):
-                acc = T.alloc_buffer((lanes,), "float32")  # default scope: on the stack (int4_dot._STACK_NOTE)
-                red = T.alloc_buffer((2,), "float32")  # row max, row sum
-                acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(-3.4028234663852886e38), lanes)
-                for c in range(t // lanes):
-                    acc[T.ramp(0, 1, lanes)] = T.max(acc[T.ramp(0, 1, lanes)], x[i, vec(c)])
-                red[0] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Max)
-                for j in range(t // lanes * lanes, t):
-                    red[0] = T.max(red[0], x[i, j])
-                acc[T.ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
-                for c in range(t // lanes):
-                    y[i, vec(c)] = exp_le0(x[i, vec(c)] - T.Broadcast(red[0], lanes), lanes)
-                    acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + y[i, vec(c)]
-                red[1] = lane_reduce(acc[T.ramp(0, 1, lanes)], lanes, tirx.Add)
-                for j in range(t // lanes * lanes, t):
-                    y[i, j] = exp_le0(x[i, j] - red[0], 1)
-                    red[1] = red[1] + y[i, j]
-                for c in range(t // lanes):
-                    y[i, vec(c)] = y[i, vec(c)] * T.Broadcast(T.float32(1) / red[1], lanes)
-                for j in range(t // lanes * lanes, t):
-                    y[i, j] = y[i, j] / red[1]
+            if n * t <= SERIAL_MAX_ELEMENTS:  # the routing weights of a few tokens: no parallel launch
+                for i in range(n):
+                    row(x, y, t, i)
+            else:
+                for i in T.parallel(n):
+                    row(x, y, t, i)
 
     return func

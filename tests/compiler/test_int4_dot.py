@@ -3,7 +3,8 @@
 Each kernel is checked against mobilemoe.quant.int8_int4_matmul (the same quantized activations,
 exact integer group sums) to float32 rounding, and its SQNR against the fp32-activation result is
 printed and bounded (activation quantization costs ~45 dB on gaussian data). The arm64 forms are
-compiled and their assembly must use sdot; the x86 forms run here when the CPU has AVX512-VNNI.
+compiled and their assembly must use sdot, the x86 ones vpdpbusd (AVX512-VNNI) or vpmaddubsw (AVX2); the
+x86 forms run here with this CPU's ISA (VNNI where it has it, else AVX2).
 """
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from passes.select_dot_kernels import dot_form, select_dot_kernels
 HOST = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISA = int4_dot.dot_isa(HOST)
 ANDROID = Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]})
-needs_vnni = pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no AVX512-VNNI")
+needs_vnni = pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no int8 dot path (AVX512-VNNI or AVX2)")
 
 
 def weight(*shape, seed=0):
@@ -95,6 +96,37 @@ def test_android_kernels_use_sdot():
                         "moe": int4_dot.moe_gemv_dot(4, 64, 256, 2, isa).with_attr("global_symbol", "moe")})
     asm = tvm.compile(mod, target=ANDROID).mod.inspect_source("asm")
     assert "sdot\tv" in asm, "the arm64 kernels must use the dotprod instruction"
+
+
+@pytest.mark.parametrize("mcpu,isa,instruction", [("znver4", "X86_VNNI", "vpdpbusd"),
+                                                   ("znver3", "X86_AVX2", "vpmaddubsw"),
+                                                   ("haswell", "X86_AVX2", "vpmaddubsw")])
+def test_x86_kernels_use_the_cpus_dot_path(mcpu, isa, instruction):
+    """Each x86 CPU gets its int8 path: VNNI's one-instruction dot, else AVX2's pair sums (compiled, not run)."""
+    target = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    assert int4_dot.dot_isa(target) is getattr(int4_dot, isa)
+    isa = int4_dot.dot_isa(target)
+    mod = tvm.IRModule({"mm": int4_dot.int4_matmul_dot(64, 256, isa).with_attr("global_symbol", "mm"),
+                        "moe": int4_dot.moe_gemv_dot(4, 64, 256, 2, isa).with_attr("global_symbol", "moe")})
+    asm = tvm.compile(mod, target=target).mod.inspect_source("asm")
+    assert instruction in asm
+    if isa is int4_dot.X86_AVX2:
+        assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+
+
+@needs_vnni
+def test_extreme_codes_and_activations_are_exact():
+    """The largest pair sums the dot path meets (stored nibbles 15 and 0, i.e. codes 7 and -8, against
+    activations +-127): exact, so AVX2's saturating pmaddubsw (|2 * 15 * 127| = 3810 < 2^15) never clips."""
+    n, k = 64, 256
+    codes = torch.where(torch.arange(n * k).reshape(n, k) % 3 == 0, -8, 7).to(torch.int8)
+    scales = torch.full((n, k // 32), 0.01)
+    w = interleave_int4(pack_int4(codes), *int4_dot.interleave_for(HOST_ISA, n, k)).numpy()
+    x = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)[None].repeat(3, 1)  # every q is +-127
+    x[1] = 1.0
+    y = run(int4_dot.int4_matmul_dot(n, k, HOST_ISA), (x.numpy(), w, scales.half().numpy()), (3, n))
+    ref = int8_int4_matmul(x, codes, scales.half().float()).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_no_dot_isa_keeps_fp32_kernels():

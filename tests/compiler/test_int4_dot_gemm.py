@@ -90,9 +90,10 @@ def test_grouped_dot_matches_reference(op, t, allowed):
     assert_matches(y, ref)
 
 
-# smmla's arithmetic in vector TIR on this host's 4-lane VNNI dot (int4_mmla.EMULATED): the i8mm tile's
+# smmla's arithmetic in vector TIR on this host's 4-lane dot (VNNI or AVX2; int4_mmla.EMULATED): the i8mm tile's
 # data arrangement (operand zips, zero points, scales, the accumulator contract) checked without an arm64 CPU
-EMULATED_MMLA = int4_dot.DotISA("vnni128-mmla-emulated", {4: "llvm.x86.avx512.vpdpbusd.128"}, mmla=int4_mmla.EMULATED)
+EMULATED_MMLA = int4_dot.DotISA("host128-mmla-emulated", {4: (HOST_ISA or int4_dot.X86_VNNI).intrinsics[4]},
+                                mmla=int4_mmla.EMULATED)
 
 
 def mmla_weight(*shape, seed=0):

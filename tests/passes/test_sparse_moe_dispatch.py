@@ -8,6 +8,7 @@ import tvm
 from tvm import relax, tirx
 
 from tir_kernels import moe_float, moe_grouped
+from tir_kernels.moe_route import moe_route
 from passes import moe_op
 from passes.common import FLOAT_WEIGHTS
 from passes.fuse_expert_gate_up import FuseExpertGateUp
@@ -116,6 +117,38 @@ def test_before_expected_routing_variant_and_gated_shared_expert():
     tvm.ir.assert_structural_equal(SparseMoEDispatch()(moe_module(attrs, n=1)), expected_gemv(1, attrs))
 
 
+def _fused_routing(bb, attrs, x, router, n):
+    """The routing as one moe_route call (fused_routing=True, the CPU strategy's choice)."""
+    gv = bb.add_func(moe_route(8, H, K, attrs.scoring, attrs.norm_topk_prob, attrs.router_bias), "moe_route")
+    out = bb.emit(relax.call_tir(gv, [x, router], [relax.TensorType([n, K], "float32"),
+                                                   relax.TensorType([n, K], "int64")]))
+    return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+
+
+@pytest.mark.parametrize("attrs", [ATTRS, dataclasses.replace(ATTRS, scoring="softmax_topk", norm_topk_prob=True)],
+                         ids=["topk_softmax", "softmax_topk_normalized"])
+def test_before_expected_fused_routing_decode(attrs):
+    x, p = _signature(1, attrs)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *p.values()], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
+        with bb.dataflow():
+            w, ids = _fused_routing(bb, attrs, x, p["router_weight"], 1)
+            gu = bb.emit(bb.call_te(moe_float.moe_gate_up, x, ids, p["w13"], primfunc_name_hint="moe_gate_up"))
+            g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[I]))
+            u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[I], end=[2 * I]))
+            a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
+            out = bb.emit_output(bb.call_te(moe_float.moe_down_combine, a, ids, w, p["w2"],
+                                            primfunc_name_hint="moe_down_combine"))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(SparseMoEDispatch(fused_routing=True)(moe_module(attrs, n=1)), bb.get())
+
+
+def test_fused_routing_prefill_feeds_the_grouped_kernels():
+    text = SparseMoEDispatch(fused_routing=True)(Before)["main"].script()
+    assert "call_tir(moe_route," in text and "R.topk" not in text and "R.nn.softmax" not in text
+    assert "moe_route_plan" in text and "moe_grouped_gate_up" in text
+
+
 def test_does_not_fire_on_dense_matmul():
     from tvm.script import ir as I_
     from tvm.script import relax as R
@@ -132,12 +165,14 @@ def test_does_not_fire_on_dense_matmul():
     tvm.ir.assert_structural_equal(SparseMoEDispatch()(Dense), Dense)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["routing_ops", "fused_routing"])
 @pytest.mark.parametrize("entry,tokens,past", [("decode", [5], 4), ("prefill", [5, 6, 7, 8, 9], 0),
                                                ("prefill", [3, 4, 5], 2)])
-def test_numeric_against_pytorch(imported, entry, tokens, past):
+def test_numeric_against_pytorch(imported, entry, tokens, past, fused):
     model, mod, values = imported
-    sparse = SparseMoEDispatch()(FuseExpertGateUp()(mod))
+    sparse = SparseMoEDispatch(fused_routing=fused)(FuseExpertGateUp()(mod))
     text = sparse[entry].script()
+    assert ("call_tir(moe_route," in text) == fused
     assert "mobilemoe.moe" not in text  # every MoE call lowered, none to the dense einsums:
     assert not any(sub in text for sub in ("nh,eih->nei", "nei,ehi->neh", "neh,ne->nh"))
     if entry == "prefill":  # symbolic token count: grouped by expert

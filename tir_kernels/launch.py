@@ -1,0 +1,17 @@
+"""When a kernel's loop runs in parallel, and when it runs in the calling thread.
+
+A TIR ``T.parallel`` loop becomes one TVMBackendParallelLaunch: the calling thread hands each worker
+its share, works its own, and waits for every worker at a barrier. That costs a wake-up and a
+barrier whatever the loop's size: on this project's 2-vCPU machine, 1,024 float adds take 0.1 us
+in one thread and at least 12 us as a 2-thread launch under load; 16,384 take 4 us against at least
+18 us (``python -m bench.launch_cost`` prints both). A decode step of mobilemoe-s called ~530 such
+launches per token (22 a layer), most of them for one token's norms, residual adds, RoPE, SiLU,
+routing softmax, and the activation quantization of the INT4 kernels, and each one is a point where
+a descheduled worker stalls the whole step (the 2-thread decode swings run to run).
+
+So loops below these sizes stay serial; the weight-streaming kernels (row blocks of the INT4 GEMVs,
+the experts, attention over the cache) keep one parallel launch each.
+"""
+
+SERIAL_MAX_ELEMENTS = 16384  # elementwise / row kernels whose output has at most this many elements
+SERIAL_ROWS = 8  # activation rows quantized in the calling thread (decode: 1 row, or top_k per slot)
