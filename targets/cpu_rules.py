@@ -85,6 +85,7 @@ class Injective(ScheduleRule):
         loops = sch.get_loops(block)
         if not loops:
             return None
+        small = _small(sch, loops)
         inner = sch.get(loops[-1]).extent
         if not isinstance(inner, tirx.IntImm):
             return None
@@ -97,19 +98,20 @@ class Injective(ScheduleRule):
             sch.vectorize(vec)
         elif int(inner) <= lanes:
             sch.vectorize(loops[-1])
-        if outer and not _small(sch.get(block)):
+        if outer and not small:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
 
 
-def _small(block) -> bool:
-    """Whether a block's output has a static size of at most SERIAL_MAX_ELEMENTS: one decode token's
+def _small(sch, loops) -> bool:
+    """Whether a block's loops run at most SERIAL_MAX_ELEMENTS iterations, all static: one decode token's
     norms, residual adds, RoPE, SiLU and reshape copies run in the calling thread (tir_kernels/launch.py)."""
     size = 1
-    for r in block.writes[0].region:
-        if not isinstance(r.extent, tirx.IntImm):
+    for loop in loops:
+        extent = sch.get(loop).extent
+        if not isinstance(extent, tirx.IntImm):
             return False
-        size *= int(r.extent)
+        size *= int(extent)
     return size <= SERIAL_MAX_ELEMENTS
 
 

@@ -56,6 +56,19 @@ def test_injective_copy_is_parallel_and_vectorized():
     assert Injective().apply(reduction, TARGET, False) is None
 
 
+def test_injective_small_static_kernel_stays_serial():
+    """One decode token's elementwise kernel (<= SERIAL_MAX_ELEMENTS, static): vectorized, no parallel
+    launch; the same op over a symbolic token count stays parallel."""
+    x = te.placeholder((1, 1, 1024), "float32", name="x")
+    y = te.compute((1, 1, 1024), lambda a, b, c: x[a, b, c] * 2.0, name="y")
+    text = Injective().apply(te.create_prim_func([x, y]), TARGET, False).mod["main"].script()
+    assert "T.parallel" not in text and "T.vectorized" in text
+    n = tvm.tirx.Var("n", "int64")
+    xs = te.placeholder((n, 1024), "float32", name="x")
+    ys = te.compute((n, 1024), lambda a, c: xs[a, c] * 2.0, name="y")
+    assert "T.parallel" in Injective().apply(te.create_prim_func([xs, ys]), TARGET, False).mod["main"].script()
+
+
 def test_batch_matmul_rule_dynamic_and_static_shapes():
     from targets.cpu_rules import BatchMatmul
 
