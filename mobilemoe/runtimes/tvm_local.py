@@ -15,6 +15,10 @@ moves the cache to one twice as large. The decode loop makes no per-step copy an
 its token and position tensors are reused and the logits are a view of the VM's output (this
 machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device (tvm_rpc.RemoteRuntime, `python -m compiler.bench --rpc-tracker ...`).
+
+A budgeted artifact (manifest "experts", `compiler.build --memory-budget-mb`) reads its routed experts
+from its expert file into an expert cache (expert_cache.py, `rt.experts`: hit statistics); a prompt
+longer than the cache can route at once is prefilled in chunks (ExpertCache.max_tokens).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from tvm import relax
 from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
 from ..kv_cache import capacity_for
 from .base import LayerKV, Runtime, check_ids, kv_shape
+from .expert_cache import ExpertCache
 
 
 class TVMRuntime(Runtime):
@@ -66,6 +71,11 @@ class TVMRuntime(Runtime):
         self.vm = relax.VirtualMachine(module, self.device)
         raw = load_file(str(self.dir / PARAMS_NAME))
         tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
+        del raw
+        self.experts = None
+        if "experts" in self.manifest:
+            self.experts = ExpertCache(self.dir, self.manifest["experts"], self.device)
+            tensors.update(self.experts.pools)
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}
         c = self.config
@@ -98,6 +108,11 @@ class TVMRuntime(Runtime):
     def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
+        chunk = self.experts.max_tokens if self.experts is not None else None
+        if chunk is not None and len(ids) > chunk:  # the expert cache cannot route them all at once
+            for i in range(0, len(ids), chunk):
+                logits, kv = self.prefill(ids[i:i + chunk], kv)
+            return logits, kv
         if self.kv_inplace:
             return self._step_inplace(ids, kv)
         out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
