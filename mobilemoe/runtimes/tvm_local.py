@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 import tvm
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tvm import relax
 
 from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
@@ -69,9 +69,7 @@ class TVMRuntime(Runtime):
         self.device, module = self._device_and_module()
         self.lib = module  # the loaded library: its kernels, for time_evaluator (compiler/profile.py)
         self.vm = relax.VirtualMachine(module, self.device)
-        raw = load_file(str(self.dir / PARAMS_NAME))
-        tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
-        del raw
+        tensors = self._load_params()
         self.experts = None
         if "experts" in self.manifest:
             self.experts = ExpertCache(self.dir, self.manifest["experts"], self.device)
@@ -87,6 +85,12 @@ class TVMRuntime(Runtime):
         # decode's token and position, reused every step (copied into, never reallocated)
         self._step_in = [tvm.runtime.tensor(np.zeros((1, 1), "int64"), self.device) for _ in range(2)]
         self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
+
+    def _load_params(self) -> dict:
+        """name -> device tensor of every parameter in params.safetensors, read one at a time (peak:
+        the weights and one tensor, not the weights twice)."""
+        with safe_open(str(self.dir / PARAMS_NAME), "numpy") as f:
+            return {k: tvm.runtime.tensor(f.get_tensor(k), self.device) for k in f.keys()}
 
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
