@@ -95,7 +95,7 @@ def child(a) -> None:
     """One run (in its own process): print one JSON line of figures."""
     import tvm  # deferred on purpose: the parent process never loads TVM
 
-    from mobilemoe.runtimes.tvm_local import TVMRuntime
+    from mobilemoe.runtimes.tvm_local import TVMRuntime  # deferred with tvm
 
     class MmapRuntime(TVMRuntime):
         """The resident artifact with its weights mmapped in place from the aligned file."""

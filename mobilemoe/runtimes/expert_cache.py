@@ -55,7 +55,9 @@ class ExpertCache:
         k = block["top_k"]
         self.max_tokens = None if len(self.lru) >= self.E else max(1, len(self.lru) // k)
         self.reset_stats()
-        _CACHES[int(np.from_dlpack(next(iter(self.pools.values()))).ctypes.data)] = self
+        self._device = device
+        self._out: dict[tuple, tuple] = {}  # (layer, ids shape, dtype) -> (tensor, its numpy view), reused
+        _CACHES[next(iter(self.pools.values())).data_ptr()] = self
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.bytes_read = 0
@@ -79,8 +81,27 @@ class ExpertCache:
 
     def slots_for(self, ids: np.ndarray, layer: int) -> np.ndarray:
         """Make layer `layer`'s experts `ids` resident; -> their slots (same shape and dtype)."""
+        self.make_resident(ids, layer)
+        return self.table[layer][ids].astype(ids.dtype, copy=False)
+
+    def slots_tensor(self, ids: np.ndarray, layer: int):
+        """slots_for as a TVM tensor: for a decode step, one kept per layer and written in place (the
+        step's kernels of that layer have run before its next call), else a new one."""
+        self.make_resident(ids, layer)
+        if ids.shape[0] != 1:
+            return tvm.runtime.tensor(self.table[layer][ids].astype(ids.dtype, copy=False), self._device)
+        key = (layer, ids.shape, ids.dtype.str)
+        if key not in self._out:
+            t = tvm.runtime.empty(ids.shape, str(ids.dtype), self._device)
+            self._out[key] = (t, np.from_dlpack(t))
+        t, view = self._out[key]
+        np.take(self.table[layer], ids, out=view)
+        return t
+
+    def make_resident(self, ids: np.ndarray, layer: int) -> None:
+        """Load layer `layer`'s experts among `ids` that are not resident (LRU eviction); count hits."""
         table, used = self.table[layer], set()
-        for e in np.unique(ids).tolist():
+        for e in sorted(set(ids.ravel().tolist())):
             slot = int(table[e])
             if slot >= 0:
                 self.hits += 1
@@ -88,21 +109,20 @@ class ExpertCache:
                 self.misses += 1
                 slot = next((s for s in self.lru if s not in used), None)
                 if slot is None:
-                    raise RuntimeError(f"expert cache: layer {layer} needs {len(np.unique(ids))} experts at once, "
+                    raise RuntimeError(f"expert cache: layer {layer} needs {len(set(ids.ravel().tolist()))} experts at once, "
                                        f"more than its {len(self.lru)} cache slots (run fewer tokens per call)")
                 self._load(layer, e, slot)
             used.add(slot)
             if slot in self.lru:
                 self.lru.move_to_end(slot)
-        return table[ids].astype(ids.dtype, copy=False)
 
 
 def _expert_slots(ids, layer, *pools):
     """CALLBACK: the cache that owns `pools` resolves layer `layer`'s ids to slots."""
-    cache = _CACHES.get(int(np.from_dlpack(pools[0]).ctypes.data))
+    cache = _CACHES.get(pools[0].data_ptr())
     if cache is None:
         raise RuntimeError(f"{CALLBACK}: no loaded artifact owns these expert pools")
-    return tvm.runtime.tensor(cache.slots_for(np.from_dlpack(ids), int(layer)), ids.device)
+    return cache.slots_tensor(np.from_dlpack(ids), int(layer))
 
 
 tvm.register_global_func(CALLBACK, _expert_slots, override=True)

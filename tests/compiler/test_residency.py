@@ -12,7 +12,7 @@ from compiler.build import BuildError, build
 from compiler.expert_file import EXPERTS_NAME
 from compiler.residency import BudgetError, budget_mb_for, plan_residency, weight_bytes
 from compiler.routing import load_stats, main as routing_main
-from mobilemoe.artifact import read_manifest
+from mobilemoe.artifact import ArtifactError, read_manifest
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.runtimes import load_artifact
 from safetensors.numpy import load_file
@@ -100,3 +100,15 @@ def test_routing_statistics_round_trip_into_the_pinned_set(tmp_path):
     bad = {**stats, "layers": stats["layers"][:1]}
     with pytest.raises(BudgetError, match=r"routing statistics: \[1, 8\] \(layers, experts\), the model has \[2, 8\]"):
         plan_residency(cfg, budget_mb_for(cfg, ALL // 2), bad)
+
+
+@pytest.mark.slow
+def test_arm64_build_with_dot_kernels_and_no_rpc(ckpt, tmp_path):
+    """The budgeted graph cross-compiles for arm64 (int8 dot-product expert kernels over the slots);
+    its expert cache runs in the local runtime only, so RPC refuses it with a clear error."""
+    out = build(ckpt, "linux-arm64", tmp_path / "arm", verbose=False, memory_budget_mb=budget_mb_for(CFG, ALL // 2))
+    m = read_manifest(out)
+    assert "dot products" in m["quantization"]["activations"] and m["experts"]["slots"] == ALL // 2
+    assert m["entry_points"]["decode"]["params"][-4:] == [f"expert_pool_{i}" for i in range(4)]
+    with pytest.raises(ArtifactError, match="built with --memory-budget-mb; its expert cache runs in the local runtime"):
+        load_artifact(out, session=object())  # refused before the session is used
