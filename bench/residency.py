@@ -171,18 +171,38 @@ class MemoryCgroup:
                 time.sleep(0.1)
 
 
-def run(artifact: Path, mode: str, ids: list[int], a, limit: int | None, weights: Path | None = None) -> dict:
+def run_once(artifact: Path, mode: str, ids: list[int], a, limit: int | None, weights: Path | None = None) -> dict:
     """One run in a fresh process under a memory cgroup of `limit` bytes (None: unlimited)."""
     with MemoryCgroup(limit) as cg:
         cmd = [sys.executable, "-m", "bench.residency", "--child", "--artifact", str(artifact), "--mode", mode,
                "--ids", json.dumps(ids), "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens",
                str(a.decode_tokens), "--threads", str(a.threads), "--cgroup", str(cg.path),
                "--weights", str(weights or "")]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.run_timeout)
+        except subprocess.TimeoutExpired:  # thrashing under the limit: subprocess.run killed it
+            log(f"{artifact.name} {mode}: over {a.run_timeout}s")
+            return {"error": f">{a.run_timeout}s"}
         if done.returncode:
             log(f"{artifact.name} {mode}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
             return {"error": "OOM" if done.returncode in (-9, 137) else f"exit {done.returncode}"}
         return {**json.loads(done.stdout.strip().splitlines()[-1]), "cgroup_peak": cg.peak()}
+
+
+def run(artifact: Path, mode: str, ids: list[int], a, limit: int | None, weights: Path | None = None) -> dict:
+    """--repeats runs: the median tok/s, the highest peaks (the first failure ends it)."""
+    runs = []
+    for _ in range(a.repeats):
+        runs.append(run_once(artifact, mode, ids, a, limit, weights))
+        if "error" in runs[-1]:
+            return runs[-1]
+    out = dict(runs[0])
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        out[key] = float(np.median([r[key] for r in runs]))
+        out[key + "_range"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+    for key in ("peak_rss", "cgroup_peak"):
+        out[key] = max(r[key] for r in runs)
+    return out
 
 
 # ----------------------------------------------------------------------------------- the tables
@@ -206,7 +226,8 @@ def plot(rows: list[dict], resident: dict, path: Path, title: str) -> None:
             ax.plot(*zip(*sorted(pts)), style, label={"mmap": "plain mmap (cold, same limit)"}.get(mode, f"expert cache, {mode}"))
     if "decode_tok_s" in resident:
         ax.axhline(resident["decode_tok_s"], color="grey", lw=1, label="fully resident")
-    ax.set(xlabel="memory budget (MB of weights)", ylabel="decode tok/s", title=title)
+    ax.set(xlabel="memory budget (MB of weights)", ylabel="decode tok/s")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -235,7 +256,8 @@ def measure(a) -> None:
             log(f"{label} ({mb:.2f} MB, {n} experts): {mode}")
             r = run(resident if mode == "mmap" else art, mode, ids, a, limit, weights if mode == "mmap" else None)
             rows.append({"budget": label, "budget_mb": mb, "slots": n, "mode": mode, "limit_mb": limit / MB, **r})
-    conditions = f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (2 shared cores), threads {a.threads}"
+    conditions = (f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (2 shared cores), "
+                  f"threads {a.threads}, median of {a.repeats}")
     table = [[r["budget"], f"{r['budget_mb']:.2f}", r["slots"], r["mode"],
               *([f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                  "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}", f"{r['peak_rss'] / MB:.0f}",
@@ -252,7 +274,7 @@ def measure(a) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "residency.json").write_text(json.dumps({"model": cfg.name, "conditions": conditions,
                                                       "resident": base, "rows": rows}, indent=1) + "\n")
-    plot(rows, base, a.out / "residency.png", f"{cfg.name}: decode under a memory budget ({conditions[:30]})")
+    plot(rows, base, a.out / "residency.png", f"{cfg.name}: decode under a memory budget\n{conditions}")
     log(f"wrote {a.out / 'residency.json'} and {a.out / 'residency.png'}")
 
 
@@ -265,6 +287,8 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="runs per point (fresh processes); median tok/s")
+    p.add_argument("--run-timeout", type=int, default=240, help="seconds a run may take (thrashing mmap runs)")
     p.add_argument("--out", type=Path, default=Path("dist/residency"))
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--policies", action="store_true", help="simulate cache policies' hit rates instead")

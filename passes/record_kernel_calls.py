@@ -27,6 +27,7 @@ LAYER_PARTS = [  # (regex on the Relax parameter name, part); first match wins
     (r"_moe_router_", "router"),
     (r"_moe_shared_", "shared expert"),
     (r"_moe_w\d+_", "routed experts"),
+    (r"^expert_pool_\d+$", "routed experts"),  # read through the expert cache (use_expert_slots.POOL_NAME)
     (r"_ffn_w\d_", "dense ffn"),
     (r"_(embed|lm_head)_", "other"),
 ]

@@ -9,7 +9,7 @@ Runs after the graph phases (QuantizeInt4Weights done), for builds under a memor
              call_tir(moe_grouped_*_int4, (.., plan[0], plan[1], .., W__q4, W__s))
 After:
     slots = call_pure_packed("mobilemoe.expert_slots", ids, l, pool_0, .., pool_3)   # [N, k], same dtype
-    the same kernels, built for S "experts", reading (slots, pool_i) in place of (ids, W*)
+    the same kernels, built for S "experts" (named <kernel>_slots), reading (slots, pool_i) in place of (ids, W*)
 where pool_i [S, ...] is one cache for all layers (the i-th expert tensor of every layer: the
 layers' expert tensors must agree in shape) and the runtime's packed function
 (mobilemoe/runtimes/expert_cache.py) makes layer l's chosen experts resident in the pools and
@@ -107,7 +107,7 @@ class _Rewriter(relax.PyExprMutator):
             k = int(ids.ty.shape.values[1])
             prim = moe_route_plan(self.slots, k, str(ids.ty.dtype))
             order_ty = call.ty_args[0].fields[1]
-            new = relax.call_tir(self._add(prim, PLAN), [self._slots(ids)],
+            new = relax.call_tir(self._add(prim, PLAN + "_slots"), [self._slots(ids)],
                                  [relax.TensorType([self.slots + 1], "int32"), order_ty])
         elif kernel in GEMV or kernel in GROUPED:
             ids = _routing_ids(self.mod, b, call)
@@ -124,7 +124,7 @@ class _Rewriter(relax.PyExprMutator):
                 else:
                     kargs = {key: int(v) for key, v in attrs[ARGS_ATTR].items()}
                     prim = GROUPED[kernel](**{**kargs, "num_experts": self.slots}, weights="int4")
-                new = relax.call_tir(self._add(prim, call.args[0].name_hint), args, call.ty_args[0])
+                new = relax.call_tir(self._add(prim, call.args[0].name_hint + "_slots"), args, call.ty_args[0])
         if new is None:
             return super().visit_var_binding_(binding)
         self.set_var_remap(binding.var, emit_like(self.builder_, new, binding.var))
