@@ -104,15 +104,16 @@ def big_build_lock(cfg):
 
 
 def cached_artifact(work: Path, name: str, target: str, preset: str | None = None, checkpoint: Path | None = None,
-                    ort_accuracy_level: int | None = None, rebuild: bool = False, kv_cache: str | None = None) -> Path:
+                    ort_accuracy_level: int | None = None, rebuild: bool = False, kv_cache: str | None = None,
+                    extra_args: tuple[str, ...] = ()) -> Path:
     """work/name: the artifact of (target, preset | checkpoint), built by `python -m compiler.build`
     unless one is there whose manifest (backend, target, CPU, config, weights) and build key (compiler
-    sources, checkpoint files, options) match."""
+    sources, checkpoint files, options, extra_args: more compiler.build arguments) match."""
 
     cfg = model_config(preset, checkpoint)
     out = Path(work) / name
     key = {"target": target, "preset": preset, "ort_accuracy_level": ort_accuracy_level, "kv_cache": kv_cache,
-           "sources": sources_digest(),
+           "extra_args": list(extra_args), "sources": sources_digest(),
            "checkpoint": None if preset else {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
                                               for f in sorted(Path(checkpoint).iterdir()) if f.is_file()}}
     key_file = out.parent / f"{name}.build-key.json"
@@ -141,6 +142,7 @@ def cached_artifact(work: Path, name: str, target: str, preset: str | None = Non
         cmd += ["--ort-accuracy-level", str(ort_accuracy_level)]
     if kv_cache is not None:  # TVM: decode's KV cache (compiler.build --kv-cache; default inplace)
         cmd += ["--kv-cache", kv_cache]
+    cmd += list(extra_args)
     with big_build_lock(cfg):
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)

@@ -18,12 +18,16 @@ from mobilemoe.tokenizer import default_tokenizer_path
 
 
 def write_artifact(out_dir, *, write_lib, params, manifest: dict,
-                   checkpoint_dir: Path | None, extra_files: dict[str, Path] | None = None) -> Path:
+                   checkpoint_dir: Path | None, extra_files: dict[str, Path] | None = None,
+                   writers: dict | None = None) -> Path:
     """write_lib(path) writes lib.so; params: {name: np.ndarray}, or anything with write(path) that
-    writes the safetensors file itself (compiler.params.PackedParams: streamed one tensor at a time).
-    manifest gets "files" (sha256) added. Atomic."""
+    writes the safetensors file itself (compiler.params.PackedParams: streamed one tensor at a time);
+    writers: {file name: write(path)} for further files (the expert file). manifest gets "files"
+    (sha256) added. Atomic."""
     def write_files(tmp: Path):
         write_lib(tmp / LIB_NAME)
+        for name, write in (writers or {}).items():
+            write(tmp / name)
         if hasattr(params, "write"):
             params.write(tmp / PARAMS_NAME)
         else:

@@ -12,6 +12,10 @@
                                   (default on GPU targets: the in-place kernels have CPU schedules only)
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
                                   (for speed measurements of paper-scale models)
+        [--memory-budget-mb N]    weights in at most N MB: non-expert weights resident, routed experts in a
+                                  page-aligned expert file read on demand into a cache (compiler/residency.py;
+                                  CPU TVM targets, INT4; refused when it cannot hold one layer's top-k experts)
+        [--routing-stats FILE]    with a budget: compiler.routing's routing.json, to pin the most used experts
         [--fallback onnx]         if the TVM build fails, write an ONNX Runtime artifact instead
         [--ort-accuracy-level N]  ONNX only: 0 float32 compute (default), 4 int8 activations (faster)
 
@@ -42,6 +46,8 @@ from .backends.onnx import DEFAULT_ACCURACY_LEVEL, OnnxExportError
 from .backends.onnx import TARGET_NAME as ONNX_TARGET
 from .backends.options import BuildOptions
 from .importer import ImportError_
+from .residency import BudgetError, plan_residency
+from .routing import RoutingError, load_stats
 from .tuning.database import TuningDBError
 
 TARGET_NAMES = (*TARGETS, *BACKENDS)
@@ -64,7 +70,8 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
           dump_ir: Path | None = None, tuning_db: str | None = None, verbose: bool = True,
           preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None,
           kv_cache: str | None = None, iree_targets: tuple[str, ...] | None = None,
-          external_data: bool | None = None) -> Path:
+          external_data: bool | None = None, memory_budget_mb: float | None = None,
+          routing_stats: Path | None = None) -> Path:
     """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights.
 
     fallback="onnx": when the TVM build fails, say why on stderr and write the ONNX artifact where the
@@ -76,6 +83,10 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     backend, spec = resolve(target_name)  # a usage error: fail before any work, never fall back
     if tuning_db and spec is None:
         raise BuildError(f"--tuning-db: target '{target_name}' is not built by TVM; tuning applies to TVM targets")
+    if memory_budget_mb is not None:
+        _check_budget_target(target_name, spec, fallback, quant)
+    elif routing_stats is not None:
+        raise BuildError("--routing-stats chooses the resident experts of a --memory-budget-mb build; give a budget")
     weights = None
     if preset:
         model = shape_only_model(preset)
@@ -84,12 +95,16 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         model = shape_only_model(weights.config)
     else:
         model = load_checkpoint(checkpoint)  # the one load
+    residency = None
+    if memory_budget_mb is not None:  # refused here, before anything is built, when it cannot run
+        stats = load_stats(routing_stats) if routing_stats is not None else None
+        residency = plan_residency(model.config, memory_budget_mb, stats)
     out = Path(out) if out else Path("dist") / f"{model.config.name}-{target_name}"
     options = BuildOptions(quant=quant, random_weights=preset is not None, weights=weights,
                            checkpoint_dir=Path(checkpoint) if checkpoint and not preset else None, verbose=verbose,
                            dump_ir=dump_ir, tuning_db=tuning_db, kv_cache=kv_cache,
                            accuracy_level=DEFAULT_ACCURACY_LEVEL if ort_accuracy_level is None else ort_accuracy_level,
-                           external_data=external_data, iree_targets=iree_targets)
+                           external_data=external_data, iree_targets=iree_targets, residency=residency)
     if fallback is None or spec is None:
         return backend.build_artifact(model, spec, out, options)
     try:
@@ -103,6 +118,20 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
             model = load_checkpoint(checkpoint)
         return BACKENDS[ONNX_TARGET].build_artifact(model, None, out, replace(options, weights=None,
                                                                             fallback_from=fallback_from))
+
+
+def _check_budget_target(target_name: str, spec, fallback: str | None, quant: str) -> None:
+    """--memory-budget-mb applies to INT4 builds of CPU TVM targets (the expert cache is host memory)."""
+    if spec is None or fallback is not None:
+        which = target_name if spec is None else f"--fallback {fallback}"
+        raise BuildError(f"--memory-budget-mb: {which} keeps every expert in its graph's weights; expert residency "
+                         f"needs a TVM target (the expert file is read through the TVM runtime)")
+    if not quant.startswith("int4"):
+        raise BuildError(f"--memory-budget-mb: the expert file holds INT4 experts; use --quant int4 or int4-f32, "
+                         f"not {quant!r}")
+    if spec.strategy.name != "cpu":
+        raise BuildError(f"--memory-budget-mb: target '{target_name}' lowers for {spec.strategy.name}; the expert "
+                         f"cache fills host memory and runs on CPU targets only")
 
 
 def main(argv=None):
@@ -124,12 +153,17 @@ def main(argv=None):
                    help="if the TVM build fails, write an ONNX Runtime artifact instead (saying why)")
     p.add_argument("--ort-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="ONNX artifact: MatMulNBits/QMoE compute, 0 = float32 (default), 4 = int8 activations")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="weights in at most N MB: routed experts in an expert file, read on demand into a cache")
+    p.add_argument("--routing-stats", type=Path, default=None,
+                   help="with --memory-budget-mb: compiler.routing's routing.json, to pin the most used experts")
     a = p.parse_args(argv)
     try:
         build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset,
-              fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level, kv_cache=a.kv_cache)
+              fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level, kv_cache=a.kv_cache,
+              memory_budget_mb=a.memory_budget_mb, routing_stats=a.routing_stats)
     except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError,
-            TuningDBError) as e:
+            TuningDBError, BudgetError, RoutingError) as e:
         sys.exit(f"error: {e}")
 
 

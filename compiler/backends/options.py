@@ -18,6 +18,8 @@ class BuildOptions:
     dump_ir: Path | None = None
     tuning_db: str | None = None
     kv_cache: str | None = None  # inplace | grow; None: the target strategy's default
+    # routed experts in an expert file read through a cache (compiler.residency.ResidencyPlan); None: resident
+    residency: object | None = None
     # ONNX Runtime
     accuracy_level: int = 0  # MatMulNBits / QMoE compute: 0 float32, 4 int8 activations
     external_data: bool | None = None  # weights in model.onnx.data; None: when over 1 GiB

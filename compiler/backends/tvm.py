@@ -21,9 +21,11 @@ import mobilemoe
 from mobilemoe.kv_cache import BLOCK
 from mobilemoe.quant import GROUP_SIZE, INT4_LAYOUT
 from passes.common import get_transforms, param_parts, weight_params
+from passes.use_expert_slots import UseExpertSlots
 from targets import TargetError
 
 from ..artifact import write_artifact
+from ..expert_file import EXPERTS_NAME, expert_layout, write_expert_file
 from ..importer import ENTRY_POINTS, import_model
 from ..params import PackedParams, RandomWeights, model_weights
 from ..pipeline import build_pipeline, graph_phases, options_for, phase_names
@@ -58,7 +60,7 @@ def kv_cache_layout(spec, kv_cache: str | None) -> str:
 
 def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None, tuning_db: str | None = None,
                   progress=None, random_weights: bool = False, report: dict | None = None,
-                  kv_cache: str | None = None, weights=None):
+                  kv_cache: str | None = None, weights=None, residency=None):
     """-> (executable, params (compiler.params.PackedParams), entry_points manifest dict, pipeline phases,
     pipeline options).
 
@@ -69,7 +71,9 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
     mobilemoe.checkpoint.LazyCheckpoint) or else the model's own parameters. The model is only traced:
     the graph is imported without weights. `report` (a dict) receives what the schedule phase did:
     "tuning" (records applied from tuning_db) and "kernel_calls" (each entry's kernels in call
-    order with their layer part).
+    order with their layer part). `residency` (a compiler.residency.ResidencyPlan): routed experts read
+    through a cache of residency.slots slots (passes/use_expert_slots.py), not parameters; report then
+    gets "experts": {"layers", "pools", "params" (the experts' PackedParams, [E, ...] per tensor)}.
     """
     spec.check_toolchain()
     kv_cache = kv_cache_layout(spec, kv_cache)
@@ -92,8 +96,10 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
     with tvm.transform.PassContext(opt_level=3, instruments=instruments):
         step("graph passes")
         mod = graph_phases(opts)(mod)
-        names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
         transforms = {e: get_transforms(mod[e]) for e in ENTRY_POINTS}
+        if residency is not None:
+            mod = _use_expert_slots(mod, residency, report, source, transforms, progress is not None)
+        names = {e: [p.name for p in weight_params(mod[e])] for e in ENTRY_POINTS}
         entry_points = {e: {**_entry_signature(mod[e]), "params": names[e]} for e in ENTRY_POINTS}
         for e in ENTRY_POINTS:  # each param's layer part (model modules, MoE operand roles): bench/common.py
             parts = param_parts(mod[e])
@@ -110,10 +116,30 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
             Path(dump_ir, "pass_timing.txt").write_text(timing)
     # the recorded transforms (the dot kernels' interleaved codes included), replayed when written
     params = PackedParams(source, progress=progress is not None)
+    pools = {p["name"] for p in report.get("experts", {}).get("pools", [])}  # the runtime's, not stored
     for e in ENTRY_POINTS:
-        types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in weight_params(mod[e])}
-        params.add(types, transforms[e])  # as the compiled program takes them
+        params.add(_types(mod[e], skip=pools), transforms[e])  # as the compiled program takes them
     return executable, params, entry_points, phase_names(opts), opts
+
+
+def _types(func, skip=()) -> dict:
+    return {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in weight_params(func)
+            if p.name not in skip}
+
+
+def _use_expert_slots(mod, residency, report: dict, source, transforms: dict, progress: bool):
+    """mod with its routed experts read through slots; report["experts"] says which tensors went where."""
+    before = {e: _types(mod[e]) for e in ENTRY_POINTS}
+    experts = {}
+    mod = UseExpertSlots(residency.slots, experts)(mod)
+    if "layers" not in experts:
+        raise TargetError("--memory-budget-mb: the graph has no INT4 routed expert kernels to read through slots")
+    names = [n for layer in experts["layers"] for n in layer]
+    packed = PackedParams(source, progress=progress)
+    for e in ENTRY_POINTS:
+        packed.add({n: t for n, t in before[e].items() if n in names}, transforms[e])
+    report["experts"] = {**experts, "params": packed}
+    return mod
 
 
 def quantization(opts) -> dict | None:
@@ -147,7 +173,7 @@ def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:
     report = {}
     executable, params, entries, pipeline, opts = compile_model(
         model, spec, options.quant, options.dump_ir, options.tuning_db, step, random_weights=options.random_weights,
-        report=report, kv_cache=options.kv_cache, weights=options.weights)
+        report=report, kv_cache=options.kv_cache, weights=options.weights, residency=options.residency)
     step("pack + write artifact")
     manifest = {
         "backend": BACKEND,
@@ -163,8 +189,14 @@ def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:
         "tuning": report.get("tuning"),  # records applied from --tuning-db (None: untuned)
         "reproducibility": reproducibility(),  # what a rebuild does not reproduce, and why
     }
+    writers = {}
+    if "experts" in report:
+        experts = report["experts"]
+        manifest["experts"] = {**expert_layout(experts["layers"], experts["pools"], cfg.num_experts),
+                               **options.residency.manifest()}
+        writers[EXPERTS_NAME] = lambda p: write_expert_file(p, manifest["experts"], experts["params"])
     path = write_artifact(out, write_lib=lambda p: spec.export(executable, p), params=params,
-                          manifest=manifest, checkpoint_dir=options.checkpoint_dir)
+                          manifest=manifest, checkpoint_dir=options.checkpoint_dir, writers=writers)
     step(None)
     bar.close()
     if options.verbose:

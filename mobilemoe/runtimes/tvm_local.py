@@ -15,6 +15,10 @@ moves the cache to one twice as large. The decode loop makes no per-step copy an
 its token and position tensors are reused and the logits are a view of the VM's output (this
 machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device (tvm_rpc.RemoteRuntime, `python -m compiler.bench --rpc-tracker ...`).
+
+A budgeted artifact (manifest "experts", `compiler.build --memory-budget-mb`) reads its routed experts
+from its expert file into an expert cache (expert_cache.py, `rt.experts`: hit statistics); a prompt
+longer than the cache can route at once is prefilled in chunks (ExpertCache.max_tokens).
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ import os
 
 import numpy as np
 import tvm
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tvm import relax
 
 from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
 from ..kv_cache import capacity_for
 from .base import LayerKV, Runtime, check_ids, kv_shape
+from .expert_cache import ExpertCache
 
 
 class TVMRuntime(Runtime):
@@ -64,8 +69,11 @@ class TVMRuntime(Runtime):
         self.device, module = self._device_and_module()
         self.lib = module  # the loaded library: its kernels, for time_evaluator (compiler/profile.py)
         self.vm = relax.VirtualMachine(module, self.device)
-        raw = load_file(str(self.dir / PARAMS_NAME))
-        tensors = {k: tvm.runtime.tensor(v, self.device) for k, v in raw.items()}
+        tensors = self._load_params()
+        self.experts = None
+        if "experts" in self.manifest:
+            self.experts = ExpertCache(self.dir, self.manifest["experts"], self.device)
+            tensors.update(self.experts.pools)
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}
         c = self.config
@@ -77,6 +85,12 @@ class TVMRuntime(Runtime):
         # decode's token and position, reused every step (copied into, never reallocated)
         self._step_in = [tvm.runtime.tensor(np.zeros((1, 1), "int64"), self.device) for _ in range(2)]
         self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
+
+    def _load_params(self) -> dict:
+        """name -> device tensor of every parameter in params.safetensors, read one at a time (peak:
+        the weights and one tensor, not the weights twice)."""
+        with safe_open(str(self.dir / PARAMS_NAME), "numpy") as f:
+            return {k: tvm.runtime.tensor(f.get_tensor(k), self.device) for k in f.keys()}
 
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
@@ -98,6 +112,11 @@ class TVMRuntime(Runtime):
     def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
+        chunk = self.experts.max_tokens if self.experts is not None else None
+        if chunk is not None and len(ids) > chunk:  # the expert cache cannot route them all at once
+            for i in range(0, len(ids), chunk):
+                logits, kv = self.prefill(ids[i:i + chunk], kv)
+            return logits, kv
         if self.kv_inplace:
             return self._step_inplace(ids, kv)
         out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))

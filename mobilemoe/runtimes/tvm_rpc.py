@@ -10,7 +10,7 @@ KV cache and parameters stay in the device's memory between calls.
 """
 from __future__ import annotations
 
-from ..artifact import LIB_NAME
+from ..artifact import LIB_NAME, ArtifactError
 from .rpc_session import elf_machine, remote_errors, upload_and_load
 from .tvm_local import TVMRuntime
 
@@ -27,7 +27,9 @@ class RemoteRuntime(TVMRuntime):
         super().__init__(artifact_dir)
 
     def _check_runnable(self):
-        pass  # any target: the device decides
+        if "experts" in self.manifest:  # its graph calls back into this process's expert cache
+            raise ArtifactError(f"{self.dir}: built with --memory-budget-mb; its expert cache runs in the local "
+                                f"runtime only, not over RPC: run it with TVMRuntime on the device")
 
     def _device_and_module(self):
         machine = elf_machine(self.manifest["target"]["tvm"].get("host") or self.manifest["target"]["tvm"])
