@@ -2,9 +2,10 @@
 
 A TIR ``T.parallel`` loop becomes one TVMBackendParallelLaunch: the calling thread hands each worker
 its share, works its own, and waits for every worker at a barrier. That costs a wake-up and a
-barrier whatever the loop's size: on this project's 2-vCPU machine, 1,024 float adds take 0.1 us
-in one thread and at least 12 us as a 2-thread launch under load; 16,384 take 4 us against at least
-18 us (``python -m bench.launch_cost`` prints both). A decode step of mobilemoe-s called ~530 such
+barrier whatever the loop's size: on this project's 2-vCPU machine (Zen 3, quiet, 2026-12-07),
+1,024 float adds take 0.09 us in one thread and 2.1 us as a 2-thread launch, 16,384 take 2.0 us
+against 2.8 us, 65,536 12 us against 8 us (``python -m bench.launch_cost``); under load (load
+average ~10) a launch took over 1 ms, since a descheduled worker stalls the barrier. A decode step of mobilemoe-s called ~530 such
 launches per token (22 a layer), most of them for one token's norms, residual adds, RoPE, SiLU,
 routing softmax, and the activation quantization of the INT4 kernels, and each one is a point where
 a descheduled worker stalls the whole step (the 2-thread decode swings run to run).
