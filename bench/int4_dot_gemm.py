@@ -22,7 +22,7 @@ from bench.roofline import DOT_ISAS, REG_BLOCKS, dot_kernel
 from tir_kernels import int4_dot, int4_dot_gemm, moe_grouped
 from tir_kernels.schedules import lanes_for
 from mobilemoe.config import MobileMoEConfig
-from mobilemoe.quant import interleave_int4, pack_int4, quantize_int4
+from mobilemoe.quant import pack_int4, quantize_int4
 
 DEV = tvm.cpu()
 
@@ -53,8 +53,8 @@ def int8_peak(target) -> float:
 
 def weight(e, n, k, isa, seed=0):
     codes, scales = quantize_int4(torch.randn(e, n, k, generator=torch.Generator().manual_seed(seed)) * 0.02)
-    w = interleave_int4(pack_int4(codes), *int4_dot.interleave_for(isa, n, k)).numpy()
-    return w[0] if e == 1 else w, (scales[0] if e == 1 else scales).numpy()
+    w, s = (v.numpy() for v in int4_dot.dot_layout(isa, pack_int4(codes), scales))
+    return w[0] if e == 1 else w, s[0] if e == 1 else s
 
 
 def routing(t, e, top_k, rng):
@@ -69,7 +69,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", nargs="+", type=int, default=[1, 128, 512])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--mt", type=int, default=int4_dot_gemm.MT)
+    ap.add_argument("--mt", type=int, default=None, help="token rows per tile (default: the ISA's)")
     ap.add_argument("--rt", type=int, default=int4_dot_gemm.R)
     ap.add_argument("--only", choices=["dense", "grouped"], default=None)
     a = ap.parse_args()

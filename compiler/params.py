@@ -99,8 +99,8 @@ def iter_params(names: list[str], transforms: list[dict], source) -> Iterator[tu
         raise ParamError(f"parameter '{name}' is neither a checkpoint tensor nor produced by a transform")
 
     def int4_output(rule: dict, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        if rule["op"] == "int4_scales":
-            return scales
+        if rule["op"] == "int4_scales":  # interleaved (rows, 1) for row-lane kernels (int4_dot.scales_interleave_for)
+            return interleave_int4(scales, *rule["interleave"]) if "interleave" in rule else scales
         # interleaved: the word order of the dot-product kernels (passes/select_dot_kernels.py)
         return interleave_int4(codes, *rule["interleave"]) if "interleave" in rule else codes
 

@@ -26,7 +26,7 @@ from tvm import relax
 
 from tir_kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
 from tir_kernels.embedding import embedding_int4
-from tir_kernels.int4_dot import DotISA, interleave_for
+from tir_kernels.int4_dot import DotISA, interleave_for, scales_interleave_for
 from tir_kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
 from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
 
@@ -151,6 +151,13 @@ class QuantizeInt4Weights:
             rule["interleave"] = list(interleave_for(self.interleave, n, k))
         return rule
 
+    def _scales(self, s: relax.Var, w: relax.Var) -> dict:
+        rule = {"out": s.name, "op": "int4_scales", "inputs": [w.name]}
+        layout = scales_interleave_for(self.interleave, *tensor_shape(w)[-2:]) if self.interleave else None
+        if layout is not None:  # row-lane kernels read the rows' scales of a group as one vector
+            rule["interleave"] = list(layout)
+        return rule
+
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rw = _Rewriter(mod)
         updates = []
@@ -164,7 +171,7 @@ class QuantizeInt4Weights:
             replace, transforms = {}, []
             for w, (q, s) in rw.quant.items():
                 replace[w] = [q, s]
-                transforms += [self._codes(q, w), {"out": s.name, "op": "int4_scales", "inputs": [w.name]}]
+                transforms += [self._codes(q, w), self._scales(s, w)]
             updates.append((gv, func, body, replace, transforms))
         out = rw.builder_.get()
         for gv, func, body, replace, transforms in updates:

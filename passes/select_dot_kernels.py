@@ -55,7 +55,8 @@ def dot_form(func: tirx.PrimFunc, isa: int4_dot.DotISA, target: Target | None = 
         return None
     d = {key: (str(v) if key == "index_dtype" else int(v)) for key, v in attrs["mobilemoe.dims"].items()}
     if kernel == "embedding_int4":
-        return embedding_int4(d["n"], d["k"], d["index_dtype"], int4_dot.interleave_for(isa, d["n"], d["k"]))
+        return embedding_int4(d["n"], d["k"], d["index_dtype"], int4_dot.interleave_for(isa, d["n"], d["k"]),
+                              int4_dot.scales_interleave_for(isa, d["n"], d["k"]))
     if kernel == "int4_matmul":  # M-tiled for prefill; m = 1 runs the GEMV's blocks
         return int4_dot_gemm.int4_matmul_dot_tiled(d["n"], d["k"], isa)
     moe = (d["num_experts"], d["n"], d["k"], d["top_k"], isa)

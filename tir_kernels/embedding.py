@@ -5,7 +5,7 @@
 
 With ``interleave=(rows, lanes)`` the table's words are in mobilemoe.quant's interleaved order (the
 layout the dot-product LM head reads the same tensor in), and word (v, j) is read at
-``interleaved_index(v, j)``. The kernel is opaque (op_pattern 8, attr ``mobilemoe.kernel``) so that
+``interleaved_index(v, j)``; likewise the scales with ``scales_interleave`` (row-lane ISAs). The kernel is opaque (op_pattern 8, attr ``mobilemoe.kernel``) so that
 passes/select_dot_kernels.py can find it and swap the layout; its one spatial block is scheduled by
 the generic rules (targets/cpu_rules.Injective on CPUs, dlight on GPUs).
 """
@@ -22,7 +22,8 @@ KERNEL = "embedding_int4"
 
 
 def embedding_int4(vocab: int, hidden: int, index_dtype: str = "int64",
-                   interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:
+                   interleave: tuple[int, int] | None = None,
+                   scales_interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:
     """PrimFunc (ids [T] int32/int64, w uint32 [vocab, hidden // 8], s fp16 [vocab, hidden // 32]) -> y [T, hidden]."""
     check_int4_shape(KERNEL, vocab, hidden, "float32")
     kw, kg = hidden // NIBBLES_PER_WORD, hidden // GROUP_SIZE
@@ -32,6 +33,12 @@ def embedding_int4(vocab: int, hidden: int, index_dtype: str = "int64",
             return w[row, j]
         p = interleaved_index(row, j, kw, *interleave)
         return w[p // kw, p % kw]
+
+    def scale(s, row, g):
+        if scales_interleave is None:
+            return s[row, g]
+        p = interleaved_index(row, g, kg, *scales_interleave)
+        return s[p // kg, p % kg]
 
     @T.prim_func(private=True, s_tir=True)
     def func(ids_handle: T.handle, w: T.Buffer((T.int64(vocab), T.int64(kw)), "uint32"),
@@ -45,6 +52,6 @@ def embedding_int4(vocab: int, hidden: int, index_dtype: str = "int64",
             with T.sblock("embedding_int4"):
                 vi, vh = T.axis.remap("SS", [i, h])
                 y[vi, vh] = dequant_int4(word(w, T.Cast("int64", ids[vi]), vh // NIBBLES_PER_WORD),
-                                         s[T.Cast("int64", ids[vi]), vh // GROUP_SIZE], vh)
+                                         scale(s, T.Cast("int64", ids[vi]), vh // GROUP_SIZE), vh)
 
     return func

@@ -27,6 +27,13 @@ and a vector of ``lanes`` words of one weight row takes: 1 load, 3 ALU ops, 2 do
 row's scales (``lanes // 4`` fp16 values, widened and repeated 4 times), 1 multiply and 1 FMA, for
 ``32 * lanes`` multiply-adds. Each lane accumulates in fp32, and the lanes are summed once per row.
 
+Row lanes (DotISA.row_lanes: X86_AVX2). Without a dot instruction each dot above is itself three
+instructions, so the AVX2 kernels read another layout: codes interleaved (rows, 1) (one row per
+vector lane, the activation word broadcast) and the scales interleaved (rows, 1) too
+(scales_interleave_for, applied by compiler/params.py); a weight group's 8 pmaddubsw add up in int16
+and widen once (int4_rows.py). Same numerics, ~2.5x fewer instructions; dot_layout() gives both
+orders of a weight.
+
 The row loop is split into blocks of ``rows`` output rows (unrolled: independent accumulators; the
 interleaved layout makes their words one stream), and the blocks run in parallel; for m > 1 every block loops over the rows of x, with the
 weights of the block still in L1. The build's int4_matmul is int4_dot_gemm.py's M-tiled GEMM instead (it
@@ -40,7 +47,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
+from mobilemoe.quant import interleave_int4
+
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
+from .int4_rows import block_macro as rows_block_macro
 from .launch import SERIAL_ROWS
 
 # _STACK_NOTE. Inside a parallel loop, a TVMScript name assigned a value (``wv = w[...]``) becomes a
@@ -63,6 +73,7 @@ class DotISA:
     # without a dot instruction, the pair (u8 x s8 -> int16 pair sums, int16 pairs -> int32): dot_acc
     intrinsics: dict
     mmla: str = ""  # a 2x8 by 8x2 int8 matrix multiply-accumulate (int4_mmla.py's GEMM tiles), if any
+    row_lanes: bool = False  # the kernels read the weights interleaved (rows, 1): one row per lane (int4_rows.py)
 
     def lanes_for(self, words: int) -> int:
         """The widest vector whose lane count divides the words per row (K // 8)."""
@@ -76,7 +87,7 @@ X86_VNNI = DotISA("avx512-vnni", {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x
                                    4: "llvm.x86.avx512.vpdpbusd.128"})
 # AVX2 without VNNI (Zen 3, Haswell..Comet Lake): vpmaddubsw + vpmaddwd (ones), as llama.cpp's Q4_0 x Q8_0 does
 X86_AVX2 = DotISA("avx2", {8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
-                            4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd")})
+                            4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd")}, row_lanes=True)
 ARM_DOTPROD = DotISA("arm-dotprod", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"})
 # Armv8.6 i8mm (Cortex-X3/A715 on, e.g. Snapdragon 8 Gen 2): sdot for GEMVs, smmla for the GEMM tiles
 ARM_I8MM = DotISA("arm-i8mm", {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, mmla="llvm.aarch64.neon.smmla.v4i32.v16i8")
@@ -112,6 +123,25 @@ def dot_acc(isa: DotISA, lanes: int, acc, weights, acts):
         ones = tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes)
         return acc + tirx.call_llvm_pure_intrin(f"int32x{lanes}", quads, s16, ones)
     return tirx.call_llvm_pure_intrin(f"int32x{lanes}", intrinsic, acc, w, x)
+
+
+def dot_pair(isa: DotISA, lanes: int, acc, lo, even, hi, odd):
+    """acc + the dots of a word's two nibble halves (lo codes x even activations, hi x odd): one word's
+    8 products per lane. With a dot instruction, two dots. Without one (X86_AVX2) the two pmaddubsw
+    int16 pair sums are added in int16 first (|2 * 2 * 15 * 127| = 7620 < 2^15: exact) and widened by
+    one pmaddwd: 2 pmaddubsw + 1 add + 1 pmaddwd + 1 add instead of 2 x 3."""
+    intrinsic = isa.intrinsics[lanes]
+    if not isinstance(intrinsic, tuple):
+        return dot_acc(isa, lanes, dot_acc(isa, lanes, acc, lo, even), hi, odd)
+    pairs, quads = intrinsic
+    as_bytes = f"int8x{4 * lanes}"
+
+    def s16(w, x):
+        return tirx.call_llvm_pure_intrin(f"int16x{2 * lanes}", pairs, tirx.reinterpret(as_bytes, w),
+                                          tirx.reinterpret(as_bytes, x))
+
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes)
+    return acc + tirx.call_llvm_pure_intrin(f"int32x{lanes}", quads, s16(lo, even) + s16(hi, odd), ones)
 
 
 def lane_scales(s, e, row, block, lanes: int):
@@ -197,8 +227,8 @@ def _block_macro(kw: int, lanes: int, rows: int, isa: DotISA):
                 # one expression, no assigned temporaries (see _STACK_NOTE)
                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
                     f"float32x{lanes}",
-                    dot_acc(isa, lanes, dot_acc(isa, lanes, xc[i, ramp(b)], word(w, e, row0, b, r) & mask, xe[i, ramp(b)]),
-                            (word(w, e, row0, b, r) >> four) & mask, xo[i, ramp(b)])
+                    dot_pair(isa, lanes, xc[i, ramp(b)], word(w, e, row0, b, r) & mask, xe[i, ramp(b)],
+                             (word(w, e, row0, b, r) >> four) & mask, xo[i, ramp(b)])
                 ) * (lane_scales(s, e, row0 + r, b, lanes) * xs[i, ramp(b)])
 
     return block
@@ -210,14 +240,39 @@ def interleave_for(isa: DotISA, n: int, k: int, rows: int = ROWS) -> tuple[int, 
     the shape and the ISA alone."""
     while n % rows:
         rows //= 2
+    if isa.row_lanes and rows in isa.intrinsics:  # one row per lane (int4_rows.py): a vector of rows
+        return rows, 1
     return rows, isa.lanes_for(k // NIBBLES_PER_WORD)
+
+
+def scales_interleave_for(isa: DotISA, n: int, k: int) -> tuple[int, int] | None:
+    """The (rows, 1) interleaving of an [n, k] weight's scales [n, k // 32] when the ISA's kernels read
+    one row per lane (int4_rows.py: the rows' scales of a group are then one contiguous load), else None
+    (row-major scales)."""
+    rows, lanes = interleave_for(isa, n, k)
+    return (rows, 1) if lanes == 1 else None
+
+
+def dot_layout(isa: DotISA, packed, scales):
+    """(codes, scales) of one INT4 weight (row-major packed codes [..., N, K // 8], scales [..., N, K // 32];
+    torch or numpy) in the order the ISA's dot kernels read them: what compiler/params.py writes."""
+    n, k = packed.shape[-2], packed.shape[-1] * NIBBLES_PER_WORD
+    s_layout = scales_interleave_for(isa, n, k)
+    return interleave_int4(packed, *interleave_for(isa, n, k)), (interleave_int4(scales, *s_layout) if s_layout
+                                                                   else scales)
 
 
 def _setup(kernel: str, n: int, k: int, isa: DotISA, rows: int):
     check_int4_shape(kernel, n, k, "float32")
     kw = k // NIBBLES_PER_WORD
     rows, lanes = interleave_for(isa, n, k, rows)
-    return kw, k // GROUP_SIZE, lanes, rows, _quantize_macro(k), _block_macro(kw, lanes, rows, isa)
+    block = rows_block_macro(kw, rows, isa) if lanes == 1 else _block_macro(kw, lanes, rows, isa)
+    return kw, k // GROUP_SIZE, lanes, rows, _quantize_macro(k), block
+
+
+def row_result(acc, r, lanes: int):
+    """Output row r of a block's accumulator: the sum of its lanes, or (row lanes) its lane r."""
+    return acc[r] if lanes == 1 else lane_sum(acc[tirx.Ramp(r * lanes, 1, lanes)], lanes)
 
 
 def kernel_attrs(kernel: str, isa: DotISA) -> dict:
@@ -249,7 +304,7 @@ def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimF
             for i in range(m):
                 block(acc, w3, s3, T.int64(0), nb * rows, xe, xo, xc, xs, i)
                 for r in T.unroll(rows):
-                    y[i, nb * rows + r] = lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                    y[i, nb * rows + r] = row_result(acc, r, lanes)
 
     return func
 
@@ -288,8 +343,7 @@ def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_
             block(acc, wf, s, T.Cast("int64", ids[p // (top_k * nblocks), p // nblocks % top_k]),
                   p % nblocks * rows, xe, xo, xc, xs, p // nblocks if per_slot else p // (top_k * nblocks))
             for r in T.unroll(rows):
-                y[p // (top_k * nblocks), p // nblocks % top_k, p % nblocks * rows + r] = lane_sum(
-                    acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                y[p // (top_k * nblocks), p // nblocks % top_k, p % nblocks * rows + r] = row_result(acc, r, lanes)
 
     return func
 
@@ -329,7 +383,7 @@ def moe_gemv_weighted_sum_dot(num_experts: int, n: int, k: int, top_k: int, isa:
                 for j in range(top_k):
                     block(acc, wf, s, T.Cast("int64", ids[ti, j]), nb * rows, xe, xo, xc, xs, ti * top_k + j)
                     for r in T.unroll(rows):
-                        out[r] = out[r] + rw[ti, j] * lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes)
+                        out[r] = out[r] + rw[ti, j] * row_result(acc, r, lanes)
                 for r in T.unroll(rows):
                     y[ti, nb * rows + r] = out[r]
 

@@ -38,12 +38,16 @@ from tvm.script import tirx as T
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_mmla import mmla_group_tile_macro, supports as mmla_supports
-from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, dot_acc, interleave_for, kernel_attrs, lane_scales, \
-    lane_sum, pack4
+from .int4_rows import tile_macro as rows_tile_macro
+from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, dot_pair, interleave_for, kernel_attrs, lane_scales, \
+    lane_sum, pack4, row_result
 from .launch import SERIAL_ROWS
 from .moe_grouped import ARGS_ATTR
 
 MT = 4  # token rows per register tile (this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 / 8 ~ 4)
+# row lanes (int4_rows.py, AVX2 on Zen 3, 1024 x 1024 at m = 128, one thread, interleaved runs):
+# 2 -> 30, 3 -> 32, 4 -> 33, 6 -> 43, 8 -> 38 GMAC/s
+MT_ROW_LANES = 6
 CHUNK = 128  # token rows per pass over the weights (int4_matmul): 128 x K int8 activations stay in L2
 R = 4  # output rows per register tile of _tile_macro (row blocks of fewer than 4 rows only)
 
@@ -110,8 +114,8 @@ def _tile_macro(kw: int, lanes: int, rows: int, r_tile: int, m_tile: int, isa: D
                 hi: T.let = (wv >> four) & mask
                 sw: T.let = lane_scales(s, e, row0 + r, b, lanes)
                 for t in T.unroll(m_tile):
-                    d: T.let = dot_acc(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0))
-                    d2: T.let = dot_acc(isa, lanes, d, hi, xv(xq, tok, t, b, 1))
+                    d2: T.let = dot_pair(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0), hi,
+                                         xv(xq, tok, t, b, 1))
                     acc[a(r, t)] = acc[a(r, t)] + T.Cast(fvec, d2) * (
                         sw * T.reinterpret(fvec, xv(xq, tok, t, b, 3)))
 
@@ -166,8 +170,7 @@ def _group_tile_macro(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
         return wf[e, tirx.Ramp((row0 // rows * kb + b) * (rows * lanes) + (row0 % rows + r) * lanes, 1, lanes)]
 
     def dots(xq, tok, t, b, lo, hi):
-        return dot_acc(isa, lanes, dot_acc(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0)), hi,
-                       xv(xq, tok, t, b, 1))
+        return dot_pair(isa, lanes, xv(xq, tok, t, b, 2), lo, xv(xq, tok, t, b, 0), hi, xv(xq, tok, t, b, 1))
 
     @T.macro
     def tile(acc, wf, s, e, row0, xq, tok):
@@ -198,6 +201,8 @@ def _group_tile_macro(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
 
 def group_tile(kw: int, lanes: int, rows: int, m_tile: int, isa: DotISA):
     """The 4-row group tile: smmla's where the ISA has it (int4_mmla.py), else the dot instruction's."""
+    if lanes == 1:  # row lanes (int4_rows.py): the whole row block, lane r = row r
+        return rows_tile_macro(kw, rows, m_tile, isa)
     if mmla_supports(isa, lanes, rows, m_tile):
         return mmla_group_tile_macro(kw, rows, m_tile, isa)
     return _group_tile_macro(kw, lanes, rows, m_tile, isa)
@@ -213,18 +218,21 @@ def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
     return kw, k // GROUP_SIZE, lanes, rows, r_tile
 
 
-def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile: int = R,
+def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int | None = None, r_tile: int = R,
                           chunk_rows: int = CHUNK) -> tirx.PrimFunc:
     """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8] interleaved, scales fp16 [n, k // 32])
     -> y [m, n], M-tiled (the module doc)."""
     kw, kg, lanes, rows, r_tile = _setup("int4_matmul", n, k, isa, r_tile)
+    m_tile = m_tile or (MT_ROW_LANES if lanes == 1 else MT)
     kb = kw // lanes
     chunk = max(1, chunk_rows // m_tile)  # token tiles per chunk
     quantize = _quantize_macro(k, lanes)
-    tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
-    single = _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1: the GEMV's block
+    rl = lanes == 1  # row lanes: one tile covers the row block (int4_rows.py)
+    tile = None if rl else _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
+    single = group_tile(kw, lanes, rows, 1, isa) if rl else _tile_macro(kw, lanes, rows, rows, 1, isa)  # m = 1
     gtile = group_tile(kw, lanes, rows, m_tile, isa)
     quads = rows % 4 == 0
+    acc_len = m_tile * rows if rl else max(rows, m_tile * r_tile) * lanes
 
     @T.prim_func(private=True)
     def func(x_handle: T.handle, w: T.Buffer((T.int64(n), T.int64(kw)), "uint32"),
@@ -239,12 +247,16 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
         quantize(x, xq, m)
         for c in range((m // m_tile + chunk - 1) // chunk):  # token chunks: their activations stay in L2
             for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
-                acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
+                acc = T.alloc_local((acc_len,), "float32")
                 tok = T.alloc_local((m_tile,), "int64")
                 for it in range(c * chunk, T.min(c * chunk + chunk, m // m_tile)):
                     for t in T.unroll(m_tile):
                         tok[t] = it * m_tile + t
-                    if quads:
+                    if rl:
+                        gtile(acc, wf, s3, T.int64(0), nb * rows, xq, tok)
+                        for t in T.unroll(m_tile):
+                            y[it * m_tile + t, T.ramp(nb * rows, 1, rows)] = acc[T.ramp(t * rows, 1, rows)]
+                    elif quads:
                         for h in range(rows // 4):
                             gtile(acc, wf, s3, T.int64(0), nb * rows + h * 4, xq, tok)
                             for t in T.unroll(m_tile):
@@ -259,18 +271,18 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int = MT, r_tile:
                                         acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
         if m % m_tile > 0:
             for nb in T.parallel(T.int64(n // rows)):
-                acc1 = T.alloc_local((rows * lanes,), "float32")
+                acc1 = T.alloc_local((rows * lanes,), "float32")  # (row lanes: rows x 1)
                 tok1 = T.alloc_local((1,), "int64")
                 for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
                     tok1[0] = i
                     single(acc1, wf, s3, T.int64(0), nb * rows, xq, tok1)
                     for r in T.unroll(rows):
-                        y[i, nb * rows + r] = lane_sum(acc1[T.ramp(r * lanes, 1, lanes)], lanes)
+                        y[i, nb * rows + r] = row_result(acc1, r, lanes)
 
     return func
 
 
-def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: DotISA, m_tile: int = MT,
+def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: DotISA, m_tile: int | None = None,
                     r_tile: int = R) -> tirx.PrimFunc:
     """moe_grouped.py's moe_grouped_{op}_int4 (op "gate_up" or "down_combine", same signature; codes
     interleaved) on the dot instruction: the activations (x [T, k] for gate_up, the sorted rows
@@ -284,12 +296,15 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
         raise ValueError(f"moe_grouped_dot: op must be gate_up or down_combine, got {op!r}")
     name = f"moe_grouped_{op}_int4"
     kw, kg, lanes, rows, r_tile = _setup(name, n, k, isa, r_tile)
+    m_tile = m_tile or (MT_ROW_LANES if lanes == 1 else MT)
     kb = kw // lanes
     quantize = _quantize_macro(k, lanes)
-    tile = _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
-    single = _tile_macro(kw, lanes, rows, rows, 1, isa)
+    rl = lanes == 1  # row lanes: one tile covers the row block (int4_rows.py)
+    tile = None if rl else _tile_macro(kw, lanes, rows, r_tile, m_tile, isa)
+    single = group_tile(kw, lanes, rows, 1, isa) if rl else _tile_macro(kw, lanes, rows, rows, 1, isa)
     gtile = group_tile(kw, lanes, rows, m_tile, isa)
     quads = rows % 4 == 0
+    acc_len = m_tile * rows if rl else max(rows, m_tile * r_tile) * lanes
     attrs = {**kernel_attrs(name, isa), ARGS_ATTR: {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k}}
     E = num_experts
 
@@ -318,12 +333,17 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
             cnt: T.let = offsets[e + 1] - lo
             if cnt > 0:
                 for nb in T.parallel(T.int64(n // rows)):
-                    acc = T.alloc_local((max(rows, m_tile * r_tile) * lanes,), "float32")
+                    acc = T.alloc_local((acc_len,), "float32")
                     tok = T.alloc_local((m_tile,), "int64")
                     for it in range(cnt // m_tile):
                         for q in T.unroll(m_tile):
                             tok[q] = src(order, lo + it * m_tile + q)
-                        if quads:
+                        if rl:
+                            gtile(acc, wf, s, e, nb * rows, xq, tok)
+                            for q in T.unroll(m_tile):
+                                emit(y, rw, order, lo + it * m_tile + q, T.ramp(nb * rows, 1, rows),
+                                     acc[T.ramp(q * rows, 1, rows)])
+                        elif quads:
                             for h in range(rows // 4):
                                 gtile(acc, wf, s, e, nb * rows + h * 4, xq, tok)
                                 for q in T.unroll(m_tile):
@@ -340,7 +360,7 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
                         tok[0] = src(order, lo + i)
                         single(acc, wf, s, e, nb * rows, xq, tok)
                         for r in T.unroll(rows):
-                            emit(y, rw, order, lo + i, nb * rows + r, lane_sum(acc[T.ramp(r * lanes, 1, lanes)], lanes))
+                            emit(y, rw, order, lo + i, nb * rows + r, row_result(acc, r, lanes))
 
     W, S = (T.int64(E), T.int64(n), T.int64(kw)), (T.int64(E), T.int64(n), T.int64(kg))
     if down:

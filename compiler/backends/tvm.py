@@ -152,7 +152,9 @@ def quantization(opts) -> dict | None:
             "scale_dtype": "float16", "float_weights": ["router", "norms"],
             "activations": f"int8 per group of {GROUP_SIZE}, symmetric ({isa.name} dot products)" if isa else "float32",
             "codes_order": ("interleaved (mobilemoe.quant.interleave_int4, rows and lanes from "
-                            "tir_kernels.int4_dot.interleave_for)" if isa else "row-major")}
+                            "tir_kernels.int4_dot.interleave_for)" if isa else "row-major"),
+            "scales_order": ("interleaved (rows, 1) (tir_kernels.int4_dot.scales_interleave_for)"
+                             if isa is not None and isa.row_lanes else "row-major")}
 
 
 def build_artifact(model, spec, out: Path, options: BuildOptions) -> Path:

@@ -12,9 +12,9 @@ import torch
 import tvm
 from tvm.target import Target, codegen
 
-from tir_kernels import int4_dot, moe_gemv, moe_gemv_weighted_sum
+from tir_kernels import int4_dot, int4_dot_gemm, moe_gemv, moe_gemv_weighted_sum
 from tir_kernels.int4_matmul import int4_matmul
-from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_act_int8, quantize_int4, sqnr
+from mobilemoe.quant import dequantize_int4, int8_int4_matmul, pack_int4, quantize_act_int8, quantize_int4, sqnr
 from passes.select_dot_kernels import dot_form, select_dot_kernels
 
 HOST = Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
@@ -27,8 +27,8 @@ def weight(*shape, seed=0):
     """codes, scales, and the packed codes in the interleaved order the dot kernels read, fp16 scales."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     codes, scales = quantize_int4(w)
-    layout = int4_dot.interleave_for(HOST_ISA or int4_dot.X86_VNNI, shape[-2], shape[-1])
-    return codes, scales, interleave_int4(pack_int4(codes), *layout).numpy(), scales.numpy()
+    w_il, s_il = int4_dot.dot_layout(HOST_ISA or int4_dot.X86_VNNI, pack_int4(codes), scales)
+    return codes, scales, w_il.numpy(), s_il.numpy()
 
 
 def run(func, args, out_shape, target=HOST):
@@ -116,17 +116,21 @@ def test_x86_kernels_use_the_cpus_dot_path(mcpu, isa, instruction):
 
 @needs_vnni
 def test_extreme_codes_and_activations_are_exact():
-    """The largest pair sums the dot path meets (stored nibbles 15 and 0, i.e. codes 7 and -8, against
-    activations +-127): exact, so AVX2's saturating pmaddubsw (|2 * 15 * 127| = 3810 < 2^15) never clips."""
+    """The largest sums the dot paths meet (stored nibbles 15 and 0, i.e. codes 7 and -8, against
+    activations +-127): exact, so AVX2's saturating pmaddubsw (|2 * 15 * 127| = 3810 < 2^15) never clips,
+    nor do the row-lane kernels' int16 group sums (rows 0-7 all code 7 against q = 127: 8 * 3810 = 30480)."""
     n, k = 64, 256
     codes = torch.where(torch.arange(n * k).reshape(n, k) % 3 == 0, -8, 7).to(torch.int8)
+    codes[:8] = 7
     scales = torch.full((n, k // 32), 0.01)
-    w = interleave_int4(pack_int4(codes), *int4_dot.interleave_for(HOST_ISA, n, k)).numpy()
-    x = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)[None].repeat(3, 1)  # every q is +-127
+    w, s = (v.numpy() for v in int4_dot.dot_layout(HOST_ISA, pack_int4(codes), scales.half()))
+    x = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)[None].repeat(9, 1)  # every q is +-127
     x[1] = 1.0
-    y = run(int4_dot.int4_matmul_dot(n, k, HOST_ISA), (x.numpy(), w, scales.half().numpy()), (3, n))
+    x[4] = -1.0
     ref = int8_int4_matmul(x, codes, scales.half().float()).numpy()
-    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    for func in (int4_dot.int4_matmul_dot(n, k, HOST_ISA), int4_dot_gemm.int4_matmul_dot_tiled(n, k, HOST_ISA)):
+        y = run(func, (x.numpy(), w, s), (9, n))
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_no_dot_isa_keeps_fp32_kernels():
@@ -176,8 +180,9 @@ def test_interleaved_embedding_and_grouped_kernels_match_row_major():
     w_rm = pack_int4(codes).numpy()
     ids = np.array([5, 0, 63, 5], "int32")
     layout = int4_dot.interleave_for(HOST_ISA, 64, 256)
-    rm = run(embedding_int4(64, 256, "int32"), (ids, w_rm, s), (4, 256))
-    il = run(embedding_int4(64, 256, "int32", layout), (ids, w_il, s), (4, 256))
+    rm = run(embedding_int4(64, 256, "int32"), (ids, w_rm, scales.numpy()), (4, 256))
+    il = run(embedding_int4(64, 256, "int32", layout, int4_dot.scales_interleave_for(HOST_ISA, 64, 256)),
+             (ids, w_il, s), (4, 256))
     np.testing.assert_array_equal(il, rm)
     np.testing.assert_array_equal(rm, dequantize_int4(codes, scales).numpy()[ids])
 
@@ -189,7 +194,7 @@ def test_interleaved_embedding_and_grouped_kernels_match_row_major():
     offsets = np.zeros(e + 1, "int32")
     order = np.argsort(ids.reshape(-1), kind="stable").astype("int32")
     offsets[1:] = np.cumsum(np.bincount(ids.reshape(-1), minlength=e))
-    args = lambda w: (x, offsets, order, w, s)
+    args = lambda w: (x, offsets, order, w, scales.numpy())  # the fp32 kernels read row-major scales
     lanes = 8
     rm = run(moe_grouped.moe_grouped_gate_up(e, n, k, top_k, lanes=lanes), args(w_rm), (t * top_k, n))
     il = run(moe_grouped.moe_grouped_gate_up(e, n, k, top_k, lanes=lanes, interleave=int4_dot.interleave_for(

@@ -11,7 +11,7 @@ import torch
 import tvm
 
 from tir_kernels import int4_dot, int4_dot_gemm, int4_mmla
-from mobilemoe.quant import dequantize_int4, int8_int4_matmul, interleave_int4, pack_int4, quantize_int4, sqnr
+from mobilemoe.quant import dequantize_int4, int8_int4_matmul, pack_int4, quantize_int4, sqnr
 
 from test_int4_dot import ANDROID, HOST_ISA, needs_vnni, run, weight
 
@@ -99,8 +99,8 @@ EMULATED_MMLA = int4_dot.DotISA("host128-mmla-emulated", {4: (HOST_ISA or int4_d
 def mmla_weight(*shape, seed=0):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     codes, scales = quantize_int4(w)
-    packed = interleave_int4(pack_int4(codes), *int4_dot.interleave_for(EMULATED_MMLA, shape[-2], shape[-1]))
-    return codes, scales, packed.numpy(), scales.numpy()
+    packed, s = int4_dot.dot_layout(EMULATED_MMLA, pack_int4(codes), scales)
+    return codes, scales, packed.numpy(), s.numpy()
 
 
 @needs_vnni

@@ -53,11 +53,12 @@ def model_like(layers: int = 24, experts: int = 8, hidden: int = 256, inner: int
     INT4; an INT4 embedding table. Source names -> shapes for RandomWeights."""
     shapes, transforms, specs = {}, [], {}
 
-    def int4(src, out, shape, interleave=None):
+    def int4(src, out, shape, interleave=None, scales_interleave=None):
         *lead, n, k = shape
         transforms.append({"out": f"{out}__q4", "op": "int4_codes", "inputs": [src],
                            **({"interleave": interleave} if interleave else {})})
-        transforms.append({"out": f"{out}__s", "op": "int4_scales", "inputs": [src]})
+        transforms.append({"out": f"{out}__s", "op": "int4_scales", "inputs": [src],
+                           **({"interleave": scales_interleave} if scales_interleave else {})})
         specs[f"{out}__q4"] = ("uint32", (*lead, n, k // 8))
         specs[f"{out}__s"] = ("float16", (*lead, n, k // 32))
 
@@ -77,7 +78,7 @@ def model_like(layers: int = 24, experts: int = 8, hidden: int = 256, inner: int
         shapes[p + "w2"] = (experts, hidden, inner)
         transforms.append({"out": p + "w13", "op": "concat", "inputs": [p + "w1", p + "w3"], "axis": 1})
         int4(p + "w13", p + "w13", (experts, 2 * inner, hidden), [4, 2])
-        int4(p + "w2", p + "w2", (experts, hidden, inner))
+        int4(p + "w2", p + "w2", (experts, hidden, inner), [8, 1], [8, 1])  # row lanes (AVX2)
     return shapes, transforms, specs
 
 
@@ -120,6 +121,9 @@ def test_params_are_written_one_tensor_at_a_time(tmp_path):
     codes, scales = quantize_int4(torch.from_numpy(w13))
     assert np.array_equal(arrays["l3_w13__q4"], interleave_int4(pack_int4(codes).numpy(), 4, 2))
     assert np.array_equal(arrays["l3_w13__s"], scales.numpy())
+    codes, scales = quantize_int4(torch.from_numpy(np.asarray(src["l3_w2"])))
+    assert np.array_equal(arrays["l3_w2__q4"], interleave_int4(pack_int4(codes).numpy(), 8, 1))
+    assert np.array_equal(arrays["l3_w2__s"], interleave_int4(scales.numpy(), 8, 1))
     assert np.array_equal(arrays["l5_router__t"], src["l5_router"].T)
 
 

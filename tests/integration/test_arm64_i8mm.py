@@ -14,7 +14,7 @@ import tvm
 from tvm.target import Target
 
 from tir_kernels import int4_dot, int4_dot_gemm
-from mobilemoe.quant import int8_int4_matmul, interleave_int4, pack_int4, quantize_int4
+from mobilemoe.quant import int8_int4_matmul, pack_int4, quantize_int4
 from targets import get_target
 from targets.arm64_isa import count_instructions
 from targets.rpc_device import EmulatedArm64Device, upload_and_load
@@ -29,8 +29,8 @@ GU, DN = (64, 128), (128, 64)  # n, k of the grouped gate_up / down_combine
 def weight(*shape, seed=0):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     codes, scales = quantize_int4(w)
-    layout = int4_dot.interleave_for(ISA, shape[-2], shape[-1])
-    return codes, scales, interleave_int4(pack_int4(codes), *layout).numpy(), scales.numpy()
+    packed, s = int4_dot.dot_layout(ISA, pack_int4(codes), scales)
+    return codes, scales, packed.numpy(), s.numpy()
 
 
 @pytest.fixture(scope="module")
