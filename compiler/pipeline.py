@@ -1,7 +1,8 @@
 """The registered compilation pipeline: phases in order, each a named tvm.transform.Sequential.
 
     moe        FuseExpertGateUp, SparseMoEDispatch        (passes/; grouped prefill GEMMs where the
-               target strategy has their schedules)
+               target strategy has their schedules), FuseSiblingMatmuls (q|k|v and the shared
+               expert's gate|up as one matmul each)
     quantize   QuantizeInt4Weights                        (passes/; only with quant="int4"; the codes
                recorded interleaved when the strategy picked dot-product kernels)
     cleanup    StripAssertions, ClipTakeIndices (bounds-safe gathers), PretransposeWeights (float
@@ -38,6 +39,7 @@ from tvm.relax.pipeline import PIPELINE_MAP, register_pipeline
 from passes.apply_tuning_database import ApplyTuningDatabase
 from passes.clip_take_indices import ClipTakeIndices
 from passes.fuse_expert_gate_up import FuseExpertGateUp
+from passes.fuse_sibling_matmuls import FuseSiblingMatmuls
 from passes.make_dataflow import MakeDataflow
 from passes.pretranspose_weights import PretransposeWeights
 from passes.prune_unused_params import PruneUnusedParams
@@ -92,7 +94,8 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
                 relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     return [
         ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill,
-                                                       fused_routing=strategy.fused_routing)]),
+                                                       fused_routing=strategy.fused_routing),
+                 FuseSiblingMatmuls()]),
         ("quantize", [QuantizeInt4Weights(interleave=opts.dot_isa)] if opts.quant.startswith("int4") else []),
         ("cleanup", [StripAssertions(), ClipTakeIndices(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),
