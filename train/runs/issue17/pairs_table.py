@@ -87,6 +87,31 @@ def tables(run_dirs: list[Path]) -> str:
     return "\n".join(out)
 
 
+def paired(run_dirs: list[Path]) -> str:
+    """MoE minus its dense twin of the same seed (same data order, same token budget), per stage and
+    measure: one value per seed, then their mean (where each seed has one MoE and one dense run)."""
+    by_seed: dict[str, dict[bool, list[dict]]] = {}
+    for d in run_dirs:
+        summ = _json(d / "pretrain" / "summary.json")
+        if summ is not None:
+            by_seed.setdefault(d.name.rsplit("-s", 1)[1], {}).setdefault(bool(summ.get("is_moe")), []).append(
+                {r["stage"]: r for r in rows(d)})
+    pairs = sorted((seed, g[True][0], g[False][0]) for seed, g in by_seed.items()
+                   if len(g.get(True, [])) == 1 and len(g.get(False, [])) == 1)
+    if not pairs:
+        return "no seed with one MoE and one dense run"
+    keys = ("text", "chat", "exact", *MC_TASKS)
+    out = ["| stage | " + " | ".join(f"{k}: per seed; mean" for k in keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+    for st in STAGES:
+        cells = []
+        for k in keys:
+            diffs = [moe[st][k] - dense[st][k] for _, moe, dense in pairs
+                     if st in moe and st in dense and k in moe[st] and k in dense[st]]
+            cells.append(" / ".join(f"{v:+.3f}" for v in diffs) + (f"; {sum(diffs) / len(diffs):+.3f}" if diffs else "-"))
+        out.append(f"| {st} | " + " | ".join(cells) + " |")
+    return f"seeds {', '.join(seed for seed, _, _ in pairs)}\n\n" + "\n".join(out)
+
+
 def curves(run_dirs: list[Path]) -> str:
     """Held-out loss (pre-training's own evaluation) at each evaluated step, mean +- sd over seeds."""
     by_model: dict[str, dict[int, list[tuple[int, float]]]] = {}
@@ -107,7 +132,8 @@ def curves(run_dirs: list[Path]) -> str:
 
 def main(argv: list[str]) -> int:
     run_dirs = sorted(p for a in argv for p in Path(a).iterdir() if p.is_dir())
-    print(tables(run_dirs) + "\n\npre-training curves (stage's own evaluation, first 200k held-out tokens)\n\n"
+    print(tables(run_dirs) + "\n\nMoE - dense twin, seed-matched\n\n" + paired(run_dirs)
+          + "\n\npre-training curves (stage's own evaluation, first 200k held-out tokens)\n\n"
           + curves(run_dirs))
     return 0
 
