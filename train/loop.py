@@ -53,7 +53,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Fields that may change between a run and its resumption: they do not change the trajectory.
 PLOT_EVERY_S = 60  # loss.png is redrawn at a checkpoint at most this often (and at the end)
 RESUME_FREE = {"resume", "progress", "ckpt_every", "log_every", "eval_every", "eval_tokens", "out_dir",
-               "device", "cache_dir"}
+               "device", "cache_dir", "budget_wait_s"}
 
 
 class StageError(ValueError):
@@ -81,6 +81,12 @@ class StageConfig:
     max_tokens: int = 0
     epochs: float = 0.0
     max_seconds: float = 0.0  # > 0: also stop by this wall-clock budget (steps fixed after CALIBRATE_STEPS)
+    # side-by-side runs that must see the same tokens (train/runs/issue17/gpu_pairs.sh): at the end of
+    # warmup (before the schedule depends on the length) wait up to budget_wait_s for this file, a token
+    # count written by a watcher that timed every run sharing the device, and end the stage there
+    # (never past its own length: max_steps / max_tokens / epochs stay the upper bound)
+    budget_file: str = ""
+    budget_wait_s: float = 300.0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 100
@@ -402,6 +408,19 @@ def fit_steps(max_steps: int, step: int, per_step_s: float, elapsed_s: float, bu
     return max(step, min(max_steps, fit))
 
 
+def wait_for_budget(path: Path, wait_s: float, poll_s: float = 0.1) -> int:
+    """The token count in `path` (budget_file), once it exists; StageError after wait_s seconds."""
+    t0 = time.perf_counter()
+    while not path.is_file():
+        if time.perf_counter() - t0 > wait_s:
+            raise StageError(f"budget_file {path}: not written within {wait_s:g} s (did the watcher die?)")
+        time.sleep(poll_s)
+    text = path.read_text().split()
+    if not text or not text[0].isdigit() or int(text[0]) <= 0:
+        raise StageError(f"budget_file {path}: expected a positive token count, got {' '.join(text)[:40]!r}")
+    return int(text[0])
+
+
 def resolve_steps(cfg: StageConfig, n_rows: int, world: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum * world
     if cfg.max_steps > 0:
@@ -442,7 +461,7 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
     eval_rows = stage_rows(cfg, tok, d, cfg.heldout_data or cfg.train_data, "eval", cfg.packing, fmt)
     eval_ids = split_for_eval(eval_rows, cfg.eval_tokens)
     max_steps = resolve_steps(cfg, len(train_rows), d.world)
-    if resume_state is not None and cfg.max_seconds > 0:  # the length fitted to the budget before
+    if resume_state is not None and (cfg.max_seconds > 0 or cfg.budget_file):  # the length fitted before
         max_steps = resume_state.get("max_steps", max_steps)
 
     model = hooks.prepare(model, cfg).to(d.device)
@@ -542,6 +561,12 @@ def _run(cfg: StageConfig, hooks: StageHooks, d: Dist) -> dict:
                     print(f"{cfg.stage}: {per_step:.3f} s/step: {max_steps} steps fit in max_seconds="
                           f"{cfg.max_seconds:g} ({max_steps * global_batch * cfg.seq_len / 1e6:.1f}M tokens)",
                           file=sys.stderr)
+        if cfg.budget_file and resume_state is None and step == max(1, cfg.warmup_steps):
+            tokens = wait_for_budget(Path(cfg.budget_file), cfg.budget_wait_s)
+            fitted = max(step, min(max_steps, math.ceil(tokens / (global_batch * cfg.seq_len))))
+            print(f"{cfg.stage}: budget_file: {tokens:,} tokens -> {fitted} of at most {max_steps} steps "
+                  f"({fitted * global_batch * cfg.seq_len / 1e6:.2f}M tokens)", file=sys.stderr)
+            max_steps = schedule.total = bar.total = fitted
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == max_steps:

@@ -72,6 +72,28 @@ def test_max_seconds_shortens_a_stage_and_ends_its_schedule(stage_kwargs, tmp_pa
     assert len(lrs) == s["steps"] and lrs[-1] < 0.15 * 3e-3
 
 
+def test_budget_file_sets_the_length_at_the_end_of_warmup(stage_kwargs, tmp_path):
+    # side-by-side runs: the length comes from a file written while the stage runs (read at the end of
+    # warmup, so the schedule is the one a run given that length from the start would follow)
+    budget = tmp_path / "budget"
+    kw = dict(max_steps=50, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, eval_every=10_000,
+              ckpt_every=10_000, log_every=1)
+    cfg = StageConfig(**stage_kwargs(tmp_path / "x", **kw))
+    per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    budget.write_text(f"{10 * per_step - 5}\n")  # rounded up to whole steps
+    s = run_stage(StageConfig(**stage_kwargs(tmp_path / "run10", budget_file=str(budget), **kw)))
+    ref = run_stage(StageConfig(**stage_kwargs(tmp_path / "ref", **{**kw, "max_steps": 10})))
+    assert s["steps"] == ref["steps"] == 10
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run10" / "metrics.jsonl") if "lr" in r]
+    assert lrs == [r["lr"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "lr" in r]
+    budget.write_text(f"{10_000 * per_step}")  # never past the stage's own length
+    assert run_stage(StageConfig(**stage_kwargs(tmp_path / "long", budget_file=str(budget),
+                                                **{**kw, "max_steps": 12})))["steps"] == 12
+    with pytest.raises(StageError, match="not written within"):
+        run_stage(StageConfig(**stage_kwargs(tmp_path / "none", budget_file=str(tmp_path / "missing"),
+                                             budget_wait_s=0.2, **kw)))
+
+
 def test_seq_len_beyond_the_model_is_refused(stage_kwargs, tmp_path):
     with pytest.raises(StageError, match=r"seq_len 512 exceeds the model's max_seq_len 256 \(test-moe\)"):
         run_stage(StageConfig(**stage_kwargs(tmp_path / "run", seq_len=512)))
