@@ -1,10 +1,12 @@
 """The registered compilation pipeline: phases in order, each a named tvm.transform.Sequential.
 
-    moe        FuseExpertGateUp, SparseMoEDispatch        (passes/; grouped prefill GEMMs where the
-               target strategy has their schedules), FuseSiblingMatmuls (q|k|v and the shared
-               expert's gate|up as one matmul each)
-    quantize   QuantizeInt4Weights                        (passes/; only with quant="int4"; the codes
-               recorded interleaved when the strategy picked dot-product kernels)
+    moe        FuseExpertGateUp, PackMoEExpertsInt4, SparseMoEDispatch    (passes/; on each
+               mobilemoe.moe call: the packing only with quant int4*, the routed experts; grouped
+               prefill GEMMs where the target strategy has their schedules),
+               FuseSiblingMatmuls (q|k|v and the shared expert's gate|up as one matmul each)
+    quantize   QuantizeInt4Weights                        (passes/; only with quant int4*: the
+               other linears and the embedding)
+               (INT4 codes recorded interleaved when the strategy picked dot-product kernels)
     cleanup    StripAssertions, ClipTakeIndices (bounds-safe gathers), PretransposeWeights (float
                weights read transposed, the router),
                MakeDataflow (pure functions in dataflow blocks: what FuseOps and
@@ -41,6 +43,7 @@ from passes.clip_take_indices import ClipTakeIndices
 from passes.fuse_expert_gate_up import FuseExpertGateUp
 from passes.fuse_sibling_matmuls import FuseSiblingMatmuls
 from passes.make_dataflow import MakeDataflow
+from passes.pack_moe_experts_int4 import PackMoEExpertsInt4
 from passes.pretranspose_weights import PretransposeWeights
 from passes.prune_unused_params import PruneUnusedParams
 from passes.quantize_int4_weights import QuantizeInt4Weights
@@ -92,11 +95,12 @@ def phases(target: tvm.target.Target, opts: PipelineOptions) -> list[tuple[str, 
     # the generic GPU legalize list ends with its own dlight rules: ours come in `schedule`
     legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    int4 = opts.quant.startswith("int4")
     return [
-        ("moe", [FuseExpertGateUp(), SparseMoEDispatch(group_prefill=strategy.group_prefill,
-                                                       fused_routing=strategy.fused_routing),
+        ("moe", [FuseExpertGateUp(), *([PackMoEExpertsInt4(interleave=opts.dot_isa)] if int4 else []),
+                 SparseMoEDispatch(group_prefill=strategy.group_prefill, fused_routing=strategy.fused_routing),
                  FuseSiblingMatmuls()]),
-        ("quantize", [QuantizeInt4Weights(interleave=opts.dot_isa)] if opts.quant.startswith("int4") else []),
+        ("quantize", [QuantizeInt4Weights(interleave=opts.dot_isa)] if int4 else []),
         ("cleanup", [StripAssertions(), ClipTakeIndices(), PretransposeWeights(), MakeDataflow(), PruneUnusedParams(),
                      relax.transform.DeadCodeElimination()]),
         ("legalize", backend.library_dispatch_passes(target) + strategy.legalize_passes(target) + legalize),

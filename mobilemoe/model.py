@@ -28,7 +28,7 @@ Options for the Hugging Face families of mobilemoe/arch/ (MobileMoEConfig fields
   rope_type "linear" / "llama3" + rope_* fields: RoPE frequency scaling (rope_table)
 The routing variant (router, norm_topk_prob, shared expert, its gate) is what the exported MoE
 operator carries as attributes (mobilemoe/moe_op.py); the compiler's passes act on that operator
-(FuseExpertGateUp, SparseMoEDispatch, QuantizeInt4Weights).
+(FuseExpertGateUp, PackMoEExpertsInt4, SparseMoEDispatch).
 
 The MoE layer has four numerically equivalent implementations (`MoE.impl`):
   "grouped": tokens sorted by expert, one GEMM per non-empty expert (torch._grouped_mm on CUDA bf16):

@@ -5,16 +5,21 @@
 
     x [N, H] -> y [N, H]; operands in the order MoEAttrs.roles(): which optional ones are present
     is part of the attributes, so a pass reads each operand by its role, never by a parameter name.
+    experts="int4": each routed expert weight (ROUTED: w1, w3, w13, w2) is two operands instead,
+    <role>_codes uint32 [E, N, K // 8] and <role>_scales float16 [E, N, K // 32] (mobilemoe.quant's
+    group-32 INT4 layout; PackMoEExpertsInt4).
 
 MoEAttrs (a DictAttrs on the call): top_k, scoring ("topk_softmax" | "softmax_topk"), norm_topk_prob,
-router_bias, num_shared_experts (0 | 1), shared_expert_gate, and gate_up: "separate" (w1, w3
-[E, I, H], as imported) | "fused" (w13 [E, 2I, H] = concat(w1, w3, axis=1): FuseExpertGateUp).
+router_bias, num_shared_experts (0 | 1), shared_expert_gate, gate_up: "separate" (w1, w3
+[E, I, H], as imported) | "fused" (w13 [E, 2I, H] = concat(w1, w3, axis=1): FuseExpertGateUp), and
+experts: "float" (as imported) | "int4" (the routed experts packed: PackMoEExpertsInt4).
 
-compiler/importer.py emits the call; FuseExpertGateUp fuses its gate/up operands; SparseMoEDispatch
-lowers it (routing, expert kernels reading the k selected experts, shared expert); DecomposeMoE
-lowers it to the dense reference (`decompose`: every expert on every token, the einsum form the
-exporter used to emit). The op is registered with a type rule and purity only: one that reaches
-LegalizeOps unlowered stays and fails in VM codegen, naming "mobilemoe.moe".
+compiler/importer.py emits the call; FuseExpertGateUp fuses its gate/up operands; PackMoEExpertsInt4
+packs its routed experts; SparseMoEDispatch lowers it (routing, expert kernels reading the k
+selected experts, shared expert); DecomposeMoE lowers a float call to the dense reference
+(`decompose`: every expert on every token, the einsum form the exporter used to emit). The op is
+registered with a type rule and purity only: one that reaches LegalizeOps unlowered stays and fails
+in VM codegen, naming "mobilemoe.moe".
 
 The Relax ops that make the routing and the shared expert (`emit_routing`, `emit_shared`) are those
 TVM's importer made of the PyTorch model's: routing `R.topk` + `R.nn.softmax` on the float32 logits,
@@ -33,6 +38,13 @@ from .common import emit_like, is_op, rewrite_relax_functions
 OP_NAME = "mobilemoe.moe"
 SCORINGS = ("topk_softmax", "softmax_topk")
 GATE_UP = ("separate", "fused")
+EXPERTS = ("float", "int4")
+ROUTED = ("w1", "w3", "w13", "w2")  # the routed experts' stacked weights [E, N, K]: what INT4 packs
+
+
+def packed_roles(role: str) -> tuple[str, str]:
+    """The two operands of a routed expert weight under experts="int4": (codes, scales)."""
+    return role + "_codes", role + "_scales"
 
 
 @dataclass(frozen=True)
@@ -44,18 +56,27 @@ class MoEAttrs:
     num_shared_experts: int = 0
     shared_expert_gate: bool = False
     gate_up: str = "separate"
+    experts: str = "float"
 
     def __post_init__(self):
-        if self.scoring not in SCORINGS or self.gate_up not in GATE_UP or self.num_shared_experts not in (0, 1):
-            raise ValueError(f"{OP_NAME}: scoring must be one of {SCORINGS}, gate_up one of {GATE_UP}, "
-                             f"num_shared_experts 0 or 1; got {self}")
+        if (self.scoring not in SCORINGS or self.gate_up not in GATE_UP or self.experts not in EXPERTS
+                or self.num_shared_experts not in (0, 1)):
+            raise ValueError(f"{OP_NAME}: scoring must be one of {SCORINGS}, gate_up one of {GATE_UP}, experts one "
+                             f"of {EXPERTS}, num_shared_experts 0 or 1; got {self}")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError(f"{OP_NAME}: shared_expert_gate needs a shared expert; got {self}")
 
+    def routed(self) -> tuple[str, ...]:
+        """The routed experts' weight roles (ROUTED) this call has, each one operand or, INT4, two."""
+        return (("w1", "w3") if self.gate_up == "separate" else ("w13",)) + ("w2",)
+
+    def routed_operands(self) -> tuple[str, ...]:
+        """The operand names of routed()'s weights: one each, or (codes, scales) each under experts="int4"."""
+        return tuple(r for w in self.routed() for r in (packed_roles(w) if self.experts == "int4" else (w,)))
+
     def roles(self) -> tuple[str, ...]:
         """The operand names, in call order."""
-        return (("x", "router_weight") + (("router_bias",) if self.router_bias else ())
-                + (("w1", "w3") if self.gate_up == "separate" else ("w13",)) + ("w2",)
+        return (("x", "router_weight") + (("router_bias",) if self.router_bias else ()) + self.routed_operands()
                 + (("shared_w1", "shared_w3", "shared_w2") if self.num_shared_experts else ())
                 + (("shared_gate",) if self.shared_expert_gate else ()))
 
@@ -66,7 +87,8 @@ class MoEAttrs:
     def from_attrs(cls, attrs) -> "MoEAttrs":
         return cls(top_k=int(attrs["top_k"]), scoring=str(attrs["scoring"]), norm_topk_prob=bool(attrs["norm_topk_prob"]),
                    router_bias=bool(attrs["router_bias"]), num_shared_experts=int(attrs["num_shared_experts"]),
-                   shared_expert_gate=bool(attrs["shared_expert_gate"]), gate_up=str(attrs["gate_up"]))
+                   shared_expert_gate=bool(attrs["shared_expert_gate"]), gate_up=str(attrs["gate_up"]),
+                   experts=str(attrs["experts"]))
 
 
 def _infer_type(call, ctx):
@@ -136,11 +158,20 @@ def emit_shared(bb: relax.BlockBuilder, attrs: MoEAttrs, ops: dict, routed: rela
     return relax.op.add(routed, y)
 
 
+def expert_weight(attrs: MoEAttrs, ops: dict, role: str):
+    """A routed expert weight (ROUTED): its operand, or under experts="int4" its (codes, scales) operands."""
+    return tuple(ops[r] for r in packed_roles(role)) if attrs.experts == "int4" else ops[role]
+
+
 def gate_up(bb: relax.BlockBuilder, attrs: MoEAttrs, ops: dict):
-    """The stacked gate/up weight [E, 2I, H]: the w13 operand, or w1 and w3 concatenated here."""
+    """The stacked gate/up weight [E, 2I, H] (INT4: its (codes, scales)): the w13 operand(s), or w1
+    and w3 concatenated here (INT4: codes and scales each; the groups run along H, so rows concatenate)."""
     if attrs.gate_up == "fused":
-        return ops["w13"]
-    return bb.emit(relax.op.concat([ops["w1"], ops["w3"]], axis=1))
+        return expert_weight(attrs, ops, "w13")
+    w1, w3 = expert_weight(attrs, ops, "w1"), expert_weight(attrs, ops, "w3")
+    if attrs.experts == "int4":
+        return tuple(bb.emit(relax.op.concat([a, b], axis=1)) for a, b in zip(w1, w3))
+    return bb.emit(relax.op.concat([w1, w3], axis=1))
 
 
 def decompose(bb: relax.BlockBuilder, attrs: MoEAttrs, ops: dict) -> relax.Expr:

@@ -1,22 +1,18 @@
 """QuantizeInt4Weights: matmul weights become group-32 INT4 with dequantization fused in the kernels.
 
-Each weight parameter W [N, K] (or stacked [E, N, K]) that a rewritten op reads is replaced by two
-parameters, recorded as transforms (replayed with mobilemoe.quant, see passes/common.py):
-    W__q4  uint32 [.., N, K // 8]   packed codes (layout mobilemoe.quant.INT4_LAYOUT; interleaved for
+Each weight parameter W [N, K] that a rewritten op reads is replaced by two parameters, recorded
+as transforms (replayed with mobilemoe.quant, see passes/common.py):
+    W__q4  uint32 [N, K // 8]       packed codes (layout mobilemoe.quant.INT4_LAYOUT; interleaved for
                                     a dot ISA's kernels when given one, mobilemoe.quant.interleave_int4)
-    W__s   float16 [.., N, K // 32] scales
+    W__s   float16 [N, K // 32]     scales
 Rewrites (x: activations, float32):
     R.matmul(x, R.permute_dims(W))          -> reshape . call_tir(int4_matmul, (x2d, W__q4, W__s))
-    call_tir(moe_gate_up, (x, ids, W13))    -> call_tir(moe_gemv, (x, ids, W13__q4, W13__s))
-    call_tir(moe_down_combine, (a, ids, w, W2))
-                                            -> call_tir(moe_gemv_weighted_sum, (a, ids, w, W2__q4, W2__s))
-    call_tir(moe_grouped_gate_up, (x, offsets, order, W13))            (prefill, moe_grouped.py)
-                                            -> call_tir(moe_grouped_gate_up_int4, (.., W13__q4, W13__s))
-    call_tir(moe_grouped_down_combine, (a, offsets, order, w, W2))
-                                            -> call_tir(moe_grouped_down_combine_int4, (.., W2__q4, W2__s))
     R.take(W, ids, axis=0)   (embedding)    -> call_tir(embedding_int4, (ids, W__q4, W__s))
-Parameters listed in the function's FLOAT_WEIGHTS (passes/common.py: the MoE router, listed by
-SparseMoEDispatch) and norms stay float. A weight whose K is not a multiple of 32 stays float.
+The routed experts are not this pass's: PackMoEExpertsInt4 packs them on the mobilemoe.moe call
+(by the op's roles) and SparseMoEDispatch emits their INT4 kernels. The shared expert, lowered by
+dispatch to R.matmul, is packed here with every other linear. Parameters listed in the function's
+FLOAT_WEIGHTS (passes/common.py: the MoE router, listed by SparseMoEDispatch) and norms stay float.
+A weight whose K is not a multiple of 32 stays float.
 The fp32 weight is never materialised: the kernels dequantize in the reduction.
 """
 from __future__ import annotations
@@ -24,52 +20,51 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tir_kernels import int4_matmul, moe_gemv, moe_gemv_weighted_sum
+from tir_kernels import int4_matmul
 from tir_kernels.embedding import embedding_int4
 from tir_kernels.int4_dot import DotISA, interleave_for, scales_interleave_for
-from tir_kernels.moe_grouped import ARGS_ATTR, moe_grouped_down_combine, moe_grouped_gate_up
 from mobilemoe.quant import GROUP_SIZE, NIBBLES_PER_WORD
 
 from .common import bindings, float_weights, is_op, rebuild, tensor_shape, weight_params
 
 
+def int4_params(w: relax.Var) -> tuple[relax.Var, relax.Var]:
+    """The (codes, scales) parameters that replace the float weight `w` [.., N, K]."""
+    *lead, n, k = tensor_shape(w)
+    return (relax.Var(w.name + "__q4", relax.TensorType([*lead, n, k // NIBBLES_PER_WORD], "uint32")),
+            relax.Var(w.name + "__s", relax.TensorType([*lead, n, k // GROUP_SIZE], "float16")))
+
+
+def int4_transforms(w: relax.Var, q: relax.Var, s: relax.Var, interleave: DotISA | None) -> list[dict]:
+    """The parameter transforms that make `q` and `s` of `w` (the codes interleaved for `interleave`'s
+    kernels when given: {"interleave": [rows, lanes]}, int4_dot.interleave_for, that compiler/params.py applies;
+    the scales too for row-lane ISAs, int4_dot.scales_interleave_for)."""
+    codes = {"out": q.name, "op": "int4_codes", "inputs": [w.name]}
+    scales = {"out": s.name, "op": "int4_scales", "inputs": [w.name]}
+    if interleave is not None:
+        codes["interleave"] = list(interleave_for(interleave, *tensor_shape(w)[-2:]))
+        layout = scales_interleave_for(interleave, *tensor_shape(w)[-2:])
+        if layout is not None:  # row-lane kernels (int4_rows.py) read a group's row scales as one vector
+            scales["interleave"] = list(layout)
+    return [codes, scales]
+
+
 def quantizable(param: relax.Var) -> bool:
     shape = tensor_shape(param)
-    return shape is not None and len(shape) in (2, 3) and shape[-1] % GROUP_SIZE == 0
-
-
-GROUPED_INT4 = {"moe_grouped_gate_up": moe_grouped_gate_up, "moe_grouped_down_combine": moe_grouped_down_combine}
-
-
-def _callee_name(call) -> str | None:
-    if is_op(call, "relax.call_tir") and isinstance(call.args[0], tvm.ir.GlobalVar):
-        return call.args[0].name_hint
-    return None
-
-
-def _grouped_kernel(mod: tvm.IRModule, call) -> str | None:
-    """The float grouped kernel a call_tir calls (its ``mobilemoe.kernel`` attr), else None."""
-    if not (is_op(call, "relax.call_tir") and isinstance(call.args[0], tvm.ir.GlobalVar)):
-        return None
-    attrs = mod[call.args[0]].attrs
-    kernel = str(attrs["mobilemoe.kernel"]) if attrs is not None and "mobilemoe.kernel" in attrs else None
-    return kernel if kernel in GROUPED_INT4 else None
+    return shape is not None and len(shape) == 2 and shape[-1] % GROUP_SIZE == 0
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.mod = mod
         self.func_bindings: dict = {}
         self.params: set = set()  # weight params that may become INT4 (not the function's FLOAT_WEIGHTS)
         self.quant: dict = {}  # float param -> (codes var, scales var)
 
     def _q(self, w: relax.Var):
         if w not in self.quant:
-            *lead, n, k = tensor_shape(w)
-            self.quant[w] = (relax.Var(w.name + "__q4", relax.TensorType([*lead, n, k // NIBBLES_PER_WORD], "uint32")),
-                             relax.Var(w.name + "__s", relax.TensorType([*lead, n, k // GROUP_SIZE], "float16")))
+            self.quant[w] = int4_params(w)
         return self.quant[w]
 
     def _param(self, e):
@@ -84,34 +79,12 @@ class _Rewriter(relax.PyExprMutator):
         if is_op(call, "relax.matmul"):
             pd = b.get(call.args[1])
             w = self._param(pd.args[0]) if is_op(pd, "relax.permute_dims") else None
-            if w is not None and len(tensor_shape(w)) == 2:
+            if w is not None:
                 return self._matmul(self.visit_expr(call.args[0]), w)
         if is_op(call, "relax.take") and int(call.attrs.axis) == 0:
             w = self._param(call.args[0])
-            if w is not None and len(tensor_shape(w)) == 2:
+            if w is not None:
                 return self._embedding(self.visit_expr(call.args[1]), w)
-        name = _callee_name(call)
-        if name and name.startswith(("moe_gate_up", "moe_down_combine")):
-            args = [self.visit_expr(a) for a in call.args[1].fields]
-            w = self._param(call.args[1].fields[-1])
-            if w is not None:
-                E, N, K = tensor_shape(w)
-                k = int(args[1].ty.shape.values[1])
-                idx = args[1].ty.dtype
-                q, s = self._q(w)
-                if name.startswith("moe_gate_up"):
-                    prim, kname = moe_gemv(E, N, K, k, index_dtype=idx), "moe_gemv_int4"
-                else:
-                    prim, kname = moe_gemv_weighted_sum(E, N, K, k, index_dtype=idx), "moe_gemv_weighted_sum_int4"
-                return self._tir(prim, kname, [*args[:-1], q, s], call.ty_args[0])
-        kernel = _grouped_kernel(self.mod, call)
-        if kernel is not None:
-            w = self._param(call.args[1].fields[-1])
-            if w is not None:
-                kargs = {key: int(v) for key, v in self.mod[call.args[0]].attrs[ARGS_ATTR].items()}
-                args = [self.visit_expr(a) for a in call.args[1].fields[:-1]]
-                prim = GROUPED_INT4[kernel](**kargs, weights="int4")
-                return self._tir(prim, kernel + "_int4", [*args, *self._q(w)], call.ty_args[0])
         return super().visit_call_(call)
 
     def _matmul(self, x, w):
@@ -144,20 +117,6 @@ class QuantizeInt4Weights:
     def __init__(self, interleave: DotISA | None = None):
         self.interleave = interleave
 
-    def _codes(self, q: relax.Var, w: relax.Var) -> dict:
-        rule = {"out": q.name, "op": "int4_codes", "inputs": [w.name]}
-        if self.interleave is not None:
-            n, k = tensor_shape(w)[-2:]
-            rule["interleave"] = list(interleave_for(self.interleave, n, k))
-        return rule
-
-    def _scales(self, s: relax.Var, w: relax.Var) -> dict:
-        rule = {"out": s.name, "op": "int4_scales", "inputs": [w.name]}
-        layout = scales_interleave_for(self.interleave, *tensor_shape(w)[-2:]) if self.interleave else None
-        if layout is not None:  # row-lane kernels read the rows' scales of a group as one vector
-            rule["interleave"] = list(layout)
-        return rule
-
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rw = _Rewriter(mod)
         updates = []
@@ -171,7 +130,7 @@ class QuantizeInt4Weights:
             replace, transforms = {}, []
             for w, (q, s) in rw.quant.items():
                 replace[w] = [q, s]
-                transforms += [self._codes(q, w), self._scales(s, w)]
+                transforms += int4_transforms(w, q, s, self.interleave)
             updates.append((gv, func, body, replace, transforms))
         out = rw.builder_.get()
         for gv, func, body, replace, transforms in updates:

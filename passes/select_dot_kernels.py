@@ -14,8 +14,8 @@ that reads INT4 codes is swapped for an interleaved form: the GEMVs for their do
 for int4_dot_gemm's M-tiled GEMM), the grouped prefill MoE GEMMs for int4_dot_gemm.moe_grouped_dot,
 the tied embedding for the same kernel with interleaved addressing. A
 kernel reading INT4 codes that has no interleaved form is an error (it would read the wrong words).
-QuantizeInt4Weights, given the same ISA, records the interleaving in each weight's int4_codes
-parameter transform, so the packed params match (compiler/params.py replays it).
+QuantizeInt4Weights and PackMoEExpertsInt4, given the same ISA, record the interleaving in each
+weight's int4_codes parameter transform, so the packed params match (compiler/params.py replays it).
 
 The swap keeps each call's signature: the same buffers in, the same outputs. It runs before the
 tuning database and the default schedules (compiler/pipeline.py), so a kernel with a dot form is

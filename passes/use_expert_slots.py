@@ -1,7 +1,7 @@
 """UseExpertSlots: routed experts read from a runtime-filled cache of S slots instead of resident weights.
 
-Runs after the graph phases (QuantizeInt4Weights done), for builds under a memory budget
-(compiler/residency.py). Before, per MoE layer l (INT4 kernels of SparseMoEDispatch):
+Runs after the graph phases, for builds under a memory budget (compiler/residency.py). Before, per
+MoE layer l (the INT4 kernels SparseMoEDispatch made of a PackMoEExpertsInt4-packed call):
     ids  = topk(...)[1]                                                   # [N, k] expert ids
     decode:  call_tir(moe_gemv_int4, (x, ids, W13__q4, W13__s))            # W* [E, ...] parameters
              call_tir(moe_gemv_weighted_sum_int4, (a, ids, w, W2__q4, W2__s))

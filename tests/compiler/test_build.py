@@ -108,7 +108,8 @@ def test_manifest_and_dump_ir(host_int4):
     assert b["routed_experts"] == 2 * 8 * 3 * 64 * 32 * 0.5625 * 2 / 8 and b["embedding_row"] == 36  # test-moe
     assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
     dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())
-    for name in ("FuseExpertGateUp", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps", "ScheduleInt4Kernels"):
+    for name in ("FuseExpertGateUp", "PackMoEExpertsInt4", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps",
+                 "ScheduleInt4Kernels"):
         assert any(name in d for d in dumps), name
     assert "pass_timing.txt" in dumps
 

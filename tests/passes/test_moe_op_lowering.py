@@ -51,22 +51,29 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("lowering", ["decompose", "fuse+dispatch"])
+@pytest.mark.parametrize("lowering", ["decompose", "fuse+dispatch", "pack+dispatch"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lowerings_equal_the_torch_op(variant, lowering):
-    """Both lowerings of the call (the dense reference, the sparse kernels) compute mobilemoe::moe,
-    for each routing variant, router bias included."""
+    """Every lowering of the call (the dense reference, the sparse kernels, float or on INT4 experts
+    packed on the call with gate and up apart) computes mobilemoe::moe, for each routing variant,
+    router bias included; INT4 against the op on the same dequantized expert weights."""
     import numpy as np
     import torch
 
+    from compiler.params import materialize
     from mobilemoe.moe_op import moe
+    from mobilemoe.quant import dequantize_int4, quantize_int4
+    from passes.common import get_transforms, weight_params
     from passes.decompose_moe import DecomposeMoE
     from passes.fuse_expert_gate_up import FuseExpertGateUp
+    from passes.pack_moe_experts_int4 import PackMoEExpertsInt4
     from passes.sparse_moe_dispatch import SparseMoEDispatch
 
     attrs = VARIANTS[variant]
     mod = moe_module(attrs)  # 3 tokens through the symbolic-n (prefill) form
-    mod = DecomposeMoE()(mod) if lowering == "decompose" else SparseMoEDispatch()(FuseExpertGateUp()(mod))
+    passes = {"decompose": [DecomposeMoE()], "fuse+dispatch": [FuseExpertGateUp(), SparseMoEDispatch()],
+              "pack+dispatch": [PackMoEExpertsInt4(), SparseMoEDispatch()]}[lowering]
+    mod = tvm.transform.Sequential(passes)(mod)
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target)),
                               tvm.cpu())
@@ -74,12 +81,11 @@ def test_lowerings_equal_the_torch_op(variant, lowering):
     params = {r: torch.randn([int(d) for d in v.ty.shape.values], generator=gen) * (0.3 if r != "router_bias" else 1)
               for r, v in moe_params(attrs).items()}
     x = torch.randn(3, H, generator=gen)
-    if lowering == "fuse+dispatch":  # the fused parameter, as compiler/params.py replays the transform
-        feed = {**params, "w13": torch.cat([params["w1"], params["w3"]], 1)}
-        order = dataclasses.replace(attrs, gate_up="fused").roles()[1:]
-    else:
-        feed, order = params, attrs.roles()[1:]
-    got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in (x, *(feed[r] for r in order))]).numpy()
+    names = [p.name for p in weight_params(mod["main"])]  # fused / packed: compiler/params.py replays the transforms
+    feed = materialize(names, get_transforms(mod["main"]), {f"p_{r}": t.numpy() for r, t in params.items()})
+    got = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(feed[n]) for n in names]).numpy()
+    if lowering == "pack+dispatch":  # the routed experts (separate gate and up, packed each) through INT4
+        params = {r: dequantize_int4(*quantize_int4(t)) if r in moe_op.ROUTED else t for r, t in params.items()}
     ref = moe(x, params["router_weight"], params.get("router_bias"), params["w1"], params["w3"], params["w2"],
               params.get("shared_w1"), params.get("shared_w3"), params.get("shared_w2"), params.get("shared_gate"),
               top_k=attrs.top_k, scoring=attrs.scoring, norm_topk_prob=attrs.norm_topk_prob)

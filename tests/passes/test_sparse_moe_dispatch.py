@@ -7,7 +7,7 @@ import torch
 import tvm
 from tvm import relax, tirx
 
-from tir_kernels import moe_float, moe_grouped
+from tir_kernels import moe_float, moe_gemv, moe_gemv_weighted_sum, moe_grouped
 from tir_kernels.moe_route import moe_route
 from passes import moe_op
 from passes.common import FLOAT_WEIGHTS
@@ -71,26 +71,53 @@ def expected_gemv(n, attrs=ATTRS):
     return bb.get()
 
 
-def expected_prefill():
-    n = tirx.Var("n", "int64")
+def _int4_params(n):
+    """x and the parameters of an experts="int4" call (PackMoEExpertsInt4's): (codes, scales) per routed weight."""
     x, p = _signature(n)
+    q = {role: (relax.Var(f"p_{role}__q4", relax.TensorType([8, rows, cols // 8], "uint32")),
+                relax.Var(f"p_{role}__s", relax.TensorType([8, rows, cols // 32], "float16")))
+         for role, rows, cols in (("w13", 2 * I, H), ("w2", H, I))}
+    return x, p["router_weight"], q
+
+
+def int4_call(n):
+    x, router, q = _int4_params(tirx.Var(n, "int64") if isinstance(n, str) else n)
     bb = relax.BlockBuilder()
-    with bb.function("main", [x, *p.values()], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
+    ops = {"x": x, "router_weight": router,
+           **{f"{r}_{part}": v for r in q for part, v in zip(("codes", "scales"), q[r])}}
+    with bb.function("main", [x, router, *q["w13"], *q["w2"]], attrs={"num_input": 1}):
         with bb.dataflow():
-            w, ids = _routing(bb, ATTRS, x, p["router_weight"])
+            y = bb.emit_output(moe_op.make(dataclasses.replace(ATTRS, experts="int4"), ops))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def expected_prefill(int4: bool = False):
+    """The grouped form (symbolic N): float kernels, or (int4) the *_int4 ones reading (codes, scales)."""
+    n = tirx.Var("n", "int64")
+    if int4:
+        x, router, q = _int4_params(n)
+        params, w13, w2, weights, sfx = [router, *q["w13"], *q["w2"]], q["w13"], q["w2"], "int4", "_int4"
+    else:
+        x, p = _signature(n)
+        router, params, w13, w2 = p["router_weight"], list(p.values()), [p["w13"]], [p["w2"]]
+        weights, sfx = "float32", ""
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *params], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
+        with bb.dataflow():
+            w, ids = _routing(bb, ATTRS, x, router)
             plan_gv = bb.add_func(moe_grouped.moe_route_plan(8, 2, "int64"), "moe_route_plan")
             plan = bb.emit(relax.call_tir(plan_gv, [ids], [relax.TensorType([9], "int32"),
                                                            relax.TensorType([n * 2], "int32")]))
             offsets, order = bb.emit(relax.TupleGetItem(plan, 0)), bb.emit(relax.TupleGetItem(plan, 1))
-            gate_up = bb.add_func(moe_grouped.moe_grouped_gate_up(8, 64, 64, 2, "float32"), "moe_grouped_gate_up")
-            gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, p["w13"]],
-                                        relax.TensorType([n * 2, 64], "float32")))
+            gate_up = bb.add_func(moe_grouped.moe_grouped_gate_up(8, 64, 64, 2, weights), "moe_grouped_gate_up" + sfx)
+            gu = bb.emit(relax.call_tir(gate_up, [x, offsets, order, *w13], relax.TensorType([n * 2, 64], "float32")))
             g = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[0], end=[32]))
             u = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[32], end=[64]))
             a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
-            down = bb.add_func(moe_grouped.moe_grouped_down_combine(8, 64, 32, 2, "float32"),
-                               "moe_grouped_down_combine")
-            out = bb.emit_output(relax.call_tir(down, [a, offsets, order, w, p["w2"]],
+            down = bb.add_func(moe_grouped.moe_grouped_down_combine(8, 64, 32, 2, weights),
+                               "moe_grouped_down_combine" + sfx)
+            out = bb.emit_output(relax.call_tir(down, [a, offsets, order, w, *w2],
                                                 relax.TensorType([n, 64], "float32")))
         bb.emit_func_output(out)
     return bb.get()
@@ -147,6 +174,29 @@ def test_fused_routing_prefill_feeds_the_grouped_kernels():
     text = SparseMoEDispatch(fused_routing=True)(Before)["main"].script()
     assert "call_tir(moe_route," in text and "R.topk" not in text and "R.nn.softmax" not in text
     assert "moe_route_plan" in text and "moe_grouped_gate_up" in text
+
+
+def test_before_expected_int4_experts_decode():
+    """experts="int4": the INT4 GEMVs read (codes, scales) of the k selected experts."""
+    x, router, q = _int4_params(1)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, router, *q["w13"], *q["w2"]], attrs={"num_input": 1, FLOAT_WEIGHTS: ROUTER}):
+        with bb.dataflow():
+            w, ids = _routing(bb, ATTRS, x, router)
+            gate_up = bb.add_func(moe_gemv(8, 2 * I, H, K, index_dtype="int64"), "moe_gemv_int4")
+            gu = bb.emit(relax.call_tir(gate_up, [x, ids, *q["w13"]], relax.TensorType([1, K, 2 * I], "float32")))
+            g = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[0], end=[I]))
+            u = bb.emit(relax.op.strided_slice(gu, axes=[2], begin=[I], end=[2 * I]))
+            a = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
+            down = bb.add_func(moe_gemv_weighted_sum(8, H, I, K, index_dtype="int64"), "moe_gemv_weighted_sum_int4")
+            out = bb.emit_output(relax.call_tir(down, [a, ids, w, *q["w2"]], relax.TensorType([1, H], "float32")))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(SparseMoEDispatch()(int4_call(1)), bb.get())
+
+
+def test_before_expected_int4_experts_prefill():
+    """experts="int4", symbolic N: the grouped INT4 GEMMs; the router stays float."""
+    tvm.ir.assert_structural_equal(SparseMoEDispatch()(int4_call("n")), expected_prefill(int4=True))
 
 
 def test_does_not_fire_on_dense_matmul():

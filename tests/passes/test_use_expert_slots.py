@@ -10,6 +10,7 @@ from mobilemoe.runtimes.expert_cache import ExpertCache
 from passes import moe_op
 from passes.common import get_transforms, is_op, weight_params
 from passes.fuse_expert_gate_up import FuseExpertGateUp
+from passes.pack_moe_experts_int4 import PackMoEExpertsInt4
 from passes.quantize_int4_weights import QuantizeInt4Weights
 from passes.sparse_moe_dispatch import SparseMoEDispatch
 from passes.use_expert_slots import CALLBACK, GEMV, GROUPED, UseExpertSlots
@@ -21,7 +22,8 @@ SLOTS = 3
 
 
 def int4_module(n):
-    seq = tvm.transform.Sequential([FuseExpertGateUp(), SparseMoEDispatch(), QuantizeInt4Weights()])
+    seq = tvm.transform.Sequential([FuseExpertGateUp(), PackMoEExpertsInt4(), SparseMoEDispatch(),
+                                    QuantizeInt4Weights()])
     return seq(moe_module(ATTRS, n))
 
 
