@@ -10,7 +10,8 @@ For each thread count (a fresh subprocess each: TVM's pool reads TVM_NUM_THREADS
                           torch.sum; the best is "measured bandwidth"
   fp32 peak               a register-blocked TVM FMA kernel (no memory traffic) and a 2048^3 torch
                           matmul; the best is the fp32 peak
-  int8 dot peak           a TVM kernel of vpdpbusd (avx512_vnni) / sdot (arm64 dotprod), if the CPU has it
+  int8 dot peak           a TVM kernel of vpdpbusd (avx512_vnni) / sdot (arm64 dotprod) / pmaddubsw added
+                          in int16 (AVX2 without VNNI: int4_rows.py's instruction), if the CPU has it
   the artifact            prefill and decode tok/s (compiler.bench.run: medians after a warm-up);
                           decode as generation runs: --decode-tokens steps in a row from each
                           context, the cache growing (compiler/generation.py), with its spread, the
@@ -24,7 +25,7 @@ and prints
   prefill  needed FLOPs (bench/common.py prefill_flops: mobilemoe.config's accounting, LM head for
            the last token only) x tok/s / tokens, as a fraction of the fp32 and int8-dot peaks; the
            goal (>= 50% at 512 tokens) is judged against the peak of the instruction set the
-           artifact's kernels use (manifest quantization.activations, else vpdpbusd/sdot in lib.so).
+           artifact's kernels use (manifest quantization.activations, else vpdpbusd/vpmaddubsw/sdot in lib.so).
 Peaks are the best of 5 runs; the artifact's numbers are medians. Each run's process CPU time /
 wall time shows whether it used the threads it was given (and whether others took the cores).
 """
@@ -103,26 +104,37 @@ def fma_kernel(par: int, lanes: int):
 DOT_ISAS = {  # flag -> (intrinsic, int32 lanes of the accumulator, int8 operand type, ops per instruction)
     "avx512_vnni": ("llvm.x86.avx512.vpdpbusd.512", 16, "int8x64", 2 * 64),
     "asimddp": ("llvm.aarch64.neon.sdot.v4i32.v16i8", 4, "int8x16", 2 * 16),
+    # no dot instruction: pmaddubsw (u8 x s8 pairs -> int16) added in int16, as int4_rows.py's kernels do
+    # (lanes here: int16 lanes of the accumulator)
+    "avx2": ("llvm.x86.avx2.pmadd.ub.sw", 16, "int8x32", 2 * 32),
 }
+ACC_DTYPE = {"avx2": "int16"}
 
 
 def dot_kernel(par: int, isa: str):
     """Like fma_kernel with the int8 dot-product instruction (u8 x s8 -> i32 on x86, s8 x s8 on arm64)."""
     intrin, lanes, operand, _ = DOT_ISAS[isa]
     width = lanes * REG_BLOCKS
+    acc_dtype = ACC_DTYPE.get(isa, "int32")
+    words = lanes * int(acc_dtype[3:]) // 32  # int32 words of one operand
+
+    def step(acc, a):
+        if acc_dtype == "int16":  # pmaddubsw, then an int16 add
+            return acc + T.call_llvm_pure_intrin(f"int16x{lanes}", intrin, a, a)
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", intrin, acc, a, a)
 
     @T.prim_func
-    def func(x: T.Buffer((par, width), "int32"), out: T.Buffer((par, width), "int32"), n: T.int32):
+    def func(x: T.Buffer((par, width), acc_dtype), out: T.Buffer((par, width), acc_dtype), n: T.int32):
         T.func_attr({"tirx.noalias": True})
         for p in T.parallel(par):
-            acc = T.alloc_buffer((width,), "int32", scope="local")
+            acc = T.alloc_buffer((width,), acc_dtype, scope="local")
+            xw = T.decl_buffer((par * width * int(acc_dtype[3:]) // 32,), "int32", data=x.data)
             for v in T.vectorized(width):
                 acc[v] = x[p, v]
-            a = T.reinterpret(x[p, T.ramp(0, 1, lanes)], dtype=operand)
+            a = T.reinterpret(xw[T.ramp(p * width * int(acc_dtype[3:]) // 32, 1, words)], dtype=operand)
             for _ in range(n):
                 for r in T.unroll(REG_BLOCKS):
-                    acc[T.ramp(r * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                        f"int32x{lanes}", intrin, acc[T.ramp(r * lanes, 1, lanes)], a, a)
+                    acc[T.ramp(r * lanes, 1, lanes)] = step(acc[T.ramp(r * lanes, 1, lanes)], a)
             for v in T.vectorized(width):
                 out[p, v] = acc[v]
     return func
@@ -160,7 +172,8 @@ def measure_peaks(threads: int, buffer_gib: float, flags: list[str]) -> dict:
     if isa:
         _, lanes, _, ops = DOT_ISAS[isa]
         kern = compile_kernel(dot_kernel(threads, isa))
-        buf = [tvm.runtime.tensor(np.ones((threads, lanes * REG_BLOCKS), "int32"), dev) for _ in range(2)]
+        buf = [tvm.runtime.tensor(np.ones((threads, lanes * REG_BLOCKS), ACC_DTYPE.get(isa, "int32")), dev)
+               for _ in range(2)]
         t, _ = measure.best_time(lambda: kern["main"](*buf, iters))
         out["int8_dot"], out["int8_dot_isa"] = threads * iters * REG_BLOCKS * ops / t, isa
     dot = f"{out['int8_dot'] / 1e9:.0f} GOP/s ({isa})" if isa else "n/a (no dot-product ISA)"
@@ -174,8 +187,9 @@ def measure_peaks(threads: int, buffer_gib: float, flags: list[str]) -> dict:
 def kernel_isa(artifact: Path, manifest: dict) -> dict:
     """Which instructions the artifact's kernels compute with: what the build recorded (manifest
     quantization.activations: "int8 ... dot products" or "float32"), else what `objdump -d lib.so`
-    shows (int8 dot if any vpdpbusd / sdot, else fp32 FMA). The instruction counts are reported either way."""
-    counts, err = {"vpdpbusd": 0, "sdot/udot": 0, "vfmadd*ps zmm": 0, "vfmadd*ps ymm": 0, "fmla": 0}, None
+    shows (int8 dot if any vpdpbusd / vpmaddubsw / sdot, else fp32 FMA). The instruction counts are reported either way."""
+    counts, err = {"vpdpbusd": 0, "vpmaddubsw": 0, "sdot/udot": 0, "vfmadd*ps zmm": 0, "vfmadd*ps ymm": 0,
+                   "fmla": 0}, None
     try:
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(artifact / "lib.so")], capture_output=True,
                              text=True, check=True).stdout
@@ -186,13 +200,15 @@ def kernel_isa(artifact: Path, manifest: dict) -> dict:
         op = parts[1] if len(parts) > 1 and parts[0].endswith(":") else ""
         if op.startswith("vpdpbus"):
             counts["vpdpbusd"] += 1
+        elif op == "vpmaddubsw":
+            counts["vpmaddubsw"] += 1
         elif op in ("sdot", "udot"):
             counts["sdot/udot"] += 1
         elif op.startswith("vfmadd") and op.endswith("ps"):
             counts["vfmadd*ps zmm" if "zmm" in line else "vfmadd*ps ymm"] += 1
         elif op == "fmla":
             counts["fmla"] += 1
-    seen = "int8-dot" if counts["vpdpbusd"] + counts["sdot/udot"] else "fp32-fma"
+    seen = "int8-dot" if counts["vpdpbusd"] + counts["vpmaddubsw"] + counts["sdot/udot"] else "fp32-fma"
     acts = (manifest.get("quantization") or {}).get("activations")
     if acts:
         isa = "int8-dot" if acts.startswith("int8") else "fp32-fma"
