@@ -15,6 +15,7 @@ server opens the cache there (expert_cache.serve, registered by `python -m mobil
 """
 from __future__ import annotations
 
+import itertools
 import json
 import weakref
 
@@ -24,11 +25,14 @@ from .rpc_session import elf_machine, remote_errors, upload_and_load
 from .tvm_local import TVMRuntime
 
 
+_UPLOADS = itertools.count()  # files uploaded by this process: unique names in a session's work dir
+
+
 class RemoteExpertCache:
     """The client's handle on an expert cache in an RPC server: its pools (remote tensors) and stats."""
 
     def __init__(self, session, artifact_dir, block: dict):
-        name = f"{artifact_dir.name}-{block['file']}"  # one session may open several artifacts
+        name = f"{next(_UPLOADS)}-{block['file']}"  # one session may open several artifacts
         try:
             functions = {f: session.get_function(REMOTE + f)
                          for f in ("open", "pool", "stats", "reset_stats", "close", "set_input")}
@@ -83,7 +87,7 @@ class RemoteRuntime(TVMRuntime):
 
     def _device_and_module(self):
         machine = elf_machine(self.manifest["target"]["tvm"].get("host") or self.manifest["target"]["tvm"])
-        module = upload_and_load(self.session, self.dir / LIB_NAME, machine)
+        module = upload_and_load(self.session, self.dir / LIB_NAME, machine, f"{next(_UPLOADS)}-{LIB_NAME}")
         return self.session.cpu(0), module
 
     def prefill(self, ids: list[int], kv=None):

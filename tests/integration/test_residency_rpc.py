@@ -3,8 +3,8 @@ RPC server (python -m mobilemoe.runtimes.rpc_server), where the graph's callback
 
 On this machine's loopback server: the same logits, tokens and cache statistics as the local runtime.
 On the emulated arm64 device: identical tokens (logits within 1e-5) to the fully resident arm64
-artifact at 100%, 50% and the minimum budget (slow: four arm64 builds, ~4 min on 2 idle cores, and
-the runs under qemu)."""
+artifact at 100%, 50% and the minimum budget (slow: four arm64 builds and the runs under qemu,
+4.2 min in all at load 4-7 on the 2-core machine)."""
 import gc
 
 import numpy as np
