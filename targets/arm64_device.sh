@@ -5,7 +5,9 @@
 #   host (x86_64) : the project venv (apache-tvm, compiler + RPC client) and a TVM RPC tracker on 127.0.0.1
 #   device        : Debian bookworm arm64 CPython 3.11 unpacked into a private sysroot (nothing is
 #                   installed into the system), aarch64 apache-tvm wheels (runtime only), running
-#                   `python -m tvm.exec.rpc_server` under qemu-user and registered with the tracker.
+#                   `python -m mobilemoe.runtimes.rpc_server` (TVM's rpc_server + the expert cache of
+#                   budgeted artifacts; run from $REPO, which the device's Python imports it from)
+#                   under qemu-user and registered with the tracker.
 #
 # Usage: targets/arm64_device.sh [options] COMMAND
 #   setup        install host tools (apt), build the arm64 sysroot + device site dir     (idempotent)
@@ -195,10 +197,10 @@ setup() {
 }
 
 # ---------------------------------------------------------------------------------- processes
-alive() {  # alive NAME: the PID in $RUN/NAME.pid runs one of our tvm.exec.rpc_* processes
+alive() {  # alive NAME: the PID in $RUN/NAME.pid runs one of our rpc_tracker / rpc_server processes
   local pid
   pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 1
-  [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "tvm.exec.rpc_"
+  [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qE "(tvm\.exec|mobilemoe\.runtimes)\.rpc_"
 }
 
 kill_tree() {  # SIGTERM a PID we started and all its descendants, SIGKILL what is left after 5 s
@@ -275,9 +277,11 @@ start_server() {
   stop_one server
   local sport=${SERVER_PORT:-$((tport + 1))}
   log "starting the arm64 rpc_server (qemu) key=$KEY, ports [$sport, $PORT_END)"
-  nohup "$ROOT/bin/python3-arm64" -m tvm.exec.rpc_server --tracker "$HOST:$tport" --key "$KEY" \
-    --host "$HOST" --port "$sport" --port-end "$PORT_END" \
-    --load-library "$ROOT/site/tvm/lib/libtvm_runtime_extra.so" > "$RUN/server.log" 2>&1 < /dev/null &
+  # from $REPO: `-m` puts it first on the device Python's path (the wrapper sets PYTHONPATH), and the
+  # server's worker, started the same way, inherits the working directory
+  (cd "$REPO" && exec nohup "$ROOT/bin/python3-arm64" -m mobilemoe.runtimes.rpc_server \
+    --tracker "$HOST:$tport" --key "$KEY" --host "$HOST" --port "$sport" --port-end "$PORT_END" \
+    --load-library "$ROOT/site/tvm/lib/libtvm_runtime_extra.so" > "$RUN/server.log" 2>&1 < /dev/null) &
   echo $! > "$RUN/server.pid"
   local free
   free=$(query free "$tport" "$START_TIMEOUT" "$RUN/server.pid") ||

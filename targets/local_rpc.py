@@ -7,7 +7,8 @@
 
 Same interface as targets.rpc_device.EmulatedArm64Device (tracker_host, tracker_port, key,
 start, kill_server, stop, request_session), without qemu: the server is this machine's Python
-running `python -m tvm.exec.rpc_server`, so host-target libraries load in it. Tests use it for the
+running `python -m mobilemoe.runtimes.rpc_server` (TVM's rpc_server with the expert cache of budgeted
+artifacts registered; started from the repository root), so host-target libraries load in it. Tests use it for the
 RPC paths of compiler.tuning and compiler.bench that do not depend on the device's architecture.
 Every process is started here in its own process group and ended by that group's id.
 """
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .rpc_device import LOOPBACK, DeviceError, TrackedDevice, pick_port_range, registered_servers
+from .rpc_device import LOOPBACK, REPO, DeviceError, TrackedDevice, pick_port_range, registered_servers
 
 DEFAULT_KEY = "x86-local"
 
@@ -48,7 +49,7 @@ class LocalRpcDevice(TrackedDevice):
         log = open(self.run_dir / f"{name}.log", "w")  # noqa: SIM115 - the child keeps it open
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
         log.close()
         self._procs[name] = proc
         return proc
@@ -100,7 +101,7 @@ class LocalRpcDevice(TrackedDevice):
             self._start_tracker()
         if self._alive("server"):
             return
-        self._spawn("server", ["tvm.exec.rpc_server", "--tracker", f"{LOOPBACK}:{self.tracker_port}",
+        self._spawn("server", ["mobilemoe.runtimes.rpc_server", "--tracker", f"{LOOPBACK}:{self.tracker_port}",
                                "--key", self.key, "--host", LOOPBACK,
                                "--port", str(self._base + self.port_span // 2),
                                "--port-end", str(self._base + self.port_span)])

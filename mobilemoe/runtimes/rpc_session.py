@@ -54,12 +54,14 @@ def elf_machine(target_json: dict) -> int:
     return _EM_AARCH64 if arch in ("aarch64", "arm64") else _EM_X86_64
 
 
-def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
+def upload_and_load(session, lib_path, machine: int = _EM_AARCH64, remote_name: str | None = None):
     """Upload a shared library linked for the device and load it there; returns the remote Module.
 
     The device has no compiler, so `lib_path` must be a .so exported with the cross toolchain
     (export_library(path, fcompile=get_target("linux-arm64").toolchain.fcompile())).
     `machine` is the device's ELF e_machine (default AArch64; elf_machine(target json)).
+    `remote_name` (default: the file's name) must differ between the libraries of one session:
+    uploading over a library the server has loaded rewrites mapped code (it crashes at the next load).
     """
     lib_path = Path(lib_path)
     if not lib_path.is_file():
@@ -75,5 +77,6 @@ def upload_and_load(session, lib_path, machine: int = _EM_AARCH64):
         raise ValueError(f"{lib_path}: ELF machine {_MACHINE_NAMES.get(found, found)}, expected {want} "
                          f"({machine}); build for the device's target (its mtriple and cross compiler)")
     with remote_errors(session, f"uploading/loading {lib_path.name}"):
-        session.upload(str(lib_path), lib_path.name)  # into the session's own temp dir on the device
-        return session.load_module(lib_path.name)
+        name = remote_name or lib_path.name
+        session.upload(str(lib_path), name)  # into the session's own temp dir on the device
+        return session.load_module(name)

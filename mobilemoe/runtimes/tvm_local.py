@@ -64,15 +64,18 @@ class TVMRuntime(Runtime):
     def _invoke(self, entry: str, args) -> list:
         return list(self._fn[entry](*args))
 
+    def _open_experts(self, block: dict):
+        """The expert cache of a budgeted artifact, in the process that runs its module."""
+        return ExpertCache(self.dir, block, self.device)
+
     # -- common
     def _open(self):
         self.device, module = self._device_and_module()
         self.lib = module  # the loaded library: its kernels, for time_evaluator (compiler/profile.py)
         self.vm = relax.VirtualMachine(module, self.device)
         tensors = self._load_params()
-        self.experts = None
-        if "experts" in self.manifest:
-            self.experts = ExpertCache(self.dir, self.manifest["experts"], self.device)
+        self.experts = self._open_experts(self.manifest["experts"]) if "experts" in self.manifest else None
+        if self.experts is not None:
             tensors.update(self.experts.pools)
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}

@@ -32,8 +32,8 @@ def _trace(rt, prompt, steps):
     return np.stack(out)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("experts", [ALL, ALL // 2, CFG.top_k], ids=["100%", "50%", "minimum"])
+@pytest.mark.parametrize("experts", [pytest.param(ALL, marks=pytest.mark.slow), ALL // 2,
+                                     pytest.param(CFG.top_k, marks=pytest.mark.slow)], ids=["100%", "50%", "minimum"])
 def test_identical_tokens_to_the_resident_artifact(ckpt, host_int4, tmp_path, experts):
     out = build(ckpt, "host", tmp_path / "budget", verbose=False, memory_budget_mb=budget_mb_for(CFG, experts))
     m = read_manifest(out)
@@ -103,9 +103,9 @@ def test_routing_statistics_round_trip_into_the_pinned_set(tmp_path):
 
 
 @pytest.mark.slow
-def test_arm64_build_with_dot_kernels_and_no_rpc(ckpt, tmp_path):
+def test_arm64_build_with_dot_kernels(ckpt, tmp_path):
     """The budgeted graph cross-compiles for arm64 (int8 dot-product expert kernels over the slots);
-    its expert cache runs in the local runtime only, so RPC refuses it with a clear error."""
+    tests/integration/test_residency_rpc.py runs such artifacts on the emulated arm64 device."""
     out = build(ckpt, "linux-arm64", tmp_path / "arm", verbose=False, memory_budget_mb=budget_mb_for(CFG, ALL // 2))
     m = read_manifest(out)
     assert "dot products" in m["quantization"]["activations"] and m["experts"]["slots"] == ALL // 2
@@ -113,5 +113,20 @@ def test_arm64_build_with_dot_kernels_and_no_rpc(ckpt, tmp_path):
     for e in ("decode", "prefill"):  # compiler.bench --profile: the kernels reading the pools are routed experts
         calls = {k: part for k, part, _ in m["entry_points"][e]["kernel_calls"] if "moe_g" in k}
         assert len(calls) == 2 and set(calls.values()) == {"routed experts"}, calls
-    with pytest.raises(ArtifactError, match="built with --memory-budget-mb; its expert cache runs in the local runtime"):
-        load_artifact(out, session=object())  # refused before the session is used
+
+
+def test_a_server_without_the_expert_cache_is_named(tmp_path):
+    """RPC: a server not started by mobilemoe.runtimes.rpc_server (a stock tvm.exec.rpc_server) has no
+    expert cache; opening a budgeted artifact there says so and how to start one that has."""
+    from mobilemoe.runtimes.tvm_rpc import RemoteExpertCache
+
+    class StockServer:
+        device_name = "device 'x' at 127.0.0.1:9"
+
+        def get_function(self, name):
+            raise AttributeError(f"Module has no function '{name}'")
+
+    with pytest.raises(ArtifactError, match=r"RPC server of device 'x' at 127.0.0.1:9 has no expert cache "
+                                            r"\(mobilemoe.expert_cache.open\): start it with `python -m "
+                                            r"mobilemoe.runtimes.rpc_server`"):
+        RemoteExpertCache(StockServer(), tmp_path, {"file": "experts.bin"})
