@@ -26,6 +26,7 @@ EXTRAS = {
     "test": [
         "pytest",
         "pytest-timeout",
+        "pytest-xdist>=3.6",  # make test: 2 workers, --dist loadfile (tests/conftest.py shares the builds)
         "import-linter",  # tests/test_layering.py: the package layering (.importlinter)
         "pyelftools",  # compiler.reproducible.differing_symbols: where two builds' lib.so differ
         "transformers>=4.46",  # parity: GraniteMoeShared / Llama open our checkpoints

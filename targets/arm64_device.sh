@@ -11,7 +11,9 @@
 #
 # Usage: targets/arm64_device.sh [options] COMMAND
 #   setup        install host tools (apt), build the arm64 sysroot + device site dir     (idempotent)
+#                into a temporary dir renamed into place when complete (atomic; one at a time)
 #   check        exit 0 when setup is complete, else say what is missing                  (no changes)
+#   root         print the state dir (the per-user cache entry for this venv's versions)
 #   start        start the tracker (if not running) and the device server (if not running);
 #                wait until the server is registered; prints TRACKER=host:port KEY=key
 #   stop         kill the server and the tracker started by `start` (by PID, whole tree)
@@ -19,7 +21,9 @@
 #   status       print the tracker address and the device's servers; exit 3 when none is registered
 #
 # Options (env var in brackets):
-#   --root DIR          state dir                 [ARM64_ROOT, default $REPO/.cache/arm64-device]
+#   --root DIR          state dir                 [ARM64_ROOT, default a per-user cache entry keyed
+#                       on what it holds: $MOBILEMOE_CACHE/arm64-device/KEY, MOBILEMOE_CACHE
+#                       defaulting to ~/.cache/mobilemoe; KEY hashes the .debs, Python and wheel versions]
 #   --run-dir DIR       pid/log/port files         [ARM64_RUN_DIR, default $ROOT/run]
 #   --key KEY           RPC key of the device      [ARM64_RPC_KEY, default arm64-qemu]
 #   --tracker-port N    first tracker port tried   [ARM64_TRACKER_PORT, default 9290]
@@ -32,7 +36,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
-ROOT="${ARM64_ROOT:-$REPO/.cache/arm64-device}"
+ROOT="${ARM64_ROOT:-}"  # empty: the cache entry of setup_key (resolved after the options)
 RUN="${ARM64_RUN_DIR:-}"
 KEY="${ARM64_RPC_KEY:-arm64-qemu}"
 TRACKER_PORT="${ARM64_TRACKER_PORT:-9290}"
@@ -53,6 +57,8 @@ ARM64_DEBS="libc6 libgcc-s1 gcc-12-base libstdc++6 libcrypt1 zlib1g libexpat1 li
   python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3.11"
 # python packages the device needs, pinned to the host venv's versions (RPC wants matching tvm/tvm-ffi)
 DEVICE_WHEELS="apache-tvm apache-tvm-ffi numpy ml_dtypes typing_extensions cloudpickle psutil"
+# bump when what `setup` writes changes: a new cache entry is built beside the old ones
+SETUP_FORMAT=2
 
 log() { printf '[arm64-device %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -68,6 +74,10 @@ host_versions() {  # "apache-tvm==X apache-tvm-ffi==Y ..." from the host venv
 import importlib.metadata as m, sys
 print(" ".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))
 EOF
+}
+
+setup_key() {  # what a set-up device holds, hashed: the cache entry's name
+  printf '%s\n' "$SETUP_FORMAT" "$PY_VER" $ARM64_DEBS "$(host_versions)" | sha256sum | cut -c1-16
 }
 
 check_host_python() {
@@ -153,7 +163,9 @@ precompile() {  # Debian ships no .pyc (postinst makes them); bytecode is the sa
   # so the host python compiles them. Under qemu this cuts `import tvm` from ~8 s to ~2 s.
   [ -f "$ROOT/.pyc-done" ] && return 0
   if "$VPY" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$PY_VER'.split('.'))))"; then
-    "$VPY" -m compileall -q -j 0 "$ROOT/sysroot/usr/lib/python$PY_VER" "$ROOT/site" >/dev/null 2>&1 || true
+    # tracebacks name the final paths, not the temporary dir they are compiled in
+    "$VPY" -m compileall -q -j 0 -s "$ROOT" -p "${FINAL_ROOT:-$ROOT}" "$ROOT/sysroot/usr/lib/python$PY_VER" \
+      "$ROOT/site" >/dev/null 2>&1 || true
   else
     log "host python is not $PY_VER: skipping .pyc precompilation (device imports will be slower)"
   fi
@@ -167,23 +179,36 @@ import os as _os, sys as _sys
 if _os.environ.get("ARM64_PY_WRAPPER"):
     _sys.executable = _os.environ["ARM64_PY_WRAPPER"]
 EOF
+  # paths relative to the wrapper itself: the state dir is built under another name, then renamed
   cat > "$ROOT/bin/python3-arm64" <<EOF
 #!/bin/sh
 # aarch64 CPython $PY_VER + TVM runtime, emulated by qemu-user (written by targets/arm64_device.sh)
-export QEMU_LD_PREFIX="$ROOT/sysroot" QEMU_CPU="\${QEMU_CPU:-neoverse-n1}"
-export PYTHONPATH="$ROOT/pyhook:$ROOT/site" PYTHONNOUSERSITE=1 TMPDIR="$ROOT/tmp"
-export ARM64_PY_WRAPPER="$ROOT/bin/python3-arm64" TVM_USE_RUNTIME_LIB=1
-exec "$(command -v qemu-aarch64-static)" "$ROOT/sysroot/usr/bin/python$PY_VER" "\$@"
+R=\$(cd "\$(dirname "\$0")/.." && pwd)
+export QEMU_LD_PREFIX="\$R/sysroot" QEMU_CPU="\${QEMU_CPU:-neoverse-n1}"
+export PYTHONPATH="\$R/pyhook:\$R/site" PYTHONNOUSERSITE=1 TMPDIR="\$R/tmp"
+export ARM64_PY_WRAPPER="\$R/bin/python3-arm64" TVM_USE_RUNTIME_LIB=1
+exec "$(command -v qemu-aarch64-static)" "\$R/sysroot/usr/bin/python$PY_VER" "\$@"
 EOF
   chmod +x "$ROOT/bin/python3-arm64"
 }
 
-setup() {
+setup() {  # built in $ROOT.partial-PID, renamed to $ROOT once it runs: never a half-built state dir
   local t0=$SECONDS
   check_host_python
   if check 2>/dev/null; then log "already set up ($ROOT)"; return 0; fi
-  mkdir -p "$ROOT"
+  mkdir -p "$(dirname "$ROOT")"
+  if command -v flock >/dev/null; then  # a concurrent setup of the same dir: wait for it, then reuse it
+    exec 9>"$ROOT.lock"
+    flock 9
+    if check 2>/dev/null; then log "set up meanwhile by another process ($ROOT)"; return 0; fi
+  fi
   install_host_tools
+  local final=$ROOT tmp="$ROOT.partial-$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  trap "rm -rf '$tmp'" EXIT
+  [ -f "$final/sysroot/.complete" ] && cp -a "$final/sysroot" "$tmp/"  # a stale dir: keep its .debs
+  ROOT=$tmp FINAL_ROOT=$final
   build_sysroot
   build_site
   precompile
@@ -193,7 +218,14 @@ setup() {
     die "the device python cannot import tvm (see above)"
   [ "${got%% *}" = aarch64 ] || die "device python reports machine '${got%% *}', expected aarch64"
   host_versions > "$ROOT/setup.stamp"
-  log "setup done in $((SECONDS - t0))s: device python $got; disk $(du -sh "$ROOT" | cut -f1)"
+  ROOT=$final
+  if [ -e "$ROOT" ]; then  # stale or incomplete: moved aside whole, then removed
+    mv "$ROOT" "$ROOT.stale-$$"
+    rm -rf "$ROOT.stale-$$"
+  fi
+  mv -T "$tmp" "$ROOT"
+  trap - EXIT
+  log "setup done in $((SECONDS - t0))s: device python $got; disk $(du -sh "$ROOT" | cut -f1) ($ROOT)"
 }
 
 # ---------------------------------------------------------------------------------- processes
@@ -330,15 +362,20 @@ while [ $# -gt 0 ]; do
     --port-end) PORT_END=$2; shift 2 ;;
     --timeout) START_TIMEOUT=$2; shift 2 ;;
     -h|--help) usage ;;
-    setup|check|start|stop|kill-server|status) [ -z "$CMD" ] || usage; CMD=$1; shift ;;
+    setup|check|root|start|stop|kill-server|status) [ -z "$CMD" ] || usage; CMD=$1; shift ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
+if [ -z "$ROOT" ]; then
+  check_host_python
+  ROOT="${MOBILEMOE_CACHE:-$HOME/.cache/mobilemoe}/arm64-device/$(setup_key)"
+fi
 RUN=${RUN:-$ROOT/run}
 PORT_END=${PORT_END:-$((TRACKER_PORT + 100))}
 case "$CMD" in
   setup) setup ;;
   check) check ;;
+  root) echo "$ROOT" ;;
   start) start ;;
   stop) stop_one server; stop_one tracker ;;
   kill-server) stop_one server ;;

@@ -48,8 +48,17 @@ class TrackerTimeout(DeviceError, TimeoutError):
 
 
 def state_dir() -> Path:
-    """Where targets/arm64_device.sh keeps the sysroot, device site dir, pid and log files."""
-    return Path(os.environ.get("ARM64_ROOT") or REPO / ".cache" / "arm64-device")
+    """Where targets/arm64_device.sh keeps the sysroot, device site dir, pid and log files: $ARM64_ROOT,
+    else a per-user cache entry named by what it holds (the script's `root`: ~/.cache/mobilemoe/
+    arm64-device/KEY, $MOBILEMOE_CACHE moving the base), so every clone of this machine shares one set-up."""
+    if os.environ.get("ARM64_ROOT"):
+        return Path(os.environ["ARM64_ROOT"])
+    env = dict(os.environ, HOST_TVM_PYTHON=os.environ.get("HOST_TVM_PYTHON", sys.executable))
+    proc = subprocess.run(["bash", str(SCRIPT), "root"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise DeviceError(f"`{SCRIPT.name} root` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return Path(proc.stdout.strip())
 
 
 # ------------------------------------------------------------------------------ tracker protocol

@@ -63,6 +63,9 @@ def save_tiny(model_type: str, out: Path, seed: int = 0) -> Path:
     return Path(out)
 
 
+# A chat template that only joins the contents: ids inside the tiny models' 512-token vocabulary
+CHATML = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
 # A ChatML-like template as instruct models ship, the assistant's turn marked for transformers'
 # return_assistant_tokens_mask ({% generation %}), ending at <|im_end|> (the tokenizer's eos_token).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }} "

@@ -20,7 +20,7 @@ from mobilemoe.checkpoint import load_checkpoint
 from mobilemoe.model import MoE
 from mobilemoe.quant import GROUP_SIZE, dequantize_int4, quantize_act_int8, quantize_int4, sqnr
 from mobilemoe.runtimes import load_artifact
-from tests.arch.hf_models import save_tiny
+from tests.arch.hf_models import CHATML, save_tiny
 from tests.compiler.test_build import real_text_ids, teacher_forced_logits, torch_step
 
 pytest.importorskip("transformers")
@@ -61,11 +61,9 @@ def int4_reference(ckpt, int8_activations: bool):
     return model
 
 
-def check_host_int4(model_type, tmp_path, chat_template: str | None = None):
-    ckpt = save_tiny(model_type, tmp_path / model_type)
-    if chat_template is not None:
-        (ckpt / "chat_template.jinja").write_text(chat_template)
-    art = build(ckpt, "host", tmp_path / "host", verbose=False)
+def check_host_int4(ckpt, art, tmp_path):
+    """The host INT4 artifact `art` of `ckpt` vs PyTorch running the same INT4 weights, then the ONNX fallback."""
+    model_type = ckpt.name
     int8 = read_manifest(art)["quantization"]["activations"].startswith("int8")
     model, rt = int4_reference(ckpt, int8), load_artifact(art)
     ids = real_text_ids(model.config.vocab_size)
@@ -92,17 +90,15 @@ def check_onnx(ckpt, tmp_path, tvm_logits, ids):
     assert np.abs(got - ref).max() <= 1e-4 and vs_tvm >= 0.99, vs_tvm
 
 
-CHATML = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # ids inside the tiny model's 512-token vocabulary
-
-
-def test_host_int4_qwen2_moe(tmp_path, capsys):
-    check_host_int4("qwen2_moe", tmp_path, chat_template=CHATML)
-    assert (tmp_path / "host" / "chat_template.jinja").read_text() == CHATML  # the artifact keeps its format
+def test_host_int4_qwen2_moe(qwen2_moe_ckpt, qwen2_moe_host, tmp_path, capsys):
+    """qwen2_moe_ckpt / qwen2_moe_host (tests/conftest.py): its checkpoint carries a chat template"""
+    check_host_int4(qwen2_moe_ckpt, qwen2_moe_host, tmp_path)
+    assert (qwen2_moe_host / "chat_template.jinja").read_text() == CHATML  # the artifact keeps its format
     capsys.readouterr()
-    run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4"])
+    run_main(["--artifact", str(qwen2_moe_host), "--prompt", "a", "--max-new-tokens", "4"])
     out = capsys.readouterr()
     assert out.out.startswith("a") and "tok/s" in out.err
-    run_main(["--artifact", str(tmp_path / "host"), "--prompt", "a", "--max-new-tokens", "4", "--chat"])
+    run_main(["--artifact", str(qwen2_moe_host), "--prompt", "a", "--max-new-tokens", "4", "--chat"])
     out = capsys.readouterr()
     assert out.out.startswith("a") and "tok/s" in out.err
 
@@ -110,12 +106,14 @@ def test_host_int4_qwen2_moe(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", SLOW)
 def test_host_int4_slow(tmp_path, model_type):
-    check_host_int4(model_type, tmp_path)
+    ckpt = save_tiny(model_type, tmp_path / model_type)
+    check_host_int4(ckpt, build(ckpt, "host", tmp_path / "host", verbose=False), tmp_path)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", pytest.param("olmoe", marks=pytest.mark.slow)])
-def test_android_arm64_links(tmp_path, model_type):
-    ckpt = save_tiny(model_type, tmp_path / model_type)
+def test_android_arm64_links(tmp_path, model_type, request):
+    ckpt = (request.getfixturevalue("qwen2_moe_ckpt") if model_type == "qwen2_moe"
+            else save_tiny(model_type, tmp_path / model_type))
     lib = build(ckpt, "android-arm64", tmp_path / "android", verbose=False) / "lib.so"
     r = subprocess.run(["readelf", "-h", str(lib)], capture_output=True, text=True, check=True)
     assert "AArch64" in r.stdout and "DYN (Shared object file)" in r.stdout

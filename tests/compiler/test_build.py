@@ -20,13 +20,14 @@ from targets import TargetError, get_target
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "heldout_sample.txt"
 
 
-# ckpt (the test-moe checkpoint) and host_int4 (its host artifact) come from conftest.py: shared
-# with test_onnx.py, which compares the ONNX Runtime artifact against the same TVM artifact.
+# ckpt (the test-moe checkpoint), host_int4 and android_arm64 (its artifacts) come from tests/conftest.py:
+# shared with test_onnx.py, which compares the ONNX Runtime artifact against the same TVM artifact,
+# and with the integration tests.
 
 
 @pytest.fixture(scope="module")
-def host_float(ckpt):
-    return build(ckpt, "host", ckpt.parent / "host-float", quant="none", verbose=False)
+def host_float(ckpt, tmp_path_factory):
+    return build(ckpt, "host", tmp_path_factory.mktemp("host-float") / "art", quant="none", verbose=False)
 
 
 def real_text_ids(vocab: int, n: int = 160) -> list[int]:
@@ -107,9 +108,9 @@ def test_manifest_and_dump_ir(host_int4):
     b = decode_bytes(shapes, cfg, ctx=100)
     assert b["routed_experts"] == 2 * 8 * 3 * 64 * 32 * 0.5625 * 2 / 8 and b["embedding_row"] == 36  # test-moe
     assert set(manifest["files"]) >= {"lib.so", "params.safetensors", "config.json"}
-    dumps = sorted(p.name for p in (host_int4.parent / "ir").iterdir())
-    for name in ("FuseExpertGateUp", "PackMoEExpertsInt4", "SparseMoEDispatch", "QuantizeInt4Weights", "LegalizeOps",
-                 "ScheduleInt4Kernels"):
+    dumps = sorted(p.name for p in Path(f"{host_int4}-ir").iterdir())
+    for name in ("FuseExpertGateUp", "PackMoEExpertsInt4", "SparseMoEDispatch", "FuseSiblingMatmuls",
+                 "QuantizeInt4Weights", "LegalizeOps", "ScheduleInt4Kernels"):
         assert any(name in d for d in dumps), name
     assert "pass_timing.txt" in dumps
 
@@ -124,8 +125,8 @@ def test_tampered_artifact_is_refused(host_int4, tmp_path):
         load_artifact(copy)
 
 
-def test_android_arm64_shared_object(ckpt):
-    out = build(ckpt, "android-arm64", ckpt.parent / "android", verbose=False)
+def test_android_arm64_shared_object(android_arm64):
+    out = android_arm64
     lib = out / "lib.so"
     r = subprocess.run(["readelf", "-h", "-d", "-S", str(lib)], capture_output=True, text=True, check=True)
     assert r.stderr == "", r.stderr  # readelf clean: no warnings
@@ -136,11 +137,11 @@ def test_android_arm64_shared_object(ckpt):
         load_artifact(out)
 
 
-def test_android_i8mm_build_runs_prefill_on_smmla(ckpt):
+def test_android_i8mm_build_runs_prefill_on_smmla(ckpt, android_arm64, tmp_path):
     from targets.arm64_isa import count_instructions
 
-    plain = count_instructions(build(ckpt, "android-arm64", ckpt.parent / "android", verbose=False) / "lib.so")
-    i8mm = count_instructions(build(ckpt, "android-arm64-i8mm", ckpt.parent / "android-i8mm", verbose=False) / "lib.so")
+    plain = count_instructions(android_arm64 / "lib.so")
+    i8mm = count_instructions(build(ckpt, "android-arm64-i8mm", tmp_path / "android-i8mm", verbose=False) / "lib.so")
     assert plain["smmla"] == 0 and plain["sdot"] > 0
     assert i8mm["smmla"] > 0 and i8mm["sdot"] > 0  # prefill tiles on smmla, decode GEMVs on sdot
 

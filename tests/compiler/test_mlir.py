@@ -22,9 +22,9 @@ from test_build import real_text_ids, teacher_forced_logits, torch_step  # noqa:
 
 
 @pytest.fixture(scope="module")
-def mlir_host(ckpt):
+def mlir_host(ckpt, tmp_path_factory):
     """The test-moe MLIR artifact with the host IREE module only (the arm64 compile is in a slow test)."""
-    return build(ckpt, "mlir", ckpt.parent / "mlir-host", iree_targets=("host",), verbose=False)
+    return build(ckpt, "mlir", tmp_path_factory.mktemp("mlir") / "mlir-host", iree_targets=("host",), verbose=False)
 
 
 def test_iree_matches_pytorch_on_real_text(ckpt, mlir_host):

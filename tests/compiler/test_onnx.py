@@ -26,15 +26,15 @@ from test_build import SAMPLE, real_text_ids, teacher_forced_logits, torch_step
 
 
 @pytest.fixture(scope="module")
-def onnx_default(ckpt):
+def onnx_default(ckpt, tmp_path_factory):
     """accuracy_level 0 (the default): ORT computes the INT4 matmuls in float32."""
-    return build(ckpt, "onnx", ckpt.parent / "onnx-default", verbose=False)
+    return build(ckpt, "onnx", tmp_path_factory.mktemp("onnx") / "onnx-default", verbose=False)
 
 
 @pytest.fixture(scope="module")
-def onnx_fast(ckpt):
+def onnx_fast(ckpt, tmp_path_factory):
     """accuracy_level 4: int8 activations."""
-    return build(ckpt, "onnx", ckpt.parent / "onnx-fast", verbose=False, ort_accuracy_level=4)
+    return build(ckpt, "onnx", tmp_path_factory.mktemp("onnx") / "onnx-fast", verbose=False, ort_accuracy_level=4)
 
 
 def int4_reference(ckpt):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from compiler.tuning import database as tdb
 
@@ -18,20 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode: a 512 x 64 INT4 GEMV
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from mobilemoe.checkpoint import save_checkpoint
-    from mobilemoe.config import MobileMoEConfig
-    from mobilemoe.model import MobileMoE
-    torch.manual_seed(0)
-    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), tmp_path_factory.mktemp("tune") / "ckpt")
+# ckpt: test-moe (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def session(ckpt):
+def session(ckpt, tmp_path_factory):
     from compiler.tuning.tune import tune
     from mobilemoe.checkpoint import load_checkpoint
-    db = ckpt.parent / "db"
+    db = tmp_path_factory.mktemp("tune") / "db"
     return db, tune(load_checkpoint(ckpt), "host", 3, db, only=TASK, per_iter=3, verbose=False)
 
 
@@ -85,9 +78,8 @@ def test_resume_after_sigkill_keeps_records_and_measures_only_the_rest(ckpt, tmp
 
 
 @pytest.fixture(scope="module")
-def untuned(ckpt):
-    from compiler.build import build
-    return build(ckpt, "host", ckpt.parent / "untuned", verbose=False)
+def untuned(host_int4):
+    return host_int4  # the session's host build of ckpt (tests/conftest.py)
 
 
 def _same_logits(a, b, prompts=([3, 14, 15, 92, 65, 35, 89, 79],)):
@@ -101,7 +93,7 @@ def _same_logits(a, b, prompts=([3, 14, 15, 92, 65, 35, 89, 79],)):
             np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
 
 
-def test_tuned_build_applies_database_with_same_numerics(ckpt, session, untuned, tmp_path):
+def test_tuned_build_applies_database_with_same_numerics(ckpt, session, tmp_path):
     from compiler.build import build
     from mobilemoe.runtimes import load_artifact
     db, _ = session

@@ -3,28 +3,21 @@ TVM RPC, and its logits match the host artifact built from the same checkpoint (
 test-moe, and a Qwen2-MoE checkpoint that transformers wrote (an imported architecture)."""
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.arm64
 
 
 @pytest.fixture(scope="module", params=["test-moe", "qwen2_moe"])
-def artifacts(tmp_path_factory, request):
-    from compiler.build import build
-    from mobilemoe.checkpoint import save_checkpoint
-    from mobilemoe.config import MobileMoEConfig
-    from mobilemoe.model import MobileMoE
-
-    root = tmp_path_factory.mktemp("arm64")
-    torch.manual_seed(0)
+def artifacts(request):
+    """(linux-arm64, host) artifacts of one checkpoint; the host ones and test-moe's linux-arm64 one are
+    the session's (tests/conftest.py)."""
     if request.param == "test-moe":
-        ckpt = save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), root / "ckpt")
-    else:
-        pytest.importorskip("transformers")
-        from tests.arch.hf_models import save_tiny
-        ckpt = save_tiny(request.param, root / "ckpt")
-    return (build(ckpt, "linux-arm64", root / "arm64", verbose=False),
-            build(ckpt, "host", root / "host", verbose=False))
+        return request.getfixturevalue("linux_arm64"), request.getfixturevalue("host_int4")
+    from compiler.build import build
+    ckpt = request.getfixturevalue("qwen2_moe_ckpt")
+    return (build(ckpt, "linux-arm64", request.getfixturevalue("tmp_path_factory").mktemp("arm64") / "art",
+                  verbose=False),
+            request.getfixturevalue("qwen2_moe_host"))
 
 
 def test_linux_arm64_artifact_matches_host(arm64_device, artifacts):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.rpc_device import DeviceError, remote_errors, request_session, upload_and_load
+from targets.rpc_device import DeviceError, remote_errors, request_session, state_dir, upload_and_load
 
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 D_IN, D_OUT = 64, 32
@@ -144,3 +144,14 @@ def test_unreachable_tracker_and_wrong_library_fail_fast(tmp_path):
         upload_and_load(object(), host_elf)
     with pytest.raises(FileNotFoundError):
         upload_and_load(object(), tmp_path / "missing.so")
+
+
+def test_state_dir_is_a_per_user_cache_entry_named_by_its_contents(monkeypatch, tmp_path):
+    """Set up once per user (not per clone): $MOBILEMOE_CACHE/arm64-device/KEY, KEY hashing the versions
+    it holds; $ARM64_ROOT names the dir itself."""
+    monkeypatch.delenv("ARM64_ROOT", raising=False)
+    monkeypatch.setenv("MOBILEMOE_CACHE", str(tmp_path))
+    d = state_dir()
+    assert d.parent == tmp_path / "arm64-device" and len(d.name) == 16 and not d.exists()
+    monkeypatch.setenv("ARM64_ROOT", str(tmp_path / "mine"))
+    assert state_dir() == tmp_path / "mine"

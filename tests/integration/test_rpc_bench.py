@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.arm64
 REPO = Path(__file__).resolve().parents[2]
@@ -15,18 +14,8 @@ TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode (512 x 64 I
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from mobilemoe.checkpoint import save_checkpoint
-    from mobilemoe.config import MobileMoEConfig
-    from mobilemoe.model import MobileMoE
-    torch.manual_seed(0)
-    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), tmp_path_factory.mktemp("rpc") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def artifact(ckpt):
-    from compiler.build import build
-    return build(ckpt, "linux-arm64", ckpt.parent / "arm64", verbose=False)
+def artifact(linux_arm64):
+    return linux_arm64  # test-moe's linux-arm64 artifact (tests/conftest.py), shared with test_arm64_artifact.py
 
 
 def test_tune_a_few_trials_on_the_device(arm64_device, ckpt, tmp_path):

@@ -14,21 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from compiler.tuning import database as tdb
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = r"^int4_matmul2\[tokens=1\]$"  # test-moe's LM head in decode: a 512 x 64 INT4 GEMV
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from mobilemoe.checkpoint import save_checkpoint
-    from mobilemoe.config import MobileMoEConfig
-    from mobilemoe.model import MobileMoE
-    torch.manual_seed(0)
-    return save_checkpoint(MobileMoE(MobileMoEConfig.from_name("test-moe")), tmp_path_factory.mktemp("x86") / "ckpt")
+# ckpt (test-moe) and host_int4 (its host artifact): tests/conftest.py
 
 
 def _tune(ckpt, db, device, trials: int, per_iter: int, *extra: str, log: Path) -> subprocess.Popen:
@@ -140,9 +131,8 @@ def test_server_gone_for_good_ends_tuning_with_a_clear_error(local_rpc, ckpt, tm
     assert 2 <= len(kept) < 8 and all(json.loads(line) for line in kept)  # whole records only
 
 
-def test_bench_and_logits_of_a_host_artifact_over_rpc(local_rpc, ckpt, tmp_path):
+def test_bench_and_logits_of_a_host_artifact_over_rpc(local_rpc, host_int4, tmp_path):
     from compiler.bench import run
-    from compiler.build import build
     from mobilemoe.runtimes.tvm_rpc import RemoteRuntime
     from mobilemoe.runtimes import load_artifact
 
@@ -153,7 +143,7 @@ def test_bench_and_logits_of_a_host_artifact_over_rpc(local_rpc, ckpt, tmp_path)
         np.testing.assert_allclose(r_logits, h_logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(remote.decode(7, r_kv)[0], here.decode(7, h_kv)[0], rtol=1e-5, atol=1e-5)
 
-    artifact = build(ckpt, "host", tmp_path / "host", verbose=False)
+    artifact = host_int4
     same_logits_as_here(artifact)
     gc.collect()  # the server is free again for the benchmark's own session
     res = run(artifact, local_rpc.rpc, prompts=(4, 12), contexts=(4,), decode_steps=2, repeats=2,
