@@ -119,8 +119,8 @@ def dot_kernel(par: int, isa: str):
     words = lanes * int(acc_dtype[3:]) // 32  # int32 words of one operand
 
     def step(acc, a):
-        if acc_dtype == "int16":  # pmaddubsw, then an int16 add
-            return acc + T.call_llvm_pure_intrin(f"int16x{lanes}", intrin, a, a)
+        if acc_dtype == "int16":  # pmaddubsw of the accumulator's bytes (a chain: nothing to hoist), an int16 add
+            return acc + T.call_llvm_pure_intrin(f"int16x{lanes}", intrin, T.reinterpret(acc, dtype=operand), a)
         return T.call_llvm_pure_intrin(f"int32x{lanes}", intrin, acc, a, a)
 
     @T.prim_func
