@@ -9,12 +9,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from tvm.target import Target, codegen
 
 from mobilemoe.artifact import ArtifactError, verify
 from compiler.build import build
 from compiler.build import main as build_main
 from compiler.backends.onnx import DATA_NAME, DEFAULT_ACCURACY_LEVEL
 from compiler.backends.onnx_graph import OPSETS, int4_ort
+from tir_kernels import int4_dot
 from mobilemoe.checkpoint import load_checkpoint, save_checkpoint
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.generate import DEFAULT_MODEL_DIR
@@ -96,21 +98,29 @@ def test_onnx_weights_are_the_tvm_artifacts_codes(onnx_default, host_int4):
     from compiler.backends.onnx_graph import interleave_rows
     tvm = load_file(str(host_int4 / "params.safetensors"))
 
-    def words(name):  # TVM param -> (ORT bytes [..., N, K / 2], float32 scales)
-        q, s = tvm[f"p_model_{name}__q4"], tvm[f"p_model_{name}__s"]
-        return int4_bytes(torch.from_numpy(q)).numpy(), s.astype(np.float32)
+    isa = int4_dot.dot_isa(Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}))
 
-    def cat(*names):
-        parts = [words(n) for n in names]
-        return np.concatenate([q for q, _ in parts]), np.concatenate([s for _, s in parts])
+    def row_major(a, layout):  # the inverse of mobilemoe.quant.interleave_int4
+        if layout is None:
+            return a
+        (rows, lanes), (*lead, n, w) = layout, a.shape
+        return a.reshape(*lead, n // rows, w // lanes, rows, lanes).swapaxes(-2, -3).reshape(*lead, n, w)
+
+    def words(name):  # TVM param (in the host dot kernels' order) -> (ORT bytes [..., N, K / 2], float32 scales)
+        q, s = tvm[f"p_model_{name}__q4"], tvm[f"p_model_{name}__s"]
+        n, k = q.shape[-2], q.shape[-1] * 8
+        if isa is not None:
+            q = row_major(q, int4_dot.interleave_for(isa, n, k))
+            s = row_major(s, int4_dot.scales_interleave_for(isa, n, k))
+        return int4_bytes(torch.from_numpy(np.ascontiguousarray(q))).numpy(), s.astype(np.float32)
+
     expected = {"lm_head.weight": words("lm_head_weight")}  # tied: the program's one table (embedding + LM head)
     for i in range(2):
         p, t = f"layers.{i}.", f"layers_{i}_"
-        expected["+".join(p + f"attn.{w}.weight" for w in ("wq", "wk", "wv"))] = cat(
-            *(f"{t}attn_{w}_weight" for w in ("wq", "wk", "wv")))
+        # TVM's q|k|v and shared gate|up are one weight each (passes/fuse_sibling_matmuls.py), like ORT's
+        expected["+".join(p + f"attn.{w}.weight" for w in ("wq", "wk", "wv"))] = words(f"{t}attn_wq_weight__siblings")
         expected[p + "attn.wo.weight"] = words(f"{t}attn_wo_weight")
-        expected[f"{p}moe.shared.w1.weight+{p}moe.shared.w3.weight"] = cat(f"{t}moe_shared_w1_weight",
-                                                                           f"{t}moe_shared_w3_weight")
+        expected[f"{p}moe.shared.w1.weight+{p}moe.shared.w3.weight"] = words(f"{t}moe_shared_w1_weight__siblings")
         expected[p + "moe.shared.w2.weight"] = words(f"{t}moe_shared_w2_weight")
         q13, s13 = words(f"{t}moe_w13")  # TVM: the w1 rows, then the w3 rows; QMoE: interleaved
         half = q13.shape[1] // 2
