@@ -17,19 +17,11 @@ from mobilemoe.config import MobileMoEConfig
 from mobilemoe.runtimes import load_artifact
 from safetensors.numpy import load_file
 from tests.eval_helpers import SAMPLE
+from tests.runtime_helpers import logits_trace
 
 CFG = MobileMoEConfig.from_name("test-moe")  # the compiler fixtures' checkpoint (conftest.ckpt)
 ALL = CFG.num_layers * CFG.num_experts
 
-
-def _trace(rt, prompt, steps):
-    """Logits of a prefill and `steps` decodes, each feeding the second-best token (varied text)."""
-    logits, kv = rt.prefill(prompt)
-    out = [logits.copy()]
-    for _ in range(steps):
-        logits, kv = rt.decode(int(np.argsort(logits)[-2]), kv)
-        out.append(logits.copy())
-    return np.stack(out)
 
 
 @pytest.mark.parametrize("experts", [pytest.param(ALL, marks=pytest.mark.slow), ALL // 2,
@@ -45,7 +37,7 @@ def test_identical_tokens_to_the_resident_artifact(ckpt, host_int4, tmp_path, ex
     assert not any("moe_w13" in n or "moe_w2" in n for n in params) and sum(a.nbytes for a in params.values()) == rest
     ref, rt = load_artifact(host_int4), load_artifact(out)
     prompt = list(range(5, 45))
-    want, got = _trace(ref, prompt, 12), _trace(rt, prompt, 12)
+    want, got = logits_trace(ref, prompt, 12), logits_trace(rt, prompt, 12)
     # the grouped prefill sums a token's experts in slot order, not expert order: rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert ref.generate(prompt, 16)[0] == rt.generate(prompt, 16)[0]

@@ -18,6 +18,7 @@ from mobilemoe.config import MobileMoEConfig
 from mobilemoe.model import MobileMoE
 from mobilemoe.runtimes import load_artifact
 from mobilemoe.runtimes.tvm_rpc import RemoteExpertCache, RemoteRuntime
+from tests.runtime_helpers import logits_trace
 
 CFG = MobileMoEConfig.from_name("test-moe")
 ALL = CFG.num_layers * CFG.num_experts
@@ -31,22 +32,14 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(MobileMoE(CFG), tmp_path_factory.mktemp("residency-rpc") / "ckpt")
 
 
-def _trace(rt, steps=10):
-    """Logits of a prefill and `steps` decodes, each feeding the second-best token (varied text)."""
-    logits, kv = rt.prefill(PROMPT)
-    out = [logits.copy()]
-    for _ in range(steps):
-        logits, kv = rt.decode(int(np.argsort(logits)[-2]), kv)
-        out.append(logits.copy())
-    return np.stack(out)
-
 
 def test_budgeted_artifact_over_rpc_runs_its_cache_in_the_server(local_rpc, ckpt):
     out = build(ckpt, "host", ckpt.parent / "host-50", verbose=False, memory_budget_mb=budget_mb_for(CFG, ALL // 2))
     here = load_artifact(out)
     remote = RemoteRuntime(local_rpc.request_session(timeout=60), out)
     assert isinstance(remote.experts, RemoteExpertCache) and remote.experts.max_tokens == here.experts.max_tokens
-    np.testing.assert_array_equal(_trace(remote), _trace(here))  # same kernels, same machine: bit for bit
+    # same kernels, same machine: bit for bit
+    np.testing.assert_array_equal(logits_trace(remote, PROMPT, 10), logits_trace(here, PROMPT, 10))
     assert remote.experts.stats() == here.experts.stats() and here.experts.stats()["misses"] > 0
     remote.experts.reset_stats()
     assert remote.generate(PROMPT, 12)[0] == here.generate(PROMPT, 12)[0]
@@ -64,11 +57,11 @@ def test_identical_tokens_on_the_arm64_device(arm64_device, ckpt):
                             memory_budget_mb=budget_mb_for(CFG, n)) for name, n in BUDGETS.items()}
     session = arm64_device.request_session(timeout=120)
     ref = RemoteRuntime(session, ref_dir)
-    want, want_tokens = _trace(ref), ref.generate(PROMPT, 12)[0]
+    want, want_tokens = logits_trace(ref, PROMPT, 10), ref.generate(PROMPT, 12)[0]
     for name, out in budgeted.items():
         rt = RemoteRuntime(session, out)
         # the grouped prefill sums a token's experts in slot order, not expert order: rounding only
-        np.testing.assert_allclose(_trace(rt), want, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(logits_trace(rt, PROMPT, 10), want, rtol=0, atol=1e-5, err_msg=name)
         assert rt.generate(PROMPT, 12)[0] == want_tokens, name
         s = rt.experts.stats()
         assert s["misses"] > 0 and s["slots"] == BUDGETS[name], (name, s)
