@@ -19,10 +19,12 @@ artifact was loaded, and the memory cgroup's peak charge. Modes:
            memory limit: what the limit makes it drop, it reads again from storage
 Memory limit: RLIMIT_RSS is not enforced by Linux and RLIMIT_AS counts address space, not residency,
 so each run goes into its own memory cgroup (v1, created under this process's own cgroup and removed
-after): the run moves in after its imports, so the limit, `budget + overhead`, charges what it
-allocates and the page cache it reads from then on; overhead (the KV cache, activations, the
-library, 1 MB of slack) is measured once by the fully resident artifact under no limit. Page cache read before the
-move (warm mode) is not charged: it stands in for storage. A run killed by the limit reads "OOM".
+after): the run moves in after its imports, so the limit, the budget + 1 MB of slack, charges what it
+allocates and the page cache it reads from then on. The budget is the model's whole memory (weights,
+expert cache, the runtime's reserve for KV cache, activations and code: compiler/residency.py), so
+the table's "RSS / budget" (the peak resident memory the run added over its imports, VmHWM - VmRSS
+before loading, over the budget) says whether the plan held. Page cache read before the move (warm
+mode) is not charged: it stands in for storage. A run killed by the limit reads "OOM".
 Writes OUT/residency.json and OUT/residency.png (decode tok/s vs budget).
 """
 from __future__ import annotations
@@ -82,6 +84,14 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
+def _into_page_cache(path: Path) -> None:
+    """Read `path` through one reused 1 MB buffer: its pages land in the page cache, not in this process."""
+    buf = bytearray(MB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 def _status(field: str) -> int:
     """A /proc/self/status memory field in bytes: VmRSS (now), VmHWM (peak of this program: unlike
     ru_maxrss, not inherited from the parent across fork + exec)."""
@@ -111,7 +121,7 @@ def child(a) -> None:
     ids = json.loads(a.ids)
     file = Path(a.weights) if a.mode == "mmap" else Path(a.artifact) / "experts.bin"
     if a.mode == "warm" and file.is_file():
-        file.read_bytes()  # into the page cache, charged outside the run's cgroup
+        _into_page_cache(file)  # charged outside the run's cgroup
     elif file.is_file():
         _evict(file)
     rss0 = _status("VmRSS")
@@ -242,16 +252,15 @@ def measure(a) -> None:
     src = {"preset": a.preset} if a.preset else {"checkpoint": a.checkpoint}
     resident = cached_artifact(a.work, f"{cfg.name}-host", "host", **src)
     weights = aligned_weights(resident)
-    log(f"{cfg.name}: resident artifact, no limit (measures the run's overhead)")
+    log(f"{cfg.name}: resident artifact, no limit")
     base = run(resident, "warm", ids, a, None)
     rest, one, layers = weight_bytes(cfg)
-    overhead = base["cgroup_peak"] - (rest + layers * cfg.num_experts * one)
     rows = []
     for label, n in budgets(cfg, a.budgets):
         mb = budget_mb_for(cfg, n)
         art = cached_artifact(a.work, f"{cfg.name}-host-e{n}", "host", **src,
                               extra_args=("--memory-budget-mb", f"{math.ceil(mb * 1e6) / 1e6:.6f}"))  # not below
-        limit = int(mb * MB) + max(overhead, 0) + MB
+        limit = int(mb * MB) + MB  # the budget holds the runtime too (compiler/residency.py); 1 MB of slack
         for mode in ("warm", "cold", "mmap"):
             log(f"{label} ({mb:.2f} MB, {n} experts): {mode}")
             r = run(resident if mode == "mmap" else art, mode, ids, a, limit, weights if mode == "mmap" else None)
@@ -261,16 +270,18 @@ def measure(a) -> None:
     table = [[r["budget"], f"{r['budget_mb']:.2f}", r["slots"], r["mode"],
               *([f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                  "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}", f"{r['peak_rss'] / MB:.0f}",
-                 f"{(r['peak_rss'] - r['rss0']) / MB:.1f}", f"{r['cgroup_peak'] / MB:.1f}"]
-                if "error" not in r else [r["error"]] * 6), f"{r['limit_mb']:.1f}"] for r in rows]
-    table.insert(0, ["resident", f"{(rest + layers * cfg.num_experts * one) / MB:.2f}", layers * cfg.num_experts,
+                 f"{(r['peak_rss'] - r['rss0']) / MB:.1f}",
+                 f"{(r['peak_rss'] - r['rss0']) / MB / r['budget_mb']:.2f}", f"{r['cgroup_peak'] / MB:.1f}"]
+                if "error" not in r else [r["error"]] * 7), f"{r['limit_mb']:.1f}"] for r in rows]
+    full = budget_mb_for(cfg, layers * cfg.num_experts)  # everything resident, with the same runtime reserve
+    table.insert(0, ["resident", f"{full:.2f}", layers * cfg.num_experts,
                      "-", f"{base['prefill_tok_s']:.0f}", f"{base['decode_tok_s']:.1f}", "-",
                      f"{base['peak_rss'] / MB:.0f}", f"{(base['peak_rss'] - base['rss0']) / MB:.1f}",
-                     f"{base['cgroup_peak'] / MB:.1f}", "none"])
+                     f"{(base['peak_rss'] - base['rss0']) / MB / full:.2f}", f"{base['cgroup_peak'] / MB:.1f}", "none"])
     print(f"\n{cfg.name}{' (random weights: near-uniform routing, the worst case)' if a.preset else ''}: "
           f"prompt {a.prompt_tokens}, decode {a.decode_tokens} tokens of {Path(a.text).name}; {conditions}")
     print(tabulate(table, headers=["budget", "MB", "slots", "mode", "prefill tok/s", "decode tok/s", "hit rate",
-                                   "peak RSS MB", "RSS over base MB", "cgroup peak MB", "limit MB"]))
+                                   "peak RSS MB", "RSS over base MB", "RSS / budget", "cgroup peak MB", "limit MB"]))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "residency.json").write_text(json.dumps({"model": cfg.name, "conditions": conditions,
                                                       "resident": base, "rows": rows}, indent=1) + "\n")

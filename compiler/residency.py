@@ -2,13 +2,18 @@
 
     plan = plan_residency(config, budget_mb, stats=None)   # ResidencyPlan, or BudgetError before any build
 
-The budget holds the weights: every non-expert weight stays resident (params.safetensors) and what
-is left holds S expert slots, one cache for all MoE layers (passes/use_expert_slots.py):
-    S = min(L * E, (budget - non-expert bytes) // one expert's bytes)
-A budget whose S is below top_k (one layer's chosen experts) cannot run a token and is refused,
-naming both sizes. Sizes are those of the INT4 artifact (mobilemoe.quant's layout: a [N, K] weight
-is N * K / 2 bytes of codes + N * K / 16 of fp16 scales; routers and norms stay float32), computed
-from the config before anything is built.
+The budget is the model's memory at run time, not only its weights: every non-expert weight stays
+resident (params.safetensors), the runtime reserve below is set aside, and what is left holds S
+expert slots, one cache for all MoE layers (passes/use_expert_slots.py):
+    S = min(L * E, (budget - non-expert bytes - runtime reserve) // one expert's bytes)
+Runtime reserve (runtime_bytes): the KV cache at the model's full context (a budgeted artifact's
+runtime allocates it at that capacity from the first prompt, so it never grows past the plan), the
+activations of one prefill chunk of PREFILL_CHUNK tokens against the full context (the runtime
+prefills longer prompts in such chunks) and RUNTIME_CODE_BYTES for the code the run maps (lib.so,
+the TVM runtime's pages, thread stacks). A budget whose S is below top_k (one layer's chosen
+experts) cannot run a token and is refused, naming the sizes. Sizes are those of the INT4 artifact
+(mobilemoe.quant's layout: a [N, K] weight is N * K / 2 bytes of codes + N * K / 16 of fp16 scales;
+routers and norms stay float32), computed from the config before anything is built.
 
 Resident set: with routing statistics (compiler/routing.py), the most used (layer, expert) pairs
 are pinned in the first slots (loaded when the runtime opens the artifact); the other slots are an
@@ -26,9 +31,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mobilemoe.checkpoint import shape_only_model
+from mobilemoe.kv_cache import capacity_for
 
 PAGE = 4096  # the expert file's record alignment (bytes)
 MB = 1 << 20
+PREFILL_CHUNK = 128  # tokens per prefill call of a budgeted artifact's runtime (bounds its activations)
+# measured on this x86 host (bench/residency.py, the bundled model, 2026-12-07): the resident set a run
+# adds beyond its tensors is 3.5-4.2 MB of mapped code (lib.so 1.4 MB, the TVM runtime's and numpy's
+# pages first touched by the run, thread stacks); 6 MB leaves room for a larger model's lib.so
+RUNTIME_CODE_BYTES = 6 * MB
 PIN_SHARE = 0.25  # of the slots, pinned from routing statistics when at least half the experts fit
 
 
@@ -66,17 +77,44 @@ class ResidencyPlan:
     top_k: int
     slots: int
     pinned: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert) in slots 0..len-1
+    runtime_bytes: int = 0  # the reserve: KV cache at kv_capacity, activations, code
+    kv_capacity: int = 0  # the runtime's KV cache capacity (tokens), allocated at once
+    prefill_chunk: int = PREFILL_CHUNK  # the runtime's longest prefill call (tokens)
 
     def manifest(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "nonexpert_bytes": self.nonexpert_bytes,
                 "expert_bytes": self.expert_bytes, "slots": self.slots, "top_k": self.top_k, "policy": "lru",
-                "pinned": [list(p) for p in self.pinned]}
+                "pinned": [list(p) for p in self.pinned], "runtime_bytes": self.runtime_bytes,
+                "kv_capacity": self.kv_capacity, "prefill_chunk": self.prefill_chunk}
+
+
+def kv_bytes(config) -> int:
+    """The float32 KV cache at the full context (mobilemoe/kv_cache.py's capacity), all layers."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * capacity_for(config.max_seq_len) * 4
+
+
+def activation_bytes(config, tokens: int = PREFILL_CHUNK) -> int:
+    """An upper estimate of one step's live float32 intermediates for `tokens` tokens against the
+    full context: the residual stream and its norm, q/k/v and the attention output, the scores and
+    their softmax, the MoE's router logits and its top-k experts' gate/up/activation (and the shared
+    expert's), the last position's logits."""
+    c, ctx = config, capacity_for(config.max_seq_len)
+    per_token = (4 * c.hidden_size + (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + 2 * c.num_heads * ctx + c.num_experts
+                 + 3 * max(c.top_k * c.expert_hidden, c.ffn_hidden) + 3 * c.shared_expert_hidden)
+    return 4 * (tokens * per_token + c.vocab_size)
+
+
+def runtime_bytes(config) -> int:
+    """The runtime reserve of a budget: KV cache, activations, code (the module docstring)."""
+    return kv_bytes(config) + activation_bytes(config) + RUNTIME_CODE_BYTES
 
 
 def budget_mb_for(config, experts: int) -> float:
-    """The budget (MB) holding the non-expert weights and `experts` experts (tests, bench/residency.py)."""
+    """The budget (MB) holding the non-expert weights, the runtime reserve and `experts` experts
+    (tests, bench/residency.py)."""
     rest, one, _ = weight_bytes(config)
-    return (rest + experts * one) / MB
+    return (rest + runtime_bytes(config) + experts * one) / MB
 
 
 def pinned_experts(stats: dict, slots: int, num_layers: int, num_experts: int, top_k: int) -> list[tuple[int, int]]:
@@ -98,11 +136,14 @@ def plan_residency(config, budget_mb: float, stats: dict | None = None) -> Resid
     if not config.is_moe:
         raise BudgetError(f"--memory-budget-mb: model '{config.name}' has no routed experts to leave out of memory")
     rest, one, layers = weight_bytes(config)
+    reserve = runtime_bytes(config)
     budget = int(budget_mb * MB)
     E, k = config.num_experts, config.top_k
-    slots = min(layers * E, max(0, budget - rest) // one)
+    slots = min(layers * E, max(0, budget - rest - reserve) // one)
     if slots < k:
-        raise BudgetError(f"--memory-budget-mb {budget_mb:g}: the non-expert weights take {rest / MB:.2f} MB and one "
-                          f"layer's top-{k} experts {k * one / MB:.2f} MB; a budget of at least "
-                          f"{(rest + k * one) / MB:.2f} MB is needed")
-    return ResidencyPlan(budget, rest, one, layers, E, k, int(slots), pinned_experts(stats, slots, layers, E, k))
+        raise BudgetError(f"--memory-budget-mb {budget_mb:g}: the non-expert weights take {rest / MB:.2f} MB, the "
+                          f"runtime (KV cache at {config.max_seq_len} tokens, activations, code) {reserve / MB:.2f} MB "
+                          f"and one layer's top-{k} experts {k * one / MB:.2f} MB; a budget of at least "
+                          f"{(rest + reserve + k * one) / MB:.2f} MB is needed")
+    return ResidencyPlan(budget, rest, one, layers, E, k, int(slots), pinned_experts(stats, slots, layers, E, k),
+                         reserve, capacity_for(config.max_seq_len), PREFILL_CHUNK)

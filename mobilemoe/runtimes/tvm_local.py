@@ -17,8 +17,10 @@ machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device (tvm_rpc.RemoteRuntime, `python -m compiler.bench --rpc-tracker ...`).
 
 A budgeted artifact (manifest "experts", `compiler.build --memory-budget-mb`) reads its routed experts
-from its expert file into an expert cache (expert_cache.py, `rt.experts`: hit statistics); a prompt
-longer than the cache can route at once is prefilled in chunks (ExpertCache.max_tokens).
+from its expert file into an expert cache (expert_cache.py, `rt.experts`: hit statistics) and keeps to
+its budget's plan (compiler/residency.py): its KV cache at the planned capacity from the first prompt,
+prompts prefilled in chunks of the planned length (or of what the cache can route at once, if fewer).
+Weights are read from params.safetensors straight into their tensors (params_file.py).
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ import os
 
 import numpy as np
 import tvm
-from safetensors import safe_open
 from tvm import relax
 
 from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
 from ..kv_cache import capacity_for
 from .base import LayerKV, Runtime, check_ids, kv_shape
 from .expert_cache import ExpertCache
+from .params_file import read_params
 
 
 class TVMRuntime(Runtime):
@@ -75,8 +77,15 @@ class TVMRuntime(Runtime):
         self.vm = relax.VirtualMachine(module, self.device)
         tensors = self._load_params()
         self.experts = self._open_experts(self.manifest["experts"]) if "experts" in self.manifest else None
+        self.prefill_chunk = None
         if self.experts is not None:
             tensors.update(self.experts.pools)
+            # the budget's plan (compiler/residency.py): the KV cache at its full capacity from the first
+            # prompt (never grown past the plan) and prompts in chunks that bound the activations
+            budget = self.manifest["experts"]
+            self.kv_capacity = self.kv_capacity or budget.get("kv_capacity") or None
+            self.prefill_chunk = min((x for x in (self.experts.max_tokens, budget.get("prefill_chunk")) if x),
+                                     default=None)
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}
         c = self.config
@@ -90,10 +99,9 @@ class TVMRuntime(Runtime):
         self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
 
     def _load_params(self) -> dict:
-        """name -> device tensor of every parameter in params.safetensors, read one at a time (peak:
-        the weights and one tensor, not the weights twice)."""
-        with safe_open(str(self.dir / PARAMS_NAME), "numpy") as f:
-            return {k: tvm.runtime.tensor(f.get_tensor(k), self.device) for k in f.keys()}
+        """name -> device tensor of every parameter in params.safetensors, each read from the file
+        into its own memory (params_file.py: loading holds the weights once)."""
+        return read_params(self.dir / PARAMS_NAME, self.device)
 
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
@@ -115,8 +123,8 @@ class TVMRuntime(Runtime):
     def prefill(self, ids: list[int], kv: LayerKV | None = None):
         """Run `ids` (after `kv`, if given); -> (last-position logits [V], kv)."""
         kv = self._empty_kv if kv is None else kv
-        chunk = self.experts.max_tokens if self.experts is not None else None
-        if chunk is not None and len(ids) > chunk:  # the expert cache cannot route them all at once
+        chunk = self.prefill_chunk
+        if chunk is not None and len(ids) > chunk:  # the budget's chunk, or what the expert cache routes at once
             for i in range(0, len(ids), chunk):
                 logits, kv = self.prefill(ids[i:i + chunk], kv)
             return logits, kv

@@ -4,13 +4,16 @@ Identical tokens to the fully resident artifact at 100%, 50% and the minimum bud
 prefills one token at a time: its cache holds one layer's top-k experts), refusals, and the
 routing statistics file driving the pinned set."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from compiler.build import BuildError, build
 from compiler.expert_file import EXPERTS_NAME
-from compiler.residency import BudgetError, budget_mb_for, plan_residency, weight_bytes
+from compiler.residency import BudgetError, budget_mb_for, plan_residency, runtime_bytes, weight_bytes
 from compiler.routing import load_stats, main as routing_main
 from mobilemoe.artifact import ArtifactError, read_manifest
 from mobilemoe.config import MobileMoEConfig
@@ -19,6 +22,7 @@ from safetensors.numpy import load_file
 from tests.eval_helpers import SAMPLE
 from tests.runtime_helpers import logits_trace
 
+ROOT = Path(__file__).resolve().parents[2]
 CFG = MobileMoEConfig.from_name("test-moe")  # the compiler fixtures' checkpoint (conftest.ckpt)
 ALL = CFG.num_layers * CFG.num_experts
 
@@ -48,12 +52,22 @@ def test_identical_tokens_to_the_resident_artifact(ckpt, host_int4, tmp_path, ex
         rt.experts.reset_stats()
         rt.generate(prompt, 8)
         assert rt.experts.stats()["misses"] == 0
+    # the budget holds the run: weights, expert cache, KV cache, activations, code (compiler/residency.py),
+    # measured in a fresh process as bench/residency.py does (peak resident memory over its imports)
+    run = subprocess.run([sys.executable, "-m", "bench.residency", "--child", "--artifact", str(out), "--mode", "warm",
+                          "--ids", json.dumps(list(range(5, 5 + 2 * 150))), "--prompt-tokens", "150",
+                          "--decode-tokens", "32", "--threads", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    fig = json.loads(run.stdout.splitlines()[-1])
+    assert fig["peak_rss"] - fig["rss0"] <= 1.1 * m["experts"]["budget_bytes"], (fig, m["experts"])
 
 
 def test_an_impossible_budget_is_refused_before_building(ckpt, tmp_path):
     rest, one, _ = weight_bytes(CFG)
-    too_small = (rest + one) / 2**20  # one expert: below top-2
-    with pytest.raises(BudgetError, match=rf"non-expert weights take {rest / 2**20:.2f} MB and one layer's "
+    reserve = runtime_bytes(CFG)
+    too_small = (rest + reserve + one) / 2**20  # one expert: below top-2
+    with pytest.raises(BudgetError, match=rf"non-expert weights take {rest / 2**20:.2f} MB, the runtime \(KV cache at "
+                                          rf"256 tokens, activations, code\) {reserve / 2**20:.2f} MB and one layer's "
                                           rf"top-2 experts {2 * one / 2**20:.2f} MB"):
         build(ckpt, "host", tmp_path / "x", verbose=False, memory_budget_mb=too_small)
     assert not (tmp_path / "x").exists()
