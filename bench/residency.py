@@ -16,7 +16,11 @@ artifact was loaded, and the memory cgroup's peak charge. Modes:
            (the cache's slots stay: the misses read storage)
     mmap   the baseline: the fully resident artifact's weights mmapped from one file (page aligned;
            not read up front), unmapped (madvise DONTNEED) and evicted the same way, under the same
-           memory limit: what the limit makes it drop, it reads again from storage
+           memory limit: what the limit makes it drop, it reads again from storage; it runs as the
+           budgeted artifact does (TVMRuntime.keep_to_budget: the KV cache at the planned context,
+           prompts in the same chunks), so only where the weights live differs
+Every budget plans for the context the timed run reaches (compiler.build --budget-context
+prompt + decode tokens).
 Memory limit: RLIMIT_RSS is not enforced by Linux and RLIMIT_AS counts address space, not residency,
 so each run goes into its own memory cgroup (v1, created under this process's own cgroup and removed
 after): the run moves in after its imports, so the limit, the budget + 1 MB of slack, charges what it
@@ -45,9 +49,10 @@ from tabulate import tabulate
 
 from bench.common import DEFAULT_WORK, ROOT, cached_artifact, log, model_config
 from bench.residency_policies import main as policies
-from compiler.residency import MB, budget_mb_for, weight_bytes
+from compiler.residency import MB, PREFILL_CHUNK, budget_mb_for, weight_bytes
 from mobilemoe.artifact import PARAMS_NAME, read_manifest
 from mobilemoe.generate import DEFAULT_MODEL_DIR
+from mobilemoe.kv_cache import capacity_for
 from mobilemoe.tokenizer import load_tokenizer
 
 DEFAULT_TEXT = ROOT / "tests" / "data" / "heldout_sample.txt"  # held out from the bundled model's training
@@ -129,6 +134,8 @@ def child(a) -> None:
         Path(a.cgroup, "cgroup.procs").write_text(str(os.getpid()))
     t0 = time.perf_counter()
     rt = (MmapRuntime if a.mode == "mmap" else TVMRuntime)(a.artifact, num_threads=a.threads)
+    if a.mode == "mmap":  # the same runtime discipline as the budgeted artifact: only the weights' residency differs
+        rt.keep_to_budget(capacity_for(a.prompt_tokens + a.decode_tokens), PREFILL_CHUNK)
     load_s = time.perf_counter() - t0
     prompt, warm = ids[:a.prompt_tokens], ids[a.prompt_tokens:2 * a.prompt_tokens]
     rt.generate(warm, a.decode_tokens // 2)  # fills the expert cache
@@ -256,10 +263,12 @@ def measure(a) -> None:
     base = run(resident, "warm", ids, a, None)
     rest, one, layers = weight_bytes(cfg)
     rows = []
+    context = a.prompt_tokens + a.decode_tokens  # what the timed run reaches; the budgets plan for it
     for label, n in budgets(cfg, a.budgets):
-        mb = budget_mb_for(cfg, n)
-        art = cached_artifact(a.work, f"{cfg.name}-host-e{n}", "host", **src,
-                              extra_args=("--memory-budget-mb", f"{math.ceil(mb * 1e6) / 1e6:.6f}"))  # not below
+        mb = budget_mb_for(cfg, n, context)
+        art = cached_artifact(a.work, f"{cfg.name}-host-e{n}-c{context}", "host", **src,
+                              extra_args=("--memory-budget-mb", f"{math.ceil(mb * 1e6) / 1e6:.6f}",  # not below
+                                          "--budget-context", str(context)))
         limit = int(mb * MB) + MB  # the budget holds the runtime too (compiler/residency.py); 1 MB of slack
         for mode in ("warm", "cold", "mmap"):
             log(f"{label} ({mb:.2f} MB, {n} experts): {mode}")
@@ -273,7 +282,7 @@ def measure(a) -> None:
                  f"{(r['peak_rss'] - r['rss0']) / MB:.1f}",
                  f"{(r['peak_rss'] - r['rss0']) / MB / r['budget_mb']:.2f}", f"{r['cgroup_peak'] / MB:.1f}"]
                 if "error" not in r else [r["error"]] * 7), f"{r['limit_mb']:.1f}"] for r in rows]
-    full = budget_mb_for(cfg, layers * cfg.num_experts)  # everything resident, with the same runtime reserve
+    full = budget_mb_for(cfg, layers * cfg.num_experts, context)  # everything resident, the same runtime reserve
     table.insert(0, ["resident", f"{full:.2f}", layers * cfg.num_experts,
                      "-", f"{base['prefill_tok_s']:.0f}", f"{base['decode_tok_s']:.1f}", "-",
                      f"{base['peak_rss'] / MB:.0f}", f"{(base['peak_rss'] - base['rss0']) / MB:.1f}",

@@ -12,7 +12,7 @@
                                   (default on GPU targets: the in-place kernels have CPU schedules only)
         [--preset NAME]           instead of a checkpoint: a preset's shapes with random weights
                                   (for speed measurements of paper-scale models)
-        [--memory-budget-mb N]    weights in at most N MB: non-expert weights resident, routed experts in a
+        [--memory-budget-mb N [--budget-context T]]    the run in at most N MB: non-expert weights resident, routed experts in a
                                   page-aligned expert file read on demand into a cache (compiler/residency.py;
                                   CPU TVM targets, INT4; refused when it cannot hold one layer's top-k experts)
         [--routing-stats FILE]    with a budget: compiler.routing's routing.json, to pin the most used experts
@@ -71,6 +71,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
           preset: str | None = None, fallback: str | None = None, ort_accuracy_level: int | None = None,
           kv_cache: str | None = None, iree_targets: tuple[str, ...] | None = None,
           external_data: bool | None = None, memory_budget_mb: float | None = None,
+          budget_context: int | None = None,
           routing_stats: Path | None = None) -> Path:
     """Build an artifact from a checkpoint, or (preset given) from a preset's shapes with random weights.
 
@@ -87,6 +88,8 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
         _check_budget_target(target_name, spec, fallback, quant)
     elif routing_stats is not None:
         raise BuildError("--routing-stats chooses the resident experts of a --memory-budget-mb build; give a budget")
+    elif budget_context is not None:
+        raise BuildError("--budget-context is the context a --memory-budget-mb build plans for; give a budget")
     weights = None
     if preset:
         model = shape_only_model(preset)
@@ -98,7 +101,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     residency = None
     if memory_budget_mb is not None:  # refused here, before anything is built, when it cannot run
         stats = load_stats(routing_stats) if routing_stats is not None else None
-        residency = plan_residency(model.config, memory_budget_mb, stats)
+        residency = plan_residency(model.config, memory_budget_mb, stats, budget_context)
     out = Path(out) if out else Path("dist") / f"{model.config.name}-{target_name}"
     options = BuildOptions(quant=quant, random_weights=preset is not None, weights=weights,
                            checkpoint_dir=Path(checkpoint) if checkpoint and not preset else None, verbose=verbose,
@@ -154,14 +157,19 @@ def main(argv=None):
     p.add_argument("--ort-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="ONNX artifact: MatMulNBits/QMoE compute, 0 = float32 (default), 4 = int8 activations")
     p.add_argument("--memory-budget-mb", type=float, default=None,
-                   help="weights in at most N MB: routed experts in an expert file, read on demand into a cache")
+                   help="the model's memory at run time in at most N MB (weights, KV cache, activations, code): "
+                        "routed experts in an expert file, read on demand into a cache")
+    p.add_argument("--budget-context", type=int, default=None,
+                   help="with --memory-budget-mb: the context (tokens) it plans the KV cache for (default: the "
+                        "model's max_seq_len; the runtime refuses to go past it)")
     p.add_argument("--routing-stats", type=Path, default=None,
                    help="with --memory-budget-mb: compiler.routing's routing.json, to pin the most used experts")
     a = p.parse_args(argv)
     try:
         build(None if a.preset else a.checkpoint, a.target, a.out, a.quant, a.dump_ir, a.tuning_db, preset=a.preset,
               fallback=a.fallback, ort_accuracy_level=a.ort_accuracy_level, kv_cache=a.kv_cache,
-              memory_budget_mb=a.memory_budget_mb, routing_stats=a.routing_stats)
+              memory_budget_mb=a.memory_budget_mb, routing_stats=a.routing_stats,
+              budget_context=a.budget_context)
     except (TargetError, CheckpointError, ImportError_, BuildError, OnnxExportError, MlirExportError, ArtifactError,
             TuningDBError, BudgetError, RoutingError) as e:
         sys.exit(f"error: {e}")

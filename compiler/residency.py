@@ -6,10 +6,12 @@ The budget is the model's memory at run time, not only its weights: every non-ex
 resident (params.safetensors), the runtime reserve below is set aside, and what is left holds S
 expert slots, one cache for all MoE layers (passes/use_expert_slots.py):
     S = min(L * E, (budget - non-expert bytes - runtime reserve) // one expert's bytes)
-Runtime reserve (runtime_bytes): the KV cache at the model's full context (a budgeted artifact's
-runtime allocates it at that capacity from the first prompt, so it never grows past the plan), the
-activations of one prefill chunk of PREFILL_CHUNK tokens against the full context (the runtime
-prefills longer prompts in such chunks) and RUNTIME_CODE_BYTES for the code the run maps (lib.so,
+Runtime reserve (runtime_bytes), for a context of `--budget-context` tokens (default: the model's
+max_seq_len; the runtime refuses to go past it): the KV cache at that capacity (a budgeted artifact's
+runtime allocates it at once, so it never grows past the plan) three times over (a prompt chunk reads
+a copy of the valid prefix and returns a new cache, copied into the buffers), the activations of one
+prefill chunk of PREFILL_CHUNK tokens against that context (the runtime prefills longer prompts in
+such chunks) and RUNTIME_CODE_BYTES for the code the run maps (lib.so,
 the TVM runtime's pages, thread stacks). A budget whose S is below top_k (one layer's chosen
 experts) cannot run a token and is refused, naming the sizes. Sizes are those of the INT4 artifact
 (mobilemoe.quant's layout: a [N, K] weight is N * K / 2 bytes of codes + N * K / 16 of fp16 scales;
@@ -88,33 +90,37 @@ class ResidencyPlan:
                 "kv_capacity": self.kv_capacity, "prefill_chunk": self.prefill_chunk}
 
 
-def kv_bytes(config) -> int:
-    """The float32 KV cache at the full context (mobilemoe/kv_cache.py's capacity), all layers."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * capacity_for(config.max_seq_len) * 4
+def kv_bytes(config, context: int | None = None) -> int:
+    """The float32 KV cache at `context` tokens (default: the full context) as the runtime allocates it
+    (mobilemoe/kv_cache.py's capacity), all layers."""
+    ctx = capacity_for(context or config.max_seq_len)
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * ctx * 4
 
 
-def activation_bytes(config, tokens: int = PREFILL_CHUNK) -> int:
+def activation_bytes(config, tokens: int = PREFILL_CHUNK, context: int | None = None) -> int:
     """An upper estimate of one step's live float32 intermediates for `tokens` tokens against the
     full context: the residual stream and its norm, q/k/v and the attention output, the scores and
     their softmax, the MoE's router logits and its top-k experts' gate/up/activation (and the shared
     expert's), the last position's logits."""
-    c, ctx = config, capacity_for(config.max_seq_len)
+    c, ctx = config, capacity_for(context or config.max_seq_len)
     per_token = (4 * c.hidden_size + (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                  + 2 * c.num_heads * ctx + c.num_experts
                  + 3 * max(c.top_k * c.expert_hidden, c.ffn_hidden) + 3 * c.shared_expert_hidden)
     return 4 * (tokens * per_token + c.vocab_size)
 
 
-def runtime_bytes(config) -> int:
-    """The runtime reserve of a budget: KV cache, activations, code (the module docstring)."""
-    return kv_bytes(config) + activation_bytes(config) + RUNTIME_CODE_BYTES
+def runtime_bytes(config, context: int | None = None) -> int:
+    """The runtime reserve of a budget planned for `context` tokens: the KV cache three times over (its
+    buffers, plus while a prompt chunk runs the copy of the valid prefix it reads and the cache it
+    returns, mobilemoe/runtimes/tvm_local.py), activations, code (the module docstring)."""
+    return 3 * kv_bytes(config, context) + activation_bytes(config, PREFILL_CHUNK, context) + RUNTIME_CODE_BYTES
 
 
-def budget_mb_for(config, experts: int) -> float:
-    """The budget (MB) holding the non-expert weights, the runtime reserve and `experts` experts
-    (tests, bench/residency.py)."""
+def budget_mb_for(config, experts: int, context: int | None = None) -> float:
+    """The budget (MB) holding the non-expert weights, the runtime reserve at `context` and `experts`
+    experts (tests, bench/residency.py)."""
     rest, one, _ = weight_bytes(config)
-    return (rest + runtime_bytes(config) + experts * one) / MB
+    return (rest + runtime_bytes(config, context) + experts * one) / MB
 
 
 def pinned_experts(stats: dict, slots: int, num_layers: int, num_experts: int, top_k: int) -> list[tuple[int, int]]:
@@ -131,19 +137,23 @@ def pinned_experts(stats: dict, slots: int, num_layers: int, num_experts: int, t
     return [(int(i) // num_experts, int(i) % num_experts) for i in order]
 
 
-def plan_residency(config, budget_mb: float, stats: dict | None = None) -> ResidencyPlan:
-    """The slots and pinned set of a budget (MB = 2**20 bytes); BudgetError when it cannot run."""
+def plan_residency(config, budget_mb: float, stats: dict | None = None, context: int | None = None) -> ResidencyPlan:
+    """The slots and pinned set of a budget (MB = 2**20 bytes) for runs of up to `context` tokens
+    (default: max_seq_len); BudgetError when it cannot run."""
     if not config.is_moe:
         raise BudgetError(f"--memory-budget-mb: model '{config.name}' has no routed experts to leave out of memory")
+    if context is not None and not 0 < context <= config.max_seq_len:
+        raise BudgetError(f"--budget-context {context}: expected 1 to the model's max_seq_len ({config.max_seq_len})")
+    context = context or config.max_seq_len
     rest, one, layers = weight_bytes(config)
-    reserve = runtime_bytes(config)
+    reserve = runtime_bytes(config, context)
     budget = int(budget_mb * MB)
     E, k = config.num_experts, config.top_k
     slots = min(layers * E, max(0, budget - rest - reserve) // one)
     if slots < k:
         raise BudgetError(f"--memory-budget-mb {budget_mb:g}: the non-expert weights take {rest / MB:.2f} MB, the "
-                          f"runtime (KV cache at {config.max_seq_len} tokens, activations, code) {reserve / MB:.2f} MB "
+                          f"runtime (KV cache at {context} tokens, activations, code) {reserve / MB:.2f} MB "
                           f"and one layer's top-{k} experts {k * one / MB:.2f} MB; a budget of at least "
                           f"{(rest + reserve + k * one) / MB:.2f} MB is needed")
     return ResidencyPlan(budget, rest, one, layers, E, k, int(slots), pinned_experts(stats, slots, layers, E, k),
-                         reserve, capacity_for(config.max_seq_len), PREFILL_CHUNK)
+                         reserve, capacity_for(context), PREFILL_CHUNK)

@@ -75,6 +75,26 @@ def test_an_impossible_budget_is_refused_before_building(ckpt, tmp_path):
     assert plan_residency(CFG, 10_000).slots == ALL  # never more slots than experts
 
 
+def test_the_runtime_keeps_to_the_planned_context(host_int4, ckpt, tmp_path):
+    """keep_to_budget (what a budgeted artifact's runtime does): chunked prompts give the same logits,
+    the KV cache stays at the planned capacity, and a step past it is refused, naming the option."""
+    ref, rt = load_artifact(host_int4), load_artifact(host_int4)
+    rt.keep_to_budget(64, 16)
+    prompt = list(range(5, 45))
+    want, kv = ref.prefill(prompt)
+    got, kv2 = rt.prefill(prompt)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert kv2.capacity == 64 and kv2.length == 40
+    with pytest.raises(ArtifactError, match=r"70 tokens of context, past the 64 its memory budget plans for "
+                                            r"\(rebuild with a larger compiler.build --budget-context\)"):
+        rt.prefill(list(range(30)), kv2)
+    with pytest.raises(BuildError, match="--budget-context is the context a --memory-budget-mb build plans for"):
+        build(ckpt, "host", tmp_path / "x", verbose=False, budget_context=64)
+    with pytest.raises(BudgetError, match=r"--budget-context 999: expected 1 to the model's max_seq_len \(256\)"):
+        plan_residency(CFG, 100, None, 999)
+    assert plan_residency(CFG, 100, None, 64).kv_capacity == 64
+
+
 def test_refused_for_targets_without_the_expert_cache(ckpt, tmp_path):
     with pytest.raises(BuildError, match="--memory-budget-mb: onnx keeps every expert"):
         build(ckpt, "onnx", tmp_path / "x", verbose=False, memory_budget_mb=100)
