@@ -3,7 +3,7 @@
 # train/scaling/grid.py), every run pre-training only, N of them at once, longest first, stopped (resumably)
 # at D seconds.
 #
-#   IN=/path/with/corpus.tar.xz OUT=... D=560 N=16 [GRID=corpus50m-long] [MPS=1] bash train/runs/issue17/gpu_law.sh
+#   IN=/path/with/corpus.tar.xz OUT=... D=560 N=16 [GRID=corpus50m-long] [ONLY=ID,ID,...] [MPS=1] bash train/runs/issue17/gpu_law.sh
 #
 # IN: corpus.tar.xz (corpus/{train,heldout}.jsonl), optionally whl/ (wheels for the device's Python) and
 # sweep.jsonl (runs already logged: skipped). W, the work dir (default runs/law: ignored, so a warm machine
@@ -43,7 +43,7 @@ echo "setup $(el)s"
 COPIER=$!
 python3 -m train.scaling sweep --grid "${GRID:-corpus50m}" --log "$W/sweep.jsonl" --work-dir "$W/runs" \
   --corpus "$W/corpus" --tokenizer train/runs/issue17/tokenizer-8192.json --workers "$N" --device "${DEV:-cuda}" \
-  --deadline $(( D - 25 - $(el) )) --order longest > "$OUT/sweep.log" 2>&1
+  --deadline $(( D - 25 - $(el) )) --order longest ${ONLY:+--only "$ONLY"} > "$OUT/sweep.log" 2>&1
 echo "sweep rc $? $(el)s"; kill $COPIER 2>/dev/null
 cp "$W/sweep.jsonl" "$OUT/sweep.jsonl"
 grep -v "it/s\]\|run/s\]" "$OUT/sweep.log" | tail -n 20
