@@ -15,7 +15,7 @@ from train.scaling.arch import budget, law_vars, make_config
 from train.scaling.design import DesignError, SearchSpace, design, write_design
 from train.scaling.law import (FORMS, PARAMS, LawError, coefficients, cross_validate, features, fit_params,
                                load_law, predict_log)
-from train.scaling.grid import GRIDS, SweepError, default_grid, load_grid, run_spec
+from train.scaling.grid import GRIDS, STEP_TOKENS, SweepError, default_grid, load_grid, run_spec
 from train.scaling.sweep import SweepOptions, append_log, read_log, run_sweep
 
 # A law with the shape the sweep found (granularity optimum near G = 8, sparsity and shared help).
@@ -198,6 +198,30 @@ def test_corpus50m_grid_has_three_token_counts_per_size_under_one_pass():
     assert max(totals) >= 60e6
 
 
+def test_corpus50m_long_grid_extends_corpus50m_to_identify_size_and_shape_terms():
+    old, grid = GRIDS["corpus50m"](), GRIDS["corpus50m-long"]()
+    by_id = {r["id"]: r for r in grid}
+    assert all(by_id[r["id"]] == r for r in old)  # the same specs: corpus50m's logged runs stay in the fit
+    tokens: dict = {}
+    for r in grid:
+        if {"size-dense", "size-moe"} & set(r["families"]):
+            tokens.setdefault(r["id"].rsplit("-t", 1)[0], set()).add(r["tokens"])
+    assert len(tokens) == 10  # dense and MoE at 5 widths, 128 to 512
+    # every size has >= 3 token counts of >= 3.1M, up to 12.6M or more (all but the 67M MoE: 25M or more)
+    assert all(len({t for t in ts if t >= 3e6}) >= 3 and max(ts) >= 12e6 for ts in tokens.values())
+    assert sorted(max(ts) for ts in tokens.values())[1] >= 25e6
+    assert max(r["tokens"] for r in grid) < 50.5e6  # about one pass of the whole training split
+    shapes = {(v["expansion"], v["granularity"], v["shared_frac"]) for v in map(_law_vars_of, grid)
+              if v["tokens"] > 12e6}
+    assert len(shapes) >= 7  # the reference MoE, dense, and the six shapes on 12.6M tokens
+    for r in grid:
+        assert r["tokens"] == run_spec(MobileMoEConfig.from_dict(r["model"]), r["tokens"] // STEP_TOKENS, "x")["tokens"]
+        assert r["train"] == run_spec(MobileMoEConfig.from_dict(r["model"]), r["tokens"] // STEP_TOKENS, "x")["train"]
+    with torch.device("meta"):
+        big = MobileMoE(MobileMoEConfig.from_dict(by_id["h512-l8-e16k2i256-s512-t12.58M"]["model"]))
+    assert sum(p.numel() for p in big.parameters()) >= 60e6
+
+
 def _law_vars_of(run: dict) -> dict:
     return law_vars(MobileMoEConfig.from_dict(run["model"]), run["tokens"])
 
@@ -226,6 +250,7 @@ def test_sweep_logs_resumes_and_refuses_changed_specs(tmp_path):
     recs = read_log(log)
     assert [r["id"] for r in recs] == res["done"]
     assert all(r["tokens"] == 128 and r["eval_loss"] > 0 and r["model"] in [g["model"] for g in grid] for r in recs)
+    assert all(r["epoch_tokens"] == recs[0]["epoch_tokens"] > 0 and r["epochs"] > 0 for r in recs)
     assert not (tmp_path / "work" / grid[0]["id"] / "checkpoint").exists()  # cleaned after logging
     # rerun: nothing trains; a line cut short by a kill is ignored
     with open(log, "a") as f:

@@ -19,6 +19,8 @@ results, faster for such small experts). First round, 2 passes (5.73M tokens):
     tokens       (256, 4) dense and reference MoE on 0.5, 1 and 4 passes; (128, 2) and (384, 6) MoE on 1
     seed         (256, 4) dense and reference MoE again with seed 1 (the noise floor)
 Grid "corpus50m": the refit on the larger corpus (corpus50m_grid).
+Grid "corpus50m-long": corpus50m and the longer runs that identify its size and shape terms
+(corpus50m_long_grid).
 Second round: every size / sparsity / granularity / shared config again on 4 passes (11.47M tokens),
 since 2 passes left the larger models far from converged.
 """
@@ -128,7 +130,42 @@ def corpus50m_grid(vocab: int = 8192) -> list[dict]:
     return merge_runs(runs)
 
 
-GRIDS = {"default": default_grid, "smoke": smoke_grid, "corpus50m": corpus50m_grid}
+def corpus50m_long_grid(vocab: int = 8192) -> list[dict]:
+    """corpus50m plus the runs that pin its size and shape terms (issue 17): corpus50m's runs were all
+    in their fast early descent (<= 6.3M tokens above width 256), so the loss was set by the tokens and
+    alpha, rho, gamma, sigma ran to their bounds. Same batch, LR rule and cosine-to-length schedule as
+    corpus50m, so its 28 runs (same ids, same specs) stay in the fit; run with the same tokenizer.
+        size    (384, 6) and (512, 8) dense and reference MoE also on 12.6M and 25.2M tokens (5 token
+                counts each, 1.6-25M), but the (512, 8) MoE (67M total) on 12.6M only (4 counts; on 25.2M
+                it alone would cost a fifth of the sweep); (256, 4) also on 50.3M; (128, 2) and (192, 3),
+                new, on 6.3M, 12.6M, 25.2M and 50.3M (the small models bend towards their size limit:
+                what pins E and alpha)
+        shape   the six (256, 4) MoE shapes of corpus50m again on 12.6M tokens (R 1.3 and 11, G 2 and
+                32, s 0 and 3/4; the reference shape has 12.6M already)
+    50.3M tokens is about one pass of the whole corpus' training split; where a sweep trains on part
+    of it, the log's epochs say how often a token was seen."""
+    runs = corpus50m_grid(vocab)
+    for steps in (768, 1536):
+        for h, n in ((384, 6), (512, 8)):
+            runs.append(run_spec(_dense(h, n, vocab), steps, "size-dense"))
+            if (h, steps) != (512, 1536):  # the 67M MoE on 25M tokens alone would cost a fifth of the sweep
+                runs.append(run_spec(_moe(h, n, vocab), steps, "size-moe"))
+    runs += [run_spec(_dense(256, 4, vocab), 3072, "size-dense"), run_spec(_moe(256, 4, vocab), 3072, "size-moe")]
+    for steps in (384, 768, 1536, 3072):
+        for h, n in ((128, 2), (192, 3)):
+            runs += [run_spec(_dense(h, n, vocab), steps, "size-dense"), run_spec(_moe(h, n, vocab), steps, "size-moe")]
+    runs += [{**r, "tokens": 768 * STEP_TOKENS, **_respec(r, 768)} for r in corpus50m_grid(vocab)
+             if r["tokens"] == 192 * STEP_TOKENS and not {"size-dense", "size-moe"} & set(r["families"])]
+    return merge_runs(runs)
+
+
+def _respec(run: dict, steps: int) -> dict:
+    """`run` (a spec of the default batch and LR rule) at another length: its id, tokens and train fields."""
+    return run_spec(MobileMoEConfig.from_dict(run["model"]), steps, run["families"][0])
+
+
+GRIDS = {"default": default_grid, "smoke": smoke_grid, "corpus50m": corpus50m_grid,
+         "corpus50m-long": corpus50m_long_grid}
 
 
 def merge_runs(runs: list[dict]) -> list[dict]:

@@ -87,6 +87,7 @@ def record_of(run: dict, summary: dict) -> dict:
             "train_loss": summary["train_loss"], **law_vars(cfg, summary["tokens"]),
             "params_total": cfg.total_params(), "int4_mb": round(b["int4_mb"], 3),
             "decode_gflops": round(b["decode_gflops"], 6), "steps": summary["steps"], "epochs": summary["epochs"],
+            "epoch_tokens": summary.get("target_tokens_per_epoch"),  # the training split trained on
             "wall_s": summary["wall_s"], "tok_s": summary["tok_s"],
             **{k: run[k] for k in SPEC_KEYS}}
 
