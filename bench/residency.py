@@ -243,7 +243,7 @@ def plot(rows: list[dict], resident: dict, path: Path, title: str) -> None:
             ax.plot(*zip(*sorted(pts)), style, label={"mmap": "plain mmap (cold, same limit)"}.get(mode, f"expert cache, {mode}"))
     if "decode_tok_s" in resident:
         ax.axhline(resident["decode_tok_s"], color="grey", lw=1, label="fully resident")
-    ax.set(xlabel="memory budget (MB of weights)", ylabel="decode tok/s")
+    ax.set(xlabel="memory budget (MB: weights, expert cache, runtime reserve)", ylabel="decode tok/s")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
