@@ -59,8 +59,10 @@ def _read_into(fd: int, buf: memoryview, offset: int, path: Path, name: str) -> 
         done += got
 
 
-def read_params(path, device) -> dict:
-    """name -> TVM tensor on `device` (this machine's CPU) of every tensor in the safetensors file."""
+def read_params(path, device, remote: bool = False) -> dict:
+    """name -> TVM tensor on `device` of every tensor in the safetensors file. `device` is this
+    machine's CPU, or with `remote` a device over TVM RPC: each tensor is then read into a tensor
+    here and copied over, one at a time (its memory is not this process's to write)."""
     path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -78,11 +80,11 @@ def read_params(path, device) -> dict:
             if hi - lo != nbytes or lo < 0 or start + hi > size:
                 raise ArtifactError(f"{path}: tensor '{name}' ({t['dtype']} {list(shape)}) has data_offsets "
                                     f"[{lo}, {hi}]: expected {nbytes} bytes inside the file's {size - start}")
-            tensor = tvm.runtime.empty(shape, dtype, device)
+            tensor = tvm.runtime.empty(shape, dtype, tvm.cpu() if remote else device)
             if nbytes:  # the tensor's own bytes (any dtype: numpy has no bfloat16 to view it through)
                 _read_into(fd, memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B"),
                            start + lo, path, name)
-            out[name] = tensor
+            out[name] = tensor.copyto(device) if remote else tensor
         return out
     finally:
         os.close(fd)

@@ -123,9 +123,13 @@ class TVMRuntime(Runtime):
         chunks of `prefill_chunk` tokens, each chunk's freed memory given back (_release_freed_memory)."""
         self.kv_capacity = self.planned_capacity = self.kv_capacity or kv_capacity or None
         self.prefill_chunk = prefill_chunk
-        release = _release_freed_memory()
+        release = self._freed_memory_release()
         # the young generations only: a step's cycles are young, and a full collection takes ~0.4 s here
         self._clear_pool = (lambda: (gc.collect(1), release())) if release is not None else (lambda: gc.collect(1))
+
+    def _freed_memory_release(self):
+        """What empties the pooled allocator of the VM that runs the steps (here: this process's)."""
+        return _release_freed_memory()
 
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""

@@ -19,8 +19,9 @@ import itertools
 import json
 import weakref
 
-from ..artifact import LIB_NAME, ArtifactError
+from ..artifact import LIB_NAME, PARAMS_NAME, ArtifactError
 from .expert_cache import REMOTE, max_tokens
+from .params_file import read_params
 from .rpc_session import elf_machine, remote_errors, upload_and_load
 from .tvm_local import TVMRuntime
 
@@ -89,6 +90,16 @@ class RemoteRuntime(TVMRuntime):
         machine = elf_machine(self.manifest["target"]["tvm"].get("host") or self.manifest["target"]["tvm"])
         module = upload_and_load(self.session, self.dir / LIB_NAME, machine, f"{next(_UPLOADS)}-{LIB_NAME}")
         return self.session.cpu(0), module
+
+    def _load_params(self) -> dict:
+        return read_params(self.dir / PARAMS_NAME, self.device, remote=True)
+
+    def _freed_memory_release(self):
+        """The server's VM pool (its glibc threshold stays as the server set it)."""
+        try:
+            return self.session.get_function("vm.builtin.memory_manager.clear")
+        except (AttributeError, RuntimeError):  # a server's runtime without it: nothing to clear there
+            return None
 
     def prefill(self, ids: list[int], kv=None):
         # the whole step, not only the VM call: copying a cache into its preallocated capacity (the
