@@ -38,10 +38,11 @@ from mobilemoe.kv_cache import capacity_for
 PAGE = 4096  # the expert file's record alignment (bytes)
 MB = 1 << 20
 PREFILL_CHUNK = 128  # tokens per prefill call of a budgeted artifact's runtime (bounds its activations)
-# measured on this x86 host (bench/residency.py, the bundled model, 2026-12-07): the resident set a run
-# adds beyond its tensors is 3.5-4.2 MB of mapped code (lib.so 1.4 MB, the TVM runtime's and numpy's
-# pages first touched by the run, thread stacks); 6 MB leaves room for a larger model's lib.so
-RUNTIME_CODE_BYTES = 6 * MB
+# measured on this x86 host (2026-12-07): the resident set a run adds beyond its tensors is 3.5-4.2 MB
+# (lib.so 1.4 MB, the TVM runtime's and numpy's pages first touched by the run, thread stacks) for the
+# bundled model in a warm checkout, but up to ~6.8 MB for the test model's first run in a fresh clone
+# (make test): 8 MB
+RUNTIME_CODE_BYTES = 8 * MB
 PIN_SHARE = 0.25  # of the slots, pinned from routing statistics when at least half the experts fit
 
 
