@@ -98,8 +98,8 @@ class TVMRuntime(Runtime):
         if self.experts is not None:
             tensors.update(self.experts.pools)
             budget = self.manifest["experts"]
-            self.keep_to_budget(budget.get("kv_capacity"), min((x for x in (self.experts.max_tokens,
-                                                                             budget.get("prefill_chunk")) if x), default=None))
+            chunks = [x for x in (self.experts.max_tokens, budget.get("prefill_chunk")) if x]
+            self.keep_to_budget(budget.get("kv_capacity"), min(chunks, default=None))
         self.params = {e: [tensors[n] for n in spec["params"]] for e, spec in self.manifest["entry_points"].items()}
         self._fn = {e: self.vm[e] for e in self.params}
         c = self.config
@@ -125,7 +125,7 @@ class TVMRuntime(Runtime):
         self.prefill_chunk = prefill_chunk
         release = self._freed_memory_release()
         # the young generations only: a step's cycles are young, and a full collection takes ~0.4 s here
-        self._clear_pool = (lambda: (gc.collect(1), release())) if release is not None else (lambda: gc.collect(1))
+        self._clear_pool = lambda: (gc.collect(1), release and release())
 
     def _freed_memory_release(self):
         """What empties the pooled allocator of the VM that runs the steps (here: this process's)."""
