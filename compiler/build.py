@@ -85,7 +85,7 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
     if tuning_db and spec is None:
         raise BuildError(f"--tuning-db: target '{target_name}' is not built by TVM; tuning applies to TVM targets")
     if memory_budget_mb is not None:
-        _check_budget_target(target_name, spec, fallback, quant)
+        _check_budget_target(target_name, spec, fallback, quant, kv_cache)
     elif routing_stats is not None:
         raise BuildError("--routing-stats chooses the resident experts of a --memory-budget-mb build; give a budget")
     elif budget_context is not None:
@@ -123,8 +123,9 @@ def build(checkpoint: Path | None, target_name: str, out: Path | None = None, qu
                                                                             fallback_from=fallback_from))
 
 
-def _check_budget_target(target_name: str, spec, fallback: str | None, quant: str) -> None:
-    """--memory-budget-mb applies to INT4 builds of CPU TVM targets (the expert cache is host memory)."""
+def _check_budget_target(target_name: str, spec, fallback: str | None, quant: str, kv_cache: str | None) -> None:
+    """--memory-budget-mb applies to INT4 builds of CPU TVM targets (the expert cache is host memory) with
+    the in-place KV cache (the budget holds the cache once: compiler/residency.py)."""
     if spec is None or fallback is not None:
         which = target_name if spec is None else f"--fallback {fallback}"
         raise BuildError(f"--memory-budget-mb: {which} keeps every expert in its graph's weights; expert residency "
@@ -135,6 +136,9 @@ def _check_budget_target(target_name: str, spec, fallback: str | None, quant: st
     if spec.strategy.name != "cpu":
         raise BuildError(f"--memory-budget-mb: target '{target_name}' lowers for {spec.strategy.name}; the expert "
                          f"cache fills host memory and runs on CPU targets only")
+    if kv_cache == "grow":
+        raise BuildError("--memory-budget-mb plans for the in-place KV cache (allocated once, written in place); "
+                         "--kv-cache grow copies the cache every step: drop it")
 
 
 def main(argv=None):

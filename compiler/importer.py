@@ -12,7 +12,10 @@ v_l [1, nkv, C, D] at a fixed capacity C, the token written at slot `position` b
 R.call_tir_inplace of tir_kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
 buffers), attention by its prefix_attention over slots 0..position (the custom ops of
 mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
-functional decode above (each step returns grown copies).
+functional decode above (each step returns grown copies). inplace_prefill=True (a budgeted artifact,
+compiler/residency.py) imports prefill in the in-place layout too: the S tokens written at their
+positions, each attending to slots 0..its position (prefix_attention with a symbolic token count), so
+a prompt chunk neither copies the valid prefix nor returns a new cache.
 
 Each MoE layer is one mobilemoe::moe op in the exported program (mobilemoe/moe_op.py) and one
 `mobilemoe.moe` call here (passes/moe_op.py): the routing variant as attributes, the layer's router,
@@ -68,25 +71,26 @@ def _decompose(ep):
     return ep.run_decompositions(table)
 
 
-def _shape(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape.values]
-
-
 def _kv_write(node, importer):
     """mobilemoe::kv_write -> R.call_tir_inplace(kv_write, (k, v, k_new, v_new, pos)): outputs alias k, v."""
     k, v, k_new, v_new, pos = importer.retrieve_args(node)
     _, nkv, d, _ = k.ty.shape.values
-    gv = importer.block_builder.add_func(kv_write(int(nkv), int(d), str(k.ty.dtype)), WRITE)
+    name = WRITE if isinstance(k_new.ty.shape.values[3], tvm.tirx.IntImm) else f"{WRITE}_tokens"  # prefill's: its own
+    gv = importer.block_builder.add_func(kv_write(int(nkv), int(d), str(k.ty.dtype)), name)
     return importer.block_builder.emit(relax.call_tir_inplace(gv, [k, v, k_new, v_new, pos], [0, 1], [k.ty, v.ty]))
 
 
 def _prefix_attention(node, importer):
-    """mobilemoe::prefix_attention (one decode token) -> R.call_tir(prefix_attention, (q, k, v, pos))."""
+    """mobilemoe::prefix_attention -> R.call_tir(prefix_attention, (q, k, v, pos)): decode's kernel for one
+    token, prefill's for a symbolic token count."""
     q, k, v, pos = importer.retrieve_args(node)
-    (_, nh, s, d), nkv = _shape(q), int(k.ty.shape.values[1])
-    if s != 1 or str(q.ty.dtype) != "float32":
-        raise ImportError_(f"prefix_attention: one float32 decode token expected, got q {q.ty}")
-    gv = importer.block_builder.add_func(prefix_attention(nkv, nh // nkv, d), ATTEND)
+    _, nh, s, d = q.ty.shape.values
+    static = isinstance(s, tvm.tirx.IntImm)
+    if str(q.ty.dtype) != "float32" or (static and int(s) != 1):
+        raise ImportError_(f"prefix_attention: float32 queries, one token or a symbolic count, expected; got q {q.ty}")
+    nkv = int(k.ty.shape.values[1])
+    kernel = prefix_attention(nkv, int(nh) // nkv, int(d), queries=1 if static else None)
+    gv = importer.block_builder.add_func(kernel, ATTEND if static else f"{ATTEND}_tokens")
     return importer.block_builder.emit(relax.call_tir(gv, [q, k, v, pos], out_ty=q.ty))
 
 
@@ -132,7 +136,7 @@ def _importer(with_weights: bool):
     return Importer()
 
 
-def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "inplace"):
+def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "inplace", inplace_prefill: bool = False):
     """-> (IRModule with `prefill` and `decode`, ordered param names, {name: np.ndarray}).
 
     with_weights=False imports the graph only (the values dict is empty): for shape-only builds with
@@ -140,11 +144,14 @@ def import_model(model: MobileMoE, with_weights: bool = True, kv_cache: str = "i
     """
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if inplace_prefill and kv_cache != "inplace":
+        raise ValueError("inplace_prefill needs kv_cache='inplace'")
     model = model.eval()
     funcs, kernels, names, values = {}, {}, None, None
     parts = json.dumps({tvm_param_name(n): part for n, part in model.weight_parts().items()})
     for entry in ENTRY_POINTS:
-        layout = "inplace" if entry == "decode" and kv_cache == "inplace" else "layers"
+        inplace = kv_cache == "inplace" and (entry == "decode" or inplace_prefill)
+        layout = "inplace" if inplace else "layers"
         ep = _decompose(export_entry(model, entry, cache=layout))
         _check_supported(ep, entry)
         importer = _importer(with_weights)

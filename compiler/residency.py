@@ -7,12 +7,12 @@ resident (params.safetensors), the runtime reserve below is set aside, and what 
 expert slots, one cache for all MoE layers (passes/use_expert_slots.py):
     S = min(L * E, (budget - non-expert bytes - runtime reserve) // one expert's bytes)
 Runtime reserve (runtime_bytes), for a context of `--budget-context` tokens (default: the model's
-max_seq_len; the runtime refuses to go past it): the KV cache at that capacity (a budgeted artifact's
-runtime allocates it at once, so it never grows past the plan) three times over (a prompt chunk reads
-a copy of the valid prefix and returns a new cache, copied into the buffers), the activations of one
-prefill chunk of PREFILL_CHUNK tokens against that context (the runtime prefills longer prompts in
-such chunks) and RUNTIME_CODE_BYTES for the code the run maps (lib.so,
-the TVM runtime's pages, thread stacks). A budget whose S is below top_k (one layer's chosen
+max_seq_len; the runtime refuses to go past it): the KV cache at that capacity, once (a budgeted
+artifact's runtime allocates it at once, so it never grows past the plan, and both its prefill and
+its decode write it in place: compiler/importer.py inplace_prefill), the activations of one prefill
+chunk of PREFILL_CHUNK tokens (the runtime prefills longer prompts in such chunks; the in-place
+attention keeps its scores on the stack, so they do not grow with the context) and
+RUNTIME_CODE_BYTES for the code the run maps (lib.so, the TVM runtime's pages, thread stacks). A budget whose S is below top_k (one layer's chosen
 experts) cannot run a token and is refused, naming the sizes. Sizes are those of the INT4 artifact
 (mobilemoe.quant's layout: a [N, K] weight is N * K / 2 bytes of codes + N * K / 16 of fp16 scales;
 routers and norms stay float32), computed from the config before anything is built.
@@ -98,23 +98,21 @@ def kv_bytes(config, context: int | None = None) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * ctx * 4
 
 
-def activation_bytes(config, tokens: int = PREFILL_CHUNK, context: int | None = None) -> int:
-    """An upper estimate of one step's live float32 intermediates for `tokens` tokens against the
-    full context: the residual stream and its norm, q/k/v and the attention output, the scores and
-    their softmax, the MoE's router logits and its top-k experts' gate/up/activation (and the shared
-    expert's), the last position's logits."""
-    c, ctx = config, capacity_for(context or config.max_seq_len)
-    per_token = (4 * c.hidden_size + (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                 + 2 * c.num_heads * ctx + c.num_experts
+def activation_bytes(config, tokens: int = PREFILL_CHUNK) -> int:
+    """An upper estimate of one step's live float32 intermediates for `tokens` tokens written into the
+    in-place cache: the residual stream and its norm, q/k/v and the attention output (the in-place
+    attention's scores live on the stack, per KV head and token), the MoE's router logits and its
+    top-k experts' gate/up/activation (and the shared expert's), the last position's logits."""
+    c = config
+    per_token = (4 * c.hidden_size + (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_experts
                  + 3 * max(c.top_k * c.expert_hidden, c.ffn_hidden) + 3 * c.shared_expert_hidden)
     return 4 * (tokens * per_token + c.vocab_size)
 
 
 def runtime_bytes(config, context: int | None = None) -> int:
-    """The runtime reserve of a budget planned for `context` tokens: the KV cache three times over (its
-    buffers, plus while a prompt chunk runs the copy of the valid prefix it reads and the cache it
-    returns, mobilemoe/runtimes/tvm_local.py), activations, code (the module docstring)."""
-    return 3 * kv_bytes(config, context) + activation_bytes(config, PREFILL_CHUNK, context) + RUNTIME_CODE_BYTES
+    """The runtime reserve of a budget planned for `context` tokens: the KV cache (written in place by
+    prefill and decode), one prompt chunk's activations, code (the module docstring)."""
+    return kv_bytes(config, context) + activation_bytes(config, PREFILL_CHUNK) + RUNTIME_CODE_BYTES
 
 
 def budget_mb_for(config, experts: int, context: int | None = None) -> float:

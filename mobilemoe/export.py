@@ -11,10 +11,11 @@ cache="layers" (the TVM artifact): the cache is 2L inputs and 2L outputs, one pe
 
 cache="stacked" (the MLIR export): one kv input [L, 2, 1, nkv, P, D] and one kv output [L, 2, 1, nkv, P+S, D].
 
-cache="inplace" (decode only; the TVM artifact's decode by default): the same 2L caches at a fixed
-capacity C (Dim "capacity"), k_l [1, nkv, D, C], v_l [1, nkv, C, D]; the token is written at slot
-`position` and attends to slots 0..position (mobilemoe/kv_cache.py's custom ops, which the importer
-maps onto in-place kernels); the outputs are the written caches (in the artifact: the same buffers).
+cache="inplace" (the TVM artifact's decode by default; its prefill too under a memory budget): the
+same 2L caches at a fixed capacity C (Dim "capacity"), k_l [1, nkv, D, C], v_l [1, nkv, C, D]; each
+token is written at slot `position` and attends to slots 0..position (mobilemoe/kv_cache.py's custom
+ops, which the importer maps onto in-place kernels); the outputs are the written caches (in the
+artifact: the same buffers).
 
 logits are those of the last position (what generation needs). S is a named dynamic dim ("seq"),
 the cache length P is one unbounded Dim("past") shared by the per-layer inputs (Dim.DYNAMIC for the
@@ -82,8 +83,6 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
         raise ValueError(f"entry point must be 'prefill' or 'decode', got {kind!r}")
     if cache not in CACHE_LAYOUTS:
         raise ValueError(f"cache layout must be one of {CACHE_LAYOUTS}, got {cache!r}")
-    if cache == "inplace" and kind != "decode":
-        raise ValueError("the in-place cache layout is exported for decode only")
     was = [layer.moe.impl for layer in model.layers if layer.moe is not None]
     model.set_moe_impl("op")
     for layer in model.layers:
@@ -93,10 +92,10 @@ def export_entry(model: MobileMoE, kind: str, cache: str = "layers") -> Exported
         # its own symbol, which TVM cannot prove equal to the mask's)
         p = {"layers": Dim("past"), "inplace": Dim("capacity"), "stacked": Dim.DYNAMIC}[cache]
         seq, c = (5 if kind == "prefill" else 1), model.config
-        # in place: a capacity of two blocks, the token at slot 3
+        # in place: a capacity of two blocks, the tokens from slot 3
         args = example_inputs(model, seq=seq, past=2 * BLOCK if cache == "inplace" else 3, cache=cache)
         if cache == "inplace":
-            args = (args[0], torch.full_like(args[1], 3), args[2])
+            args = (args[0], torch.arange(3, 3 + seq)[None], args[2])
         kv = [{3: p}, {2: p}] * c.num_layers if cache != "stacked" else {4: p}
         s = Dim("seq", min=2, max=model.config.max_seq_len) if kind == "prefill" else None
         shapes = {"tokens": s and {1: s}, "positions": s and {1: s}, ("kv" if cache == "stacked" else "cache"): kv}

@@ -2,9 +2,11 @@
 
     kv_write(k [1, nkv, D, C], v [1, nkv, C, D], k_new [1, nkv, D, S], v_new [1, nkv, S, D], pos [1, S])
         writes k_new / v_new at slots pos of k / v, in place (R.call_tir_inplace: outputs = k, v)
-    prefix_attention(q [1, nh, 1, D], k, v, pos [1, 1]) -> out [1, nh, 1, D]
-        decode attention of one token at position p over cache slots 0..p (grouped-query: the
-        nh / nkv query heads of a KV head together), reading only those slots
+    prefix_attention(q [1, nh, S, D], k, v, pos [1, S]) -> out [1, nh, S, D]
+        attention of each token s at position pos[s] over cache slots 0..pos[s] (grouped-query:
+        the nh / nkv query heads of a KV head together), reading only those slots; decode's
+        kernel has S = 1 static, a budgeted artifact's in-place prefill (compiler/residency.py) S
+        symbolic, its (KV head, token) pairs in parallel
 
 prefix_attention is one pass over the valid prefix in blocks of BLOCK slots with an online softmax
 (running max and sum, the accumulator rescaled when the max grows): per block and query head, the
@@ -58,10 +60,21 @@ def kv_write(nkv: int, d: int, dtype: str = "float32") -> tirx.PrimFunc:
     return func
 
 
-def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK) -> tirx.PrimFunc:
-    """PrimFunc (q, k, v, pos) -> out: one decode token's attention over cache slots 0..pos (float32)."""
+def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK, queries: int | None = 1) -> tirx.PrimFunc:
+    """PrimFunc (q, k, v, pos) -> out: each of `queries` tokens' attention over cache slots 0..pos
+    (float32); queries=None: a symbolic token count (prefill into the in-place cache)."""
     _check(nkv, d, rep)
+    if queries is not None and queries != 1:
+        raise ValueError(f"prefix_attention: queries must be 1 (decode) or None (symbolic), got {queries}")
     nh, b, scale = nkv * rep, block, float(d) ** -0.5
+    # the token count: decode's static 1 (the loops over it fold away) or a symbol bound by q's shape
+    sq = tirx.Var("sq", "int64") if queries is None else tirx.IntImm("int64", 1)
+
+    def head(gi):  # the KV head and the token of parallel iteration gi (inline: no let in the parallel body)
+        return gi // sq
+
+    def tok(gi):
+        return gi % sq
 
     def lanes_b(start):
         return tirx.Ramp(start, 1, b)
@@ -76,12 +89,12 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK) -> tirx.Pri
     def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
         T.func_attr({"mobilemoe.kernel": ATTEND, "op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         c = T.int64()
-        q = T.match_buffer(q_h, (T.int64(1), T.int64(nh), T.int64(1), T.int64(d)), "float32")
+        q = T.match_buffer(q_h, (T.int64(1), T.int64(nh), sq, T.int64(d)), "float32")
         k = T.match_buffer(k_h, (T.int64(1), T.int64(nkv), T.int64(d), c), "float32")
         v = T.match_buffer(v_h, (T.int64(1), T.int64(nkv), c, T.int64(d)), "float32")
-        pos = T.match_buffer(pos_h, (T.int64(1), T.int64(1)), "int64")
-        out = T.match_buffer(out_h, (T.int64(1), T.int64(nh), T.int64(1), T.int64(d)), "float32")
-        for g in T.parallel(T.int64(nkv)):
+        pos = T.match_buffer(pos_h, (T.int64(1), sq), "int64")
+        out = T.match_buffer(out_h, (T.int64(1), T.int64(nh), sq, T.int64(d)), "float32")
+        for gi in T.parallel(T.int64(nkv) * sq):
             s = T.alloc_buffer((rep, b), "float32")  # default scope: on the stack (int4_dot._STACK_NOTE)
             acc = T.alloc_buffer((rep, d), "float32")
             st = T.alloc_buffer((rep, 3), "float32")  # running max, running sum, this block's max
@@ -89,25 +102,25 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK) -> tirx.Pri
                 st[r, 0] = T.float32(_NEG)
                 st[r, 1] = T.float32(0)
                 acc[r, lanes_d()] = bcast(T.float32(0), d)
-            for blk in range((pos[0, 0] + T.int64(b)) // T.int64(b)):
+            for blk in range((pos[0, tok(gi)] + T.int64(b)) // T.int64(b)):
                 for r in range(rep):
                     s[r, lanes_b(0)] = bcast(T.float32(0), b)
                     for e in range(d):
                         s[r, lanes_b(0)] = s[r, lanes_b(0)] + bcast(
-                            q[0, g * rep + r, 0, e] * T.float32(scale), b) * k[0, g, e, lanes_b(blk * b)]
-                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b), s[r, lanes_b(0)],
+                            q[0, head(gi) * rep + r, tok(gi), e] * T.float32(scale), b) * k[0, head(gi), e, lanes_b(blk * b)]
+                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, tok(gi)], b), s[r, lanes_b(0)],
                                                 bcast(T.float32(_NEG), b))
                     st[r, 2] = T.max(st[r, 0], lane_reduce(s[r, lanes_b(0)], b, tirx.Max))
                     st[r, 1] = st[r, 1] * exp_le0(st[r, 0] - st[r, 2], 1)
                     acc[r, lanes_d()] = acc[r, lanes_d()] * bcast(exp_le0(st[r, 0] - st[r, 2], 1), d)
-                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, 0], b),
+                    s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, tok(gi)], b),
                                                 exp_le0(s[r, lanes_b(0)] - bcast(st[r, 2], b), b),
                                                 bcast(T.float32(0), b))
                     st[r, 1] = st[r, 1] + lane_reduce(s[r, lanes_b(0)], b, tirx.Add)
                     for j in range(b):
-                        acc[r, lanes_d()] = acc[r, lanes_d()] + bcast(s[r, j], d) * v[0, g, blk * b + j, lanes_d()]
+                        acc[r, lanes_d()] = acc[r, lanes_d()] + bcast(s[r, j], d) * v[0, head(gi), blk * b + j, lanes_d()]
                     st[r, 0] = st[r, 2]
             for r in range(rep):
-                out[0, g * rep + r, 0, lanes_d()] = acc[r, lanes_d()] / bcast(st[r, 1], d)
+                out[0, head(gi) * rep + r, tok(gi), lanes_d()] = acc[r, lanes_d()] / bcast(st[r, 1], d)
 
     return func

@@ -84,7 +84,10 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
     step = progress or (lambda name: None)
 
     step("import")
-    mod, imported, _ = import_model(model, with_weights=False, kv_cache=kv_cache)  # shapes only: no weight copy
+    # a budget's prefill writes the cache in place too (compiler/residency.py: the cache is held once)
+    inplace_prefill = residency is not None and kv_cache == "inplace"
+    mod, imported, _ = import_model(model, with_weights=False, kv_cache=kv_cache,  # shapes only: no weight copy
+                                    inplace_prefill=inplace_prefill)
     if random_weights:
         source = RandomWeights({p.name: tuple(int(d) for d in p.ty.shape.values)
                                 for p in weight_params(mod[ENTRY_POINTS[0]])})
@@ -107,6 +110,8 @@ def compile_model(model, spec, quant: str = "int4", dump_ir: Path | None = None,
         # how the runtime holds the cache (mobilemoe/runtimes/tvm_local.py)
         entry_points["decode"]["kv_cache"] = ({"layout": "inplace", "block": BLOCK} if kv_cache == "inplace"
                                               else {"layout": "grow"})
+        if inplace_prefill:
+            entry_points["prefill"]["kv_cache"] = {"layout": "inplace", "block": BLOCK}
         step("lower + codegen")
         executable = tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, opts))
         for e in ENTRY_POINTS:  # for compiler.bench --profile: kernel -> layer part (compiler/profile.py)

@@ -13,7 +13,8 @@ LayerKV.capacity): allocated once per prefill, zeroed, at twice the length reach
 a fixed capacity), each decode step writing its slot in those buffers; a step past the capacity
 moves the cache to one twice as large. The decode loop makes no per-step copy and no allocation:
 its token and position tensors are reused and the logits are a view of the VM's output (this
-machine). Artifacts built for another CPU (android-arm64, linux-arm64) are
+machine). A budgeted artifact's prefill takes the in-place cache too (entry_points.prefill.kv_cache): a prompt
+chunk is written into the capacity buffers, nothing copied. Artifacts built for another CPU (android-arm64, linux-arm64) are
 refused here: run them on the device (tvm_rpc.RemoteRuntime, `python -m compiler.bench --rpc-tracker ...`).
 
 A budgeted artifact (manifest "experts", `compiler.build --memory-budget-mb`) reads its routed experts
@@ -106,8 +107,9 @@ class TVMRuntime(Runtime):
         k = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, c.head_dim, 0), "float32"), self.device)
         v = tvm.runtime.tensor(np.zeros((1, c.num_kv_heads, 0, c.head_dim), "float32"), self.device)
         self._empty_kv = LayerKV([k, v] * c.num_layers, 0, kv_shape(c, 0), keys_t=True)
-        layout = (self.manifest["entry_points"]["decode"].get("kv_cache") or {}).get("layout", "grow")
-        self.kv_inplace = layout == "inplace"
+        layout = {e: (spec.get("kv_cache") or {}).get("layout", "grow") for e, spec in self.manifest["entry_points"].items()}
+        self.kv_inplace = layout["decode"] == "inplace"
+        self.prefill_inplace = layout.get("prefill") == "inplace"  # a budget's (compiler/residency.py)
         # decode's token and position, reused every step (copied into, never reallocated)
         self._step_in = [tvm.runtime.tensor(np.zeros((1, 1), "int64"), self.device) for _ in range(2)]
         self._zero_copy = getattr(self, "session", None) is None  # logits as a view (this machine's memory)
@@ -174,7 +176,7 @@ class TVMRuntime(Runtime):
 
     def _step_inplace(self, ids: list[int], kv: LayerKV):
         total = kv.length + len(ids)
-        if len(ids) > 1:  # prefill: the functional entry on the valid prefix, then into capacity buffers
+        if len(ids) > 1 and not self.prefill_inplace:  # the functional prefill on the valid prefix, then into capacity buffers
             reuse = None
             if kv.capacity is not None:
                 reuse = kv if kv.capacity >= self._capacity(total) else None  # written in place below
@@ -190,9 +192,15 @@ class TVMRuntime(Runtime):
             return logits, kv
         if kv.capacity is None or total > kv.capacity:  # empty or full: a larger cache, the prefix copied
             kv = self._with_capacity(kv.values, kv.length, self._capacity(total))
-        out = self._invoke("decode", self.entry_args(ids, kv))  # writes slot kv.length of kv's buffers
-        return self._logits(out[0]), LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True,
-                                             capacity=kv.capacity)
+        # writes slots kv.length.. of kv's buffers (decode, or a budget's in-place prefill)
+        out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
+        logits = self._logits(out[0])
+        kv = LayerKV(out[1:], total, kv_shape(self.config, total), keys_t=True, capacity=kv.capacity)
+        if len(ids) > 1 and self._clear_pool is not None:  # the VM's pooled buffers of this prompt chunk go back
+            logits = np.array(logits)
+            del out
+            self._clear_pool()
+        return logits, kv
 
     def _host_view(self, t) -> np.ndarray:
         """`t` as a numpy array: a view on this machine, a copy from a remote device."""

@@ -101,3 +101,25 @@ def test_no_allocation_per_steady_state_step(inplace_float, grow_float):
     assert sum(counts["inplace"]) == 0  # counted: every request is served by the pool, no new memory
     assert sum(counts["grow"]) > 0  # the growing cache needs new memory (the counter sees it)
     assert counts["inplace faults"] <= 2  # page faults over 32 steady-state steps (Python's own, at most)
+
+
+def test_prefix_attention_kernel_for_a_prompt_chunk_equals_the_op():
+    """The symbolic-token kernel (a budget's in-place prefill): each token attends to slots 0..its
+    position; stale slots past the last position (finite: the runtime zeroes a new cache) change nothing."""
+    import tvm
+    from mobilemoe import kv_cache
+    from tir_kernels.kv_cache import prefix_attention
+    nkv, rep, d, cap = 2, 3, 16, 3 * kv_cache.BLOCK
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, nkv * rep, 7, d)).astype("float32")
+    k = rng.standard_normal((1, nkv, d, cap)).astype("float32")
+    v = rng.standard_normal((1, nkv, cap, d)).astype("float32")
+    pos = np.arange(40, 47, dtype="int64")[None]  # a chunk of 7 tokens across the second block boundary
+    k[..., 47:], v[:, :, 47:] = 1e4, -1e4  # stale slots
+    want = kv_cache.prefix_attention(*map(torch.from_numpy, (q, k, v, pos))).numpy()
+    f = prefix_attention(nkv, rep, d, queries=None).with_attr("global_symbol", "main")
+    lib = tvm.tirx.build(tvm.IRModule({"main": f}), target="llvm")
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, pos)] + [tvm.runtime.empty(q.shape, "float32", dev)]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)

@@ -41,6 +41,12 @@ def test_identical_tokens_to_the_resident_artifact(ckpt, host_int4, tmp_path, ex
     assert not any("moe_w13" in n or "moe_w2" in n for n in params) and sum(a.nbytes for a in params.values()) == rest
     ref, rt = load_artifact(host_int4), load_artifact(out)
     prompt = list(range(5, 45))
+    # prefill writes the planned cache in place too: a second prompt chunk lands in the first one's buffers
+    assert m["entry_points"]["prefill"]["kv_cache"]["layout"] == "inplace" and rt.prefill_inplace
+    _, kv = rt.prefill(prompt[:8])
+    buffers = [np.from_dlpack(t).ctypes.data for t in kv.values]
+    _, kv = rt.prefill(prompt[8:], kv)
+    assert [np.from_dlpack(t).ctypes.data for t in kv.values] == buffers and kv.length == len(prompt)
     want, got = logits_trace(ref, prompt, 12), logits_trace(rt, prompt, 12)
     # the grouped prefill sums a token's experts in slot order, not expert order: rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
@@ -102,6 +108,8 @@ def test_refused_for_targets_without_the_expert_cache(ckpt, tmp_path):
         build(ckpt, "host", tmp_path / "x", verbose=False, memory_budget_mb=100, fallback="onnx")
     with pytest.raises(BuildError, match="holds INT4 experts"):
         build(ckpt, "host", tmp_path / "x", verbose=False, memory_budget_mb=100, quant="none")
+    with pytest.raises(BuildError, match="--memory-budget-mb plans for the in-place KV cache"):
+        build(ckpt, "host", tmp_path / "x", verbose=False, memory_budget_mb=100, kv_cache="grow")
     with pytest.raises(BuildError, match="--routing-stats chooses the resident experts"):
         build(ckpt, "host", tmp_path / "x", verbose=False, routing_stats=tmp_path / "r.json")
 
