@@ -51,6 +51,7 @@ def kv_write(nkv: int, d: int, dtype: str = "float32") -> tirx.PrimFunc:
         vn = T.match_buffer(vn_h, (T.int64(1), T.int64(nkv), s, T.int64(d)), dtype)
         pos = T.match_buffer(pos_h, (T.int64(1), s), "int64")
         for i in range(s):
+            assert pos[0, i] < c, "kv_write: a position past the KV cache's capacity"
             for g in range(T.int64(nkv)):
                 for e in range(T.int64(d)):
                     k[0, g, e, pos[0, i]] = kn[0, g, e, i]

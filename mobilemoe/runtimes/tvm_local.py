@@ -136,6 +136,9 @@ class TVMRuntime(Runtime):
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
         check_ids(self.config, ids, kv.length)
+        if (self.kv_inplace if len(ids) == 1 else self.prefill_inplace) and (
+                kv.capacity is None or kv.length + len(ids) > kv.capacity):  # e.g. compiler.bench --profile's
+            kv = self._with_capacity(kv.values, kv.length, self._capacity(kv.length + len(ids)))
         if len(ids) == 1:
             tokens, positions = self._step_in
             tokens.copyfrom(np.asarray([ids], dtype="int64"))

@@ -123,3 +123,16 @@ def test_prefix_attention_kernel_for_a_prompt_chunk_equals_the_op():
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, pos)] + [tvm.runtime.empty(q.shape, "float32", dev)]
     lib["main"](*args)
     np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_write_refuses_a_position_past_the_capacity():
+    """A write past the cache's end is an error from the kernel, never a write out of bounds."""
+    import tvm
+    from tir_kernels.kv_cache import kv_write
+    lib = tvm.tirx.build(tvm.IRModule({"main": kv_write(2, 16).with_attr("global_symbol", "main")}), target="llvm")
+    k, v = np.zeros((1, 2, 16, 32), "float32"), np.zeros((1, 2, 32, 16), "float32")
+    args = [tvm.runtime.tensor(a) for a in (k, v, np.ones((1, 2, 16, 3), "float32"), np.ones((1, 2, 3, 16), "float32"))]
+    lib["main"](*args, tvm.runtime.tensor(np.array([[5, 6, 7]], "int64")))
+    assert np.from_dlpack(args[0])[0, :, :, 5:8].all() and not np.from_dlpack(args[0])[0, :, :, 8:].any()
+    with pytest.raises(Exception, match="kv_write: a position past the KV cache's capacity"):
+        lib["main"](*args, tvm.runtime.tensor(np.array([[30, 31, 32]], "int64")))
