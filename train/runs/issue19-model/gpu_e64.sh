@@ -10,9 +10,11 @@
 #    the corpus' training split, cut at MS seconds of training (train.pipeline --stages pretrain,
 #    max_seconds: the cosine schedule fitted to the steps that fit), exports it bf16 (W/e64/export),
 #    measures its held-out loss (train.evaluate, the whole held-out split) and routing (compiler.routing),
-#    tars the export, splits it into 15 MiB pieces (W/e64.part-*) and returns the first 4 with
-#    sha256.txt; beside it, the sweep (train/runs/issue17/gpu_law.sh, grid corpus50m-shapes, N runs).
+#    tars the export (124 MiB), splits it into 8 equal pieces (W/e64.part-*: 15.5 MiB; a call returns
+#    64 MiB at most) and returns the first 4 with info.tgz (sha256.txt); beside it, the sweep (train/runs/issue17/gpu_law.sh, grid corpus50m-shapes, N runs).
 # b: returns the other pieces, and runs the sweep on (its cut runs resume from their checkpoints).
+# N=0: no sweep (the model alone; phase b then only returns the pieces). RT: seconds for the routing
+# statistics (default 60; 0: none).
 # OUT: e64.part-* (a: aa-ad, b: the rest), sweep.jsonl, logs.tgz, info.tgz (logs, summary, sha256, routing).
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -23,6 +25,7 @@ mkdir -p "$W" "$OUT" "$E"
 if [ "$PHASE" = b ]; then  # the pieces first: they exist only on the machine that ran phase a
   ls "$W"/e64.part-* > /dev/null 2>&1 || echo "NO PIECES on this machine (not the one of phase a)"
   for f in $(ls "$W"/e64.part-* 2>/dev/null | tail -n +5); do cp "$f" "$OUT/"; done
+  [ "$N" -gt 0 ] || { cp "$E/sha256.txt" "$OUT/" 2>/dev/null; ls -la "$OUT"; echo "done $(el)s"; exit 0; }
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$IN"/whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD
@@ -32,15 +35,18 @@ if [ "$(cat "$W/corpus-stamp" 2>/dev/null)" != "$STAMP" ]; then
   echo "$STAMP" > "$W/corpus-stamp"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-if nvidia-cuda-mps-control -d && timeout 30 python3 -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
+if [ "$N" -gt 0 ] && nvidia-cuda-mps-control -d && timeout 30 python3 -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
   trap 'echo quit | nvidia-cuda-mps-control' EXIT; echo "MPS on"
 else
   echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
 fi
 echo "setup $(el)s"
-IN=$IN OUT=$W/lawout-$PHASE W=$W D=$(( D - $(el) )) N=$N MPS=0 GRID=corpus50m-shapes ONLY=${ONLY:-} \
-  bash train/runs/issue17/gpu_law.sh > "$W/law-$PHASE.txt" 2>&1 &
-LAW=$!
+LAW=
+if [ "$N" -gt 0 ]; then  # N=0: no sweep
+  IN=$IN OUT=$W/lawout-$PHASE W=$W D=$(( D - $(el) )) N=$N MPS=0 GRID=corpus50m-shapes ONLY=${ONLY:-} \
+    bash train/runs/issue17/gpu_law.sh > "$W/law-$PHASE.txt" 2>&1 &
+  LAW=$!
+fi
 if [ "$PHASE" = a ]; then
   python3 -m train.pipeline --model $HERE/config.json --stages pretrain --out "$E" --corpus "$W/corpus" \
     --sft-data "$W/no-sft" --export "$E/export" --qa-limit 0 --device cuda \
@@ -52,14 +58,14 @@ if [ "$PHASE" = a ]; then
   echo "e64 trained rc $? $(el)s"; tail -n 3 "$E/train.log"
   python3 -m train.evaluate --checkpoint "$E/export" --data "$W/corpus/heldout.jsonl" --seq-len 1024 --device cuda \
     --cache-dir "$W/e64cache" > "$E/heldout_export.json" 2> "$E/evaluate.log"; cat "$E/heldout_export.json"
-  (cd "$E" && tar cf ../e64-export.tar export) && (cd "$W" && sha256sum e64-export.tar e64/export/* > "$E/sha256.txt")
-  split -b 15M "$W/e64-export.tar" "$W/e64.part-" && (cd "$W" && sha256sum e64.part-* >> "$E/sha256.txt")
+  (cd "$E" && tar cf ../e64-export.tar export) && (cd "$W" && sha256sum e64-export.tar e64/export/* > e64/sha256.txt)
+  split -n 8 "$W/e64-export.tar" "$W/e64.part-" && (cd "$W" && sha256sum e64.part-* >> e64/sha256.txt)
   for f in $(ls "$W"/e64.part-* | head -n 4); do cp "$f" "$OUT/"; done
   echo "pieces $(ls "$W"/e64.part-* | wc -l) $(el)s"
-  OMP_NUM_THREADS=4 timeout 60 python3 -m compiler.routing --checkpoint "$E/export" --data "$W/corpus/heldout.jsonl" \
+  [ "${RT:-60}" -gt 0 ] && OMP_NUM_THREADS=4 timeout ${RT:-60} python3 -m compiler.routing --checkpoint "$E/export" --data "$W/corpus/heldout.jsonl" \
     --out "$E/routing" --max-tokens 65536 > "$E/routing.txt" 2>&1; echo "routing rc $? $(el)s"
 fi
-wait $LAW; echo "sweep done $(el)s"; tail -n 25 "$W/law-$PHASE.txt"
+[ -n "$LAW" ] && { wait $LAW; echo "sweep done $(el)s"; tail -n 25 "$W/law-$PHASE.txt"; }
 cp "$W/lawout-$PHASE/sweep.jsonl" "$W/lawout-$PHASE/logs.tgz" "$OUT/" 2>/dev/null
 tar czf "$OUT/info.tgz" "$W"/law-*.txt "$W"/lawout-*/sweep.log $(ls "$E"/*.log "$E"/*.txt "$E"/*.json "$E"/routing/* \
   "$E"/pretrain/summary.json "$E"/pretrain/metrics.jsonl "$E"/pretrain/loss.png "$E"/export/*.json 2>/dev/null)
