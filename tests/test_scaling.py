@@ -10,11 +10,11 @@ import torch
 
 from mobilemoe.config import PRESETS, ConfigError, MobileMoEConfig, format_count, load_config, preset_table
 from mobilemoe.model import MobileMoE
-from train.scaling.__main__ import main
+from train.scaling.__main__ import DEFAULT_LAW, main
 from train.scaling.arch import budget, law_vars, make_config
 from train.scaling.design import DesignError, SearchSpace, design, write_design
 from train.scaling.law import (FORMS, PARAMS, LawError, coefficients, cross_validate, features, fit_params,
-                               load_law, predict_log)
+                               law_info, load_law, predict_log)
 from train.scaling.grid import GRIDS, STEP_TOKENS, SweepError, default_grid, load_grid, run_spec
 from train.scaling.sweep import SweepOptions, append_log, read_log, run_sweep
 
@@ -171,6 +171,30 @@ def test_cli_design(tmp_path, capsys):
     assert rc == 2 and "no architecture" in capsys.readouterr().err
 
 
+def test_cli_design_says_what_its_law_identifies(tmp_path, capsys):
+    ci = {"E": [1, 2], "rho": [0.1, 0.5], "gamma": [-1.0, 2.0], "sigma": [-0.9, -0.1]}
+    doc = {"form": "moe", "params": LAW, "runs": 40, "log": "sweep.jsonl", "fit_error": {"held_out": {"rmse": 0.2,
+           "mape_pct": 4.0}}, "bootstrap_90": ci}
+    (tmp_path / "law.json").write_text(json.dumps(doc))
+    info = law_info(tmp_path / "law.json")
+    assert info["moe_terms"] == ["rho", "gamma", "sigma"] and info["not_identified"] == ["gamma"]
+    assert info["identified"] == ["rho", "sigma"] and info["loo_rmse"] == 0.2
+    assert main(["design", "--memory-mb", "8", "--gflops-per-token", "0.02", "--space", "tiny", "--law",
+                 str(tmp_path / "law.json"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "form 'moe', 40 runs of sweep.jsonl; leave-one-out RMSE 0.2000 nats" in out
+    assert "the ranking by G (gamma) is not supported" in out
+    assert json.loads((tmp_path / "out" / "design.json").read_text())["law_info"]["not_identified"] == ["gamma"]
+
+
+def test_design_default_law_is_fitted_on_the_new_corpus_with_identified_terms():
+    info = law_info(DEFAULT_LAW)  # issue 17: the ~50M-token corpus' sweep, in a form the fit pins down
+    assert "corpus50m" in info["log"] and info["runs"] >= 50 and 0 < info["loo_rmse"] < 0.3
+    assert info["not_identified"] == []
+    doc = json.loads(DEFAULT_LAW.read_text())
+    assert all(doc["bootstrap_90"][k][0] > 0 for k in ("alpha", "beta"))
+
+
 # ---------------------------------------------------------------------------- sweep
 def test_default_grid_is_consistent():
     grid = default_grid()
@@ -181,6 +205,22 @@ def test_default_grid_is_consistent():
         cfg = MobileMoEConfig.from_dict(r["model"])
         assert r["tokens"] % (r["train"]["seq_len"] * r["train"]["batch_size"]) == 0
         assert cfg.vocab_size == 8192 and r["id"].startswith(f"h{cfg.hidden_size}-l{cfg.num_layers}-")
+
+
+def test_corpus50m_shapes_grid_extends_corpus50m_long_with_levels_and_seeds():
+    long, shapes = GRIDS["corpus50m-long"](), GRIDS["corpus50m-shapes"]()
+    spec = ("id", "model", "tokens", "seed", "train")
+    assert [{k: r[k] for k in spec} for r in shapes[:len(long)]] == [{k: r[k] for k in spec} for r in long]  # logged
+    new = shapes[len(long):]
+    assert all(r["tokens"] == 768 * STEP_TOKENS for r in new)
+    at = [{**_law_vars_of(r), "families": r["families"], "seed": r["seed"]} for r in shapes if r["tokens"] == 768 * STEP_TOKENS and r["model"]["hidden_size"] == 256
+          and r["model"]["num_experts"] > 0]
+    for fam, key, levels in (("sparsity", "expansion", 5), ("granularity", "granularity", 5), ("shared", "shared_frac", 4)):
+        got = {}
+        for r in at:
+            if fam in r["families"]:
+                got.setdefault(round(r[key], 3), set()).add(r["seed"])
+        assert len(got) == levels and all(seeds == {0, 1, 2} for seeds in got.values()), (fam, got)
 
 
 def test_corpus50m_grid_has_three_token_counts_per_size_under_one_pass():

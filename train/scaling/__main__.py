@@ -11,9 +11,13 @@ import numpy as np
 from mobilemoe.config import ConfigError, MobileMoEConfig
 from train.scaling.design import DesignError, design, evaluate, plot_design, table, write_design
 from train.scaling.grid import SweepError, load_grid
-from train.scaling.law import FORMS, LawError, bootstrap, coefficients, fit_law, load_law, plot_fit, save_law
+from train.scaling.law import (FORMS, LawError, bootstrap, coefficients, fit_law, law_info, load_law, plot_fit,
+                                save_law)
 
 DEFAULT_DIR = Path("train/runs/scaling")
+# design's default law: the fit on the ~50M-token corpus (issue 17; train/runs/scaling/README.md says which form
+# and what it can rank). `fit` still writes DEFAULT_DIR / "law.json" unless told otherwise (the first sweep's law).
+DEFAULT_LAW = DEFAULT_DIR / "corpus50m-long" / "chinchilla" / "law.json"
 
 
 def _sweep(a) -> int:
@@ -86,9 +90,36 @@ def _reference(records: list[dict]) -> dict:
     return {**dict(zip(keys, common)), "moe": float(bool(moe[0]["model"]["num_experts"])), "tokens": tokens}
 
 
+TERM_VARIABLE = {"rho": "R", "gamma": "G", "gamma2": "G", "sigma": "s", "mu": "MoE vs dense"}
+
+
+def _law_lines(path, info: dict) -> list[str]:
+    """What design's law is and what it can rank (law_info), for the top of design's output."""
+    rmse = f"{info['loo_rmse']:.4f} nats" if isinstance(info["loo_rmse"], float) else "not recorded"
+    pct = f" ({info['loo_mape_pct']:.1f}%)" if isinstance(info["loo_mape_pct"], float) else ""
+    runs = f"{info['runs']} runs" if info["runs"] else "? runs"
+    lines = [f"law {path}: form '{info['form']}', {runs} of {info['log'] or '?'}; leave-one-out RMSE {rmse}{pct}"]
+    if not info["moe_terms"]:
+        lines.append("  no MoE terms: the ranking is by active params N alone (and the tokens); R, G, s and MoE vs "
+                     "dense do not enter it, so among configs of about the best's N the pick says nothing about them")
+    elif not info["intervals"]:
+        lines.append(f"  MoE terms {', '.join(info['moe_terms'])}: no bootstrap intervals recorded (fit --bootstrap)")
+    else:
+        ok, no = info["identified"], info["not_identified"]
+        lines.append(f"  MoE terms, 90% bootstrap interval excludes 0: {', '.join(ok) or 'none'}; "
+                     f"straddles 0: {', '.join(no) or 'none'}")
+        if no:
+            lines.append("  so the ranking by " + ", ".join(f"{TERM_VARIABLE[k]} ({k})" for k in no)
+                         + " is not supported by the fit")
+    return lines
+
+
 def _design(a) -> int:
     params = load_law(a.law)
+    info = law_info(a.law)
     res = design(params, a.memory_mb, a.gflops_per_token, a.tokens, a.space, a.ctx, a.top)
+    res["law_info"] = info
+    print("\n".join(_law_lines(a.law, info)) + "\n")
     b = res["best"]
     print(f"{res['feasible']} of {res['candidates']} '{res['space']}' configs fit {a.memory_mb:g} MB INT4 and "
           f"{a.gflops_per_token:g} GFLOPs/token (decode, context {a.ctx}); loss predicted at {res['tokens']:.3g} tokens\n")
@@ -143,7 +174,7 @@ def main(argv=None) -> int:
     d.add_argument("--memory-mb", type=float, required=True, help="INT4 weight MB (as `mobilemoe.config list`)")
     d.add_argument("--gflops-per-token", type=float, required=True, help="decode GFLOPs/token at --ctx")
     d.add_argument("--tokens", type=float, default=None, help="training tokens (default: the space's)")
-    d.add_argument("--law", type=Path, default=DEFAULT_DIR / "law.json")
+    d.add_argument("--law", type=Path, default=DEFAULT_LAW, help=f"coefficients file of `fit` (default: {DEFAULT_LAW})")
     d.add_argument("--space", default="paper", help="paper | tiny")
     d.add_argument("--ctx", type=int, default=1024)
     d.add_argument("--top", type=int, default=10)

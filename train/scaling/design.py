@@ -1,7 +1,7 @@
 """Budget-driven architecture design: the predicted-best config under INT4 memory and decode compute.
 
     python -m train.scaling design --memory-mb 1024 --gflops-per-token 0.6 [--tokens 1e12]
-        [--law train/runs/scaling/law.json] [--space paper|tiny] [--ctx 1024] [--out DIR] [--plot PNG]
+        [--law train/runs/scaling/corpus50m-long/chinchilla/law.json] [--space paper|tiny] [--ctx 1024] [--out DIR] [--plot PNG]
 
 Enumerates a search space of shapes (SPACES: hidden size x depth within an aspect-ratio range, then
 dense FFN widths, or experts x top-k x granularity x shared expert), keeps those whose INT4 weight

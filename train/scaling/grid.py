@@ -21,6 +21,8 @@ results, faster for such small experts). First round, 2 passes (5.73M tokens):
 Grid "corpus50m": the refit on the larger corpus (corpus50m_grid).
 Grid "corpus50m-long": corpus50m and the longer runs that identify its size and shape terms
 (corpus50m_long_grid).
+Grid "corpus50m-shapes": corpus50m-long and more MoE shape levels and seeds on 12.6M tokens
+(corpus50m_shapes_grid).
 Second round: every size / sparsity / granularity / shared config again on 4 passes (11.47M tokens),
 since 2 passes left the larger models far from converged.
 """
@@ -159,13 +161,40 @@ def corpus50m_long_grid(vocab: int = 8192) -> list[dict]:
     return merge_runs(runs)
 
 
+SHAPE_SEEDS = (1, 2)
+
+
+def corpus50m_shapes_grid(vocab: int = 8192) -> list[dict]:
+    """corpus50m-long plus what its shape terms (rho, gamma, sigma, gamma2, mu) lacked: corpus50m-long
+    had each of R, G and s at two levels on 12.6M tokens (besides the reference), one seed each, against
+    a run-to-run scatter of 0.1-0.3 nats. All (256, 4), 768 steps (12.6M tokens), the default families:
+        levels  the default grid's levels that corpus50m-long left out: 8 and 32 experts (R 2.0, 5.9),
+                G = 4, 8 and 16 without a shared expert, shared share s = 1/4 (so R, G: 5 levels, s: 4)
+        seeds   every MoE shape of the three families at 12.6M (13, the reference included) and the
+                dense (256, 4) again with seeds 1 and 2 (the dense one: seed 1 only)
+    Same ids as corpus50m-long for its runs (their logged losses are reused); seeds > 0 add -seedN."""
+    runs = corpus50m_long_grid(vocab)
+    steps = 768
+    shapes = [(_moe(256, 4, vocab, experts=e), "sparsity") for e in (4, 8, 16, 32, 64)]
+    for g in (2, 4, 8, 16, 32):  # no shared expert; active routed width 2H, total 8H
+        width = 4 * 256 // g
+        shapes.append((_moe(256, 4, vocab, experts=2048 // width, top_k=512 // width, width=width, shared=0),
+                       "granularity"))
+    for shared, k, e in ((0, 4, 18), (128, 3, 17), (256, 2, 16), (384, 1, 15)):  # total width 9H
+        shapes.append((_moe(256, 4, vocab, experts=e, top_k=k, shared=shared), "shared"))
+    runs += [run_spec(cfg, steps, fam) for cfg, fam in shapes]  # new levels (the rest are logged already)
+    runs += [run_spec(cfg, steps, fam, seed=s) for s in SHAPE_SEEDS for cfg, fam in shapes]
+    runs.append(run_spec(_dense(256, 4, vocab), steps, "seed", seed=SHAPE_SEEDS[0]))
+    return merge_runs(runs)
+
+
 def _respec(run: dict, steps: int) -> dict:
     """`run` (a spec of the default batch and LR rule) at another length: its id, tokens and train fields."""
     return run_spec(MobileMoEConfig.from_dict(run["model"]), steps, run["families"][0])
 
 
 GRIDS = {"default": default_grid, "smoke": smoke_grid, "corpus50m": corpus50m_grid,
-         "corpus50m-long": corpus50m_long_grid}
+         "corpus50m-long": corpus50m_long_grid, "corpus50m-shapes": corpus50m_shapes_grid}
 
 
 def merge_runs(runs: list[dict]) -> list[dict]:

@@ -312,6 +312,23 @@ def load_law(path) -> dict:
     return {k: float(p[k]) for k in PARAMS}
 
 
+def law_info(path) -> dict:
+    """What a coefficients file says about its own fit, for `design` to print: form, runs, sweep log,
+    leave-one-out RMSE, and which of the form's MoE terms its 90% bootstrap intervals pin down
+    ("identified": the interval excludes zero) and which not (absent keys: not recorded in the file)."""
+    doc = read_json(Path(path), LawError, "coefficients file", " (run `python -m train.scaling fit` first)")
+    form = doc.get("form")
+    free = FORMS.get(form, PARAMS)
+    ci = doc.get("bootstrap_90") or {}
+    terms = [k for k in MOE_TERMS if k in free]
+    held = (doc.get("fit_error") or {}).get("held_out") or {}
+    return {"form": form, "runs": doc.get("runs"), "log": doc.get("log"), "min_tokens": doc.get("min_tokens"),
+            "loo_rmse": held.get("rmse"), "loo_mape_pct": held.get("mape_pct"), "moe_terms": terms,
+            "identified": [k for k in terms if k in ci and (ci[k][0] > 0 or ci[k][1] < 0)],
+            "not_identified": [k for k in terms if k in ci and ci[k][0] <= 0 <= ci[k][1]],
+            "intervals": {k: ci[k] for k in terms if k in ci}}
+
+
 # ---------------------------------------------------------------------------- plots
 def plot_fit(records: list[dict], result: FitResult, png, reference: dict) -> bool:
     """Observed vs predicted, and the loss against N, D, R, G and s (partial residuals at `reference`)."""
