@@ -136,9 +136,8 @@ class TVMRuntime(Runtime):
     def entry_args(self, ids: list[int], kv: LayerKV) -> list:
         """The VM arguments of an entry point: tokens, positions, the per-layer caches, the weights."""
         check_ids(self.config, ids, kv.length)
-        if (self.kv_inplace if len(ids) == 1 else self.prefill_inplace) and (
-                kv.capacity is None or kv.length + len(ids) > kv.capacity):  # e.g. compiler.bench --profile's
-            kv = self._with_capacity(kv.values, kv.length, self._capacity(kv.length + len(ids)))
+        if self.kv_inplace if len(ids) == 1 else self.prefill_inplace:  # e.g. compiler.bench --profile's empty cache
+            kv = self._fitted(kv, len(ids))
         if len(ids) == 1:
             tokens, positions = self._step_in
             tokens.copyfrom(np.asarray([ids], dtype="int64"))
@@ -193,8 +192,7 @@ class TVMRuntime(Runtime):
             if self._clear_pool is not None:  # a budget: the VM's pooled buffers of this prompt chunk go back
                 self._clear_pool()
             return logits, kv
-        if kv.capacity is None or total > kv.capacity:  # empty or full: a larger cache, the prefix copied
-            kv = self._with_capacity(kv.values, kv.length, self._capacity(total))
+        kv = self._fitted(kv, len(ids))
         # writes slots kv.length.. of kv's buffers (decode, or a budget's in-place prefill)
         out = self._invoke("decode" if len(ids) == 1 else "prefill", self.entry_args(ids, kv))
         logits = self._logits(out[0])
@@ -204,6 +202,12 @@ class TVMRuntime(Runtime):
             del out
             self._clear_pool()
         return logits, kv
+
+    def _fitted(self, kv: LayerKV, n: int) -> LayerKV:
+        """`kv` if its capacity holds `n` more positions; empty or full: a larger cache, the prefix copied."""
+        if kv.capacity is not None and kv.length + n <= kv.capacity:
+            return kv
+        return self._with_capacity(kv.values, kv.length, self._capacity(kv.length + n))
 
     def _host_view(self, t) -> np.ndarray:
         """`t` as a numpy array: a view on this machine, a copy from a remote device."""
