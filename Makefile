@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # 2 pytest-xdist workers (the CI machine's 2 cores), a file's tests on one worker, files in collection
 # order (tests/conftest.py shares the session's builds between them); PYTEST_ARGS='-m "not slow"' runs
 # them in one process
-PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
+PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 # the emulated arm64 device tests set the device up themselves (qemu-user-static from apt when root,
 # arm64 Debian packages + aarch64 TVM wheels, once per user and versions, in ~/.cache/mobilemoe/arm64-device/;
 # $MOBILEMOE_CACHE moves it, $ARM64_ROOT names the dir itself); MOBILEMOE_ARM64=0 skips them
