@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from .parse_cache import parsed_once
 
 KERNEL = "append_last"
 
 
+@parsed_once
 def append_last(dims: tuple[int, int, int], dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc (a [*dims, P], b [*dims, S]) -> out [*dims, P + S] for 3 static leading dims."""
     if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):

@@ -17,10 +17,12 @@ from tvm.script import tirx as T
 from mobilemoe.quant import interleaved_index
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape, dequant_int4
+from .parse_cache import parsed_once
 
 KERNEL = "embedding_int4"
 
 
+@parsed_once
 def embedding_int4(vocab: int, hidden: int, index_dtype: str = "int64",
                    interleave: tuple[int, int] | None = None,
                    scales_interleave: tuple[int, int] | None = None) -> tirx.PrimFunc:

@@ -52,6 +52,7 @@ from mobilemoe.quant import interleave_int4
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape
 from .int4_rows import block_macro as rows_block_macro
 from .launch import SERIAL_ROWS
+from .parse_cache import parsed_once
 
 # _STACK_NOTE. Inside a parallel loop, a TVMScript name assigned a value (``wv = w[...]``) becomes a
 # buffer, and TVM 0.27 gives each non-"global" buffer of a parallel body (``scope="local"`` too) a
@@ -64,7 +65,7 @@ WORDS_PER_GROUP = GROUP_SIZE // NIBBLES_PER_WORD  # 4
 ROWS = 8  # output rows per unrolled block (8 read 21.8 GB/s on znver4, 4: 17)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity (the ISAs are module constants): parse_cache.py keys on it
 class DotISA:
     """An integer dot-product instruction family: lanes (int32 accumulators per vector) -> intrinsic."""
 
@@ -281,6 +282,7 @@ def kernel_attrs(kernel: str, isa: DotISA) -> dict:
             "tirx.is_scheduled": True}
 
 
+@parsed_once
 def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimFunc:
     """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8], scales fp16 [n, k // 32]) -> y [m, n]."""
     kw, kg, lanes, rows, quantize, block = _setup("int4_matmul", n, k, isa, rows)
@@ -309,6 +311,7 @@ def int4_matmul_dot(n: int, k: int, isa: DotISA, rows: int = ROWS) -> tirx.PrimF
     return func
 
 
+@parsed_once
 def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_slot: bool = False,
                  index_dtype: str = "int32", rows: int = ROWS) -> tirx.PrimFunc:
     """moe_gemv.py's moe_gemv (x [T, k]) or, per_slot, moe_gemv_per_slot (x [T, top_k, k]):
@@ -348,6 +351,7 @@ def moe_gemv_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA, per_
     return func
 
 
+@parsed_once
 def moe_gemv_weighted_sum_dot(num_experts: int, n: int, k: int, top_k: int, isa: DotISA,
                               index_dtype: str = "int32", rows: int = ROWS) -> tirx.PrimFunc:
     """moe_gemv.py's moe_gemv_weighted_sum: (x [T, top_k, k], ids [T, top_k], routing weights

@@ -43,6 +43,7 @@ from .int4_dot import LOW_NIBBLES, WORDS_PER_GROUP, DotISA, dot_pair, interleave
     lane_sum, pack4, row_result
 from .launch import SERIAL_ROWS
 from .moe_grouped import ARGS_ATTR
+from .parse_cache import parsed_once
 
 MT = 4  # token rows per register tile (this znver4 host: 2 -> 40%, 4 -> 50% of the dot peak, 6 / 8 ~ 4)
 # row lanes (int4_rows.py, AVX2 on Zen 3, 1024 x 1024 at m = 128, one thread, interleaved runs):
@@ -218,6 +219,7 @@ def _setup(kernel: str, n: int, k: int, isa: DotISA, r_tile: int):
     return kw, k // GROUP_SIZE, lanes, rows, r_tile
 
 
+@parsed_once
 def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int | None = None, r_tile: int = R,
                           chunk_rows: int = CHUNK) -> tirx.PrimFunc:
     """int4_matmul.py's kernel: (x [m, k] f32, w uint32 [n, k // 8] interleaved, scales fp16 [n, k // 32])
@@ -282,6 +284,7 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int | None = None
     return func
 
 
+@parsed_once
 def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: DotISA, m_tile: int | None = None,
                     r_tile: int = R) -> tirx.PrimFunc:
     """moe_grouped.py's moe_grouped_{op}_int4 (op "gate_up" or "down_combine", same signature; codes

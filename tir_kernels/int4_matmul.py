@@ -13,11 +13,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape, dequant_int4
+from .parse_cache import parsed_once
 
 KERNEL = "int4_matmul"
 M_TILE = 4
 
 
+@parsed_once
 def int4_matmul(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc (x [m, k], w uint32 [n, k // 8], scales fp16 [n, k // 32]) -> y [m, n]."""
     check_int4_shape(KERNEL, n, k, dtype)

@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 from mobilemoe.kv_cache import BLOCK
 
 from .softmax import exp_le0, lane_reduce
+from .parse_cache import parsed_once
 
 WRITE, ATTEND = "kv_write", "prefix_attention"
 _NEG = -3.4028234663852886e38
@@ -36,6 +37,7 @@ def _check(nkv: int, d: int, rep: int = 1) -> None:
         raise ValueError(f"kv cache kernels: expected positive static nkv, head_dim, group size, got {nkv}, {d}, {rep}")
 
 
+@parsed_once
 def kv_write(nkv: int, d: int, dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc (k, v, k_new, v_new, pos) writing the S new slots into k and v (no outputs: in place)."""
     _check(nkv, d)
@@ -61,6 +63,7 @@ def kv_write(nkv: int, d: int, dtype: str = "float32") -> tirx.PrimFunc:
     return func
 
 
+@parsed_once
 def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK, queries: int | None = 1) -> tirx.PrimFunc:
     """PrimFunc (q, k, v, pos) -> out: each of `queries` tokens' attention over cache slots 0..pos
     (float32); queries=None: a symbolic token count (prefill into the in-place cache)."""

@@ -21,6 +21,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape, dequant_int4
+from .parse_cache import parsed_once
 
 INDEX_DTYPES = ("int32", "int64")
 
@@ -38,6 +39,7 @@ def _dims(num_experts: int, n: int, k: int, top_k: int, index_dtype: str) -> dic
     return {"num_experts": num_experts, "n": n, "k": k, "top_k": top_k, "index_dtype": index_dtype}
 
 
+@parsed_once
 def moe_gemv(
     num_experts: int, n: int, k: int, top_k: int, index_dtype: str = "int32", dtype: str = "float32"
 ) -> tirx.PrimFunc:
@@ -73,6 +75,7 @@ def moe_gemv(
     return func
 
 
+@parsed_once
 def moe_gemv_per_slot(
     num_experts: int, n: int, k: int, top_k: int, index_dtype: str = "int32", dtype: str = "float32"
 ) -> tirx.PrimFunc:
@@ -111,6 +114,7 @@ def moe_gemv_per_slot(
     return func
 
 
+@parsed_once
 def moe_gemv_weighted_sum(
     num_experts: int, n: int, k: int, top_k: int, index_dtype: str = "int32", dtype: str = "float32"
 ) -> tirx.PrimFunc:

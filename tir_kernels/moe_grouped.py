@@ -34,6 +34,7 @@ from mobilemoe.quant import interleaved_index
 
 from .dequant import GROUP_SIZE, NIBBLES_PER_WORD, check_int4_shape, dequant_int4
 from .moe_gemv import INDEX_DTYPES
+from .parse_cache import parsed_once
 
 WEIGHT_FORMATS = ("float32", "int4")
 KERNELS = {f"moe_grouped_{op}{sfx}": op for op in ("gate_up", "down_combine") for sfx in ("", "_int4")}
@@ -42,6 +43,7 @@ ROWS = 4  # output columns per register block (as schedules.py)
 M_TILE = 4  # sorted rows per register block: each dequantized weight vector feeds M_TILE FMAs
 
 
+@parsed_once
 def moe_route_plan(num_experts: int, top_k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
     """PrimFunc ids [T, top_k] -> (offsets int32 [E + 1], order int32 [T * top_k]): stable counting sort."""
     if index_dtype not in INDEX_DTYPES:
@@ -81,6 +83,7 @@ def _fits(k: int, lanes: int) -> int:
     return lanes if lanes >= 4 else 0
 
 
+@parsed_once
 def _grouped(op: str, num_experts: int, n: int, k: int, top_k: int, weights: str, lanes: int | None,
              interleave: tuple[int, int] | None = None):
     if weights not in WEIGHT_FORMATS:

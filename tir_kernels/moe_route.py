@@ -23,12 +23,14 @@ from tvm.script import tirx as T
 from .int4_dot import lane_sum
 from .launch import SERIAL_MAX_ELEMENTS
 from .softmax import exp_le0
+from .parse_cache import parsed_once
 
 KERNEL = "moe_route"
 SCORINGS = ("topk_softmax", "softmax_topk")
 NEG = -3.4028234663852886e38
 
 
+@parsed_once
 def moe_route(num_experts: int, hidden: int, top_k: int, scoring: str, norm_topk_prob: bool = False,
               bias: bool = False, lanes: int = 8) -> tirx.PrimFunc:
     """The fused routing PrimFunc (module doc): x [n, H], router [E, H], (bias [E]) -> (weights, ids)."""

@@ -17,6 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .launch import SERIAL_MAX_ELEMENTS
+from .parse_cache import parsed_once
 
 KERNEL = "softmax_rows"
 _LOG2E, _C1, _C2 = 1.44269504088896341, 0.693359375, -2.12194440e-4
@@ -53,6 +54,7 @@ def lane_reduce(vec, lanes: int, op):
     return vec
 
 
+@parsed_once
 def softmax_rows(lanes: int = 16) -> tirx.PrimFunc:
     """PrimFunc (x [n, t] float32) -> y [n, t], lanes-wide passes (16: AVX-512, 4: NEON)."""
     if lanes not in (1, 2, 4, 8, 16):
