@@ -162,7 +162,21 @@ def _extract_vendored(sdist: Path, dest: Path) -> None:
             m.name = m.name[len(prefix):]
             if not m.name:
                 continue
-            tf.extract(m, dest, filter="data")
+            _extract_data(tf, m, dest, sdist)
+
+
+def _extract_data(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, sdist: Path) -> None:
+    """One file or directory, as tarfile's "data" filter extracts it. Python 3.11.0-3.11.3 (Debian 12's
+    python3 is 3.11.2) has no extraction filters: there the same checks are made here (inside dest, no
+    absolute name, no setuid/setgid/sticky or group/other-write bits)."""
+    if hasattr(tarfile, "data_filter"):
+        tf.extract(member, dest, filter="data")
+        return
+    root = Path(dest).resolve()
+    if member.name.startswith("/") or not (root / member.name).resolve().is_relative_to(root):
+        raise LlamaCppError(f"{sdist}: member {member.name!r} would be written outside {dest}")
+    member.mode &= 0o755
+    tf.extract(member, dest)
 
 
 _WRAPPER = """cmake_minimum_required(VERSION 3.21)

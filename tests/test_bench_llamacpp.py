@@ -119,6 +119,28 @@ def fake_sdist(d: Path, version="9.9.9") -> Path:
     return path
 
 
+
+@pytest.mark.parametrize("filters", [True, False], ids=["data-filter", "python-3.11.2"])
+def test_vendored_extraction_stays_inside(tmp_path, monkeypatch, filters):
+    """vendor/llama.cpp is extracted as tarfile's "data" filter would, also on Pythons without filters
+    (3.11.0-3.11.3): files land inside dest without setuid or group/other-write bits, '..' is refused."""
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    sdist = fake_sdist(tmp_path)
+    llamacpp._extract_vendored(sdist, tmp_path / "ok")
+    assert (tmp_path / "ok" / "convert_hf_to_gguf.py").read_text() == "# converter\n"
+    bad = tmp_path / "bad" / "llama_cpp_python-6.6.6.tar.gz"
+    bad.parent.mkdir()
+    with tarfile.open(bad, "w:gz") as tf:
+        for name, mode in (("vendor/llama.cpp/setuid.sh", 0o4777), ("vendor/llama.cpp/../../escaped.txt", 0o644)):
+            info = tarfile.TarInfo(f"llama_cpp_python-6.6.6/{name}")
+            info.size, info.mode = 1, mode
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises((LlamaCppError, tarfile.TarError), match="outside|escaped"):
+        llamacpp._extract_vendored(bad, tmp_path / "bad" / "out")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "bad" / "escaped.txt").exists()
+    assert (tmp_path / "bad" / "out" / "setuid.sh").stat().st_mode & 0o7022 == 0
+
 class FakeRunner:
     """Stands in for cmake and pip: the build step writes the tools; `fail_at` raises at that step."""
 
