@@ -84,6 +84,12 @@ class Toolchain:
         return f
 
 
+
+def glibc_toolchain(arch: str) -> Toolchain:
+    """zig cc linking a shared object for `arch` Linux with glibc 2.17 symbol versions (it loads on any
+    glibc since): the linux-arm64 target's and, on Linux, the host's."""
+    return Toolchain(zig_target=f"{arch}-linux-gnu.2.17", flags=("-shared", "-fPIC", "-Wl,--build-id=none"))
+
 @dataclass(frozen=True)
 class TargetSpec:
     name: str

@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 
-from .base import TargetSpec, Toolchain
+from .base import TargetSpec, Toolchain, glibc_toolchain
 
 _ZIG_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -17,7 +17,7 @@ def host_toolchain(system: str = sys.platform, machine: str = platform.machine()
     arch = _ZIG_ARCH.get(machine.lower())
     if not system.startswith("linux") or arch is None:
         return None
-    return Toolchain(zig_target=f"{arch}-linux-gnu.2.17", flags=("-shared", "-fPIC", "-Wl,--build-id=none"))
+    return glibc_toolchain(arch)
 
 
 def _host_json() -> dict:

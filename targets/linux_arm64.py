@@ -4,12 +4,9 @@ ARMv8.2-A with the dot-product extension (Cortex-A55/A75 and newer, Neoverse N1,
 Raspberry Pi 5): the INT4 kernels use sdot (tir_kernels/int4_dot.py). Older cores (Cortex-A53,
 A72: Raspberry Pi 3/4) lack it and would stop on an illegal instruction.
 """
-from .base import TargetSpec, Toolchain
+from .base import TargetSpec, glibc_toolchain
 
-TOOLCHAIN = Toolchain(
-    zig_target="aarch64-linux-gnu.2.17",  # glibc 2.17 symbol versions: loads on any aarch64 glibc
-    flags=("-shared", "-fPIC", "-Wl,--build-id=none"),
-)
+TOOLCHAIN = glibc_toolchain("aarch64")
 
 SPEC = TargetSpec(
     name="linux-arm64",
