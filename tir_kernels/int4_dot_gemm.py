@@ -59,8 +59,8 @@ def _quantize_macro(k: int, lanes: int):
 
     @T.macro
     def quantize_row(x, xq, i):
-        amax = T.alloc_local((1,), "float32")
-        q = T.alloc_local((8,), "int32")
+        amax = T.alloc_buffer((1,), "float32", scope="global")
+        q = T.alloc_buffer((8,), "int32", scope="global")
         for g in range(T.int64(kg)):
             amax[0] = T.float32(0)
             for j in range(GROUP_SIZE):
@@ -249,8 +249,8 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int | None = None
         quantize(x, xq, m)
         for c in range((m // m_tile + chunk - 1) // chunk):  # token chunks: their activations stay in L2
             for nb in T.parallel(T.int64(n // rows)):  # a row block: its weights stay in L1
-                acc = T.alloc_local((acc_len,), "float32")
-                tok = T.alloc_local((m_tile,), "int64")
+                acc = T.alloc_buffer((acc_len,), "float32", scope="global")
+                tok = T.alloc_buffer((m_tile,), "int64", scope="global")
                 for it in range(c * chunk, T.min(c * chunk + chunk, m // m_tile)):
                     for t in T.unroll(m_tile):
                         tok[t] = it * m_tile + t
@@ -273,8 +273,8 @@ def int4_matmul_dot_tiled(n: int, k: int, isa: DotISA, m_tile: int | None = None
                                         acc[T.ramp((r * m_tile + t) * lanes, 1, lanes)], lanes)
         if m % m_tile > 0:
             for nb in T.parallel(T.int64(n // rows)):
-                acc1 = T.alloc_local((rows * lanes,), "float32")  # (row lanes: rows x 1)
-                tok1 = T.alloc_local((1,), "int64")
+                acc1 = T.alloc_buffer((rows * lanes,), "float32", scope="global")  # (row lanes: rows x 1)
+                tok1 = T.alloc_buffer((1,), "int64", scope="global")
                 for i in range(m // m_tile * m_tile, m):  # the remainder (all of m = 1) one row at a time
                     tok1[0] = i
                     single(acc1, wf, s3, T.int64(0), nb * rows, xq, tok1)
@@ -336,8 +336,8 @@ def moe_grouped_dot(op: str, num_experts: int, n: int, k: int, top_k: int, isa: 
             cnt: T.let = offsets[e + 1] - lo
             if cnt > 0:
                 for nb in T.parallel(T.int64(n // rows)):
-                    acc = T.alloc_local((acc_len,), "float32")
-                    tok = T.alloc_local((m_tile,), "int64")
+                    acc = T.alloc_buffer((acc_len,), "float32", scope="global")
+                    tok = T.alloc_buffer((m_tile,), "int64", scope="global")
                     for it in range(cnt // m_tile):
                         for q in T.unroll(m_tile):
                             tok[q] = src(order, lo + it * m_tile + q)
