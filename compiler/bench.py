@@ -133,6 +133,9 @@ def run(artifact, rpc=None, prompts=DEFAULT_PROMPTS, contexts=DEFAULT_CONTEXTS, 
             log(f"  profile: skipped ({res['profile']['error']})")
         elif profile:
             ids = _prompt(cfg.vocab_size, min(prompts[0], cfg.max_seq_len - 1))
+            # one call of the entry point: no longer than the runtime's prefill chunk (a budget's expert
+            # cache routes at most that many tokens at once)
+            ids = ids[:getattr(rt, "prefill_chunk", None) or len(ids)]
             fits = [c for c in contexts if c < cfg.max_seq_len]  # decode is profiled at the longest context
             _, kv = rt.prefill(_prompt(cfg.vocab_size, max(fits))) if fits else rt.prefill(ids)
             empty = rt._empty_kv

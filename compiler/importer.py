@@ -12,8 +12,8 @@ v_l [1, nkv, C, D] at a fixed capacity C, the token written at slot `position` b
 R.call_tir_inplace of tir_kernels/kv_cache.py's kv_write (the outputs k_l', v_l' are the input
 buffers), attention by its prefix_attention over slots 0..position (the custom ops of
 mobilemoe/kv_cache.py, mapped here through the importer's custom_convert_map). kv_cache="grow": the
-functional decode above (each step returns grown copies). inplace_prefill=True (a budgeted artifact,
-compiler/residency.py) imports prefill in the in-place layout too: the S tokens written at their
+functional decode above (each step returns grown copies). inplace_prefill=True (compiler.build's with the
+in-place cache: compiler/backends/tvm.py) imports prefill in the in-place layout too: the S tokens written at their
 positions, each attending to slots 0..its position (prefix_attention with a symbolic token count), so
 a prompt chunk neither copies the valid prefix nor returns a new cache.
 
