@@ -71,6 +71,10 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK, queries: in
     if queries is not None and queries != 1:
         raise ValueError(f"prefix_attention: queries must be 1 (decode) or None (symbolic), got {queries}")
     nh, b, scale = nkv * rep, block, float(d) ** -0.5
+    # register tiles (AVX2's 16 vector registers): rc query heads x sl score slots, rc heads x dl value lanes
+    rc = next(x for x in (4, 2, 1) if rep % x == 0)
+    sl = next(x for x in (16, 8, 4, 2, 1) if b % x == 0)
+    dl = next(x for x in (16, 8, 4, 2, 1) if d % x == 0)
     # the token count: decode's static 1 (the loops over it fold away) or a symbol bound by q's shape
     sq = tirx.Var("sq", "int64") if queries is None else tirx.IntImm("int64", 1)
 
@@ -107,11 +111,18 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK, queries: in
                 st[r, 1] = T.float32(0)
                 acc[r, lanes_d()] = bcast(T.float32(0), d)
             for blk in range((pos[0, tok(gi)] + T.int64(b)) // T.int64(b)):
-                for r in range(rep):
-                    s[r, lanes_b(0)] = bcast(T.float32(0), b)
-                    for e in range(d):
-                        s[r, lanes_b(0)] = s[r, lanes_b(0)] + bcast(
-                            q[0, head(gi) * rep + r, tok(gi), e] * T.float32(scale), b) * k[0, head(gi), e, lanes_b(blk * b)]
+                # scores of the block: register tiles of rc heads x sl slots, each key vector loaded once per
+                # tile and used by its rc heads (the sum over e in order, as the one-head loop had it)
+                for rg in range(rep // rc):
+                    for sh in T.unroll(b // sl):
+                        for r in T.unroll(rc):
+                            s[rg * rc + r, T.ramp(sh * sl, 1, sl)] = bcast(T.float32(0), sl)
+                        for e in range(d):
+                            for r in T.unroll(rc):
+                                s[rg * rc + r, T.ramp(sh * sl, 1, sl)] = s[rg * rc + r, T.ramp(sh * sl, 1, sl)] + bcast(
+                                    q[0, head(gi) * rep + rg * rc + r, tok(gi), e] * T.float32(scale), sl) * k[
+                                    0, head(gi), e, T.ramp(blk * b + sh * sl, 1, sl)]
+                for r in range(rep):  # online softmax: running max and sum, the accumulator rescaled
                     s[r, lanes_b(0)] = T.Select(lanes_b(blk * b) <= bcast(pos[0, tok(gi)], b), s[r, lanes_b(0)],
                                                 bcast(T.float32(_NEG), b))
                     st[r, 2] = T.max(st[r, 0], lane_reduce(s[r, lanes_b(0)], b, tirx.Max))
@@ -121,9 +132,14 @@ def prefix_attention(nkv: int, rep: int, d: int, block: int = BLOCK, queries: in
                                                 exp_le0(s[r, lanes_b(0)] - bcast(st[r, 2], b), b),
                                                 bcast(T.float32(0), b))
                     st[r, 1] = st[r, 1] + lane_reduce(s[r, lanes_b(0)], b, tirx.Add)
-                    for j in range(b):
-                        acc[r, lanes_d()] = acc[r, lanes_d()] + bcast(s[r, j], d) * v[0, head(gi), blk * b + j, lanes_d()]
                     st[r, 0] = st[r, 2]
+                # values: register tiles of rc heads x dl lanes, each value vector loaded once per tile
+                for rg in range(rep // rc):
+                    for dh in T.unroll(d // dl):
+                        for j in range(b):
+                            for r in T.unroll(rc):
+                                acc[rg * rc + r, T.ramp(dh * dl, 1, dl)] = acc[rg * rc + r, T.ramp(dh * dl, 1, dl)] + bcast(
+                                    s[rg * rc + r, j], dl) * v[0, head(gi), blk * b + j, T.ramp(dh * dl, 1, dl)]
             for r in range(rep):
                 out[0, head(gi) * rep + r, tok(gi), lanes_d()] = acc[r, lanes_d()] / bcast(st[r, 1], d)
 

@@ -103,13 +103,15 @@ def test_no_allocation_per_steady_state_step(inplace_float, grow_float):
     assert counts["inplace faults"] <= 2  # page faults over 32 steady-state steps (Python's own, at most)
 
 
-def test_prefix_attention_kernel_for_a_prompt_chunk_equals_the_op():
-    """The symbolic-token kernel (a budget's in-place prefill): each token attends to slots 0..its
+# the kernel's register tiles: rep 3 -> 1 head per tile, 4 -> one tile of 4, 8 -> two tiles of 4; d 24 -> 8 lanes
+@pytest.mark.parametrize("nkv,rep,d", [(2, 3, 16), (1, 4, 64), (2, 8, 24)])
+def test_prefix_attention_kernel_for_a_prompt_chunk_equals_the_op(nkv, rep, d):
+    """The symbolic-token kernel (the in-place prefill): each token attends to slots 0..its
     position; stale slots past the last position (finite: the runtime zeroes a new cache) change nothing."""
     import tvm
     from mobilemoe import kv_cache
     from tir_kernels.kv_cache import prefix_attention
-    nkv, rep, d, cap = 2, 3, 16, 3 * kv_cache.BLOCK
+    cap = 3 * kv_cache.BLOCK
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, nkv * rep, 7, d)).astype("float32")
     k = rng.standard_normal((1, nkv, d, cap)).astype("float32")
@@ -123,6 +125,13 @@ def test_prefix_attention_kernel_for_a_prompt_chunk_equals_the_op():
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, pos)] + [tvm.runtime.empty(q.shape, "float32", dev)]
     lib["main"](*args)
     np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)
+    # decode's kernel (one token, static): the chunk's last token alone
+    f1 = prefix_attention(nkv, rep, d, queries=1).with_attr("global_symbol", "main")
+    lib1 = tvm.tirx.build(tvm.IRModule({"main": f1}), target="llvm")
+    one = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (q[:, :, -1:], k, v, pos[:, -1:])]
+    one.append(tvm.runtime.empty(q[:, :, -1:].shape, "float32", dev))
+    lib1["main"](*one)
+    np.testing.assert_allclose(one[-1].numpy(), want[:, :, -1:], rtol=1e-5, atol=1e-5)
 
 
 def test_kv_write_refuses_a_position_past_the_capacity():
